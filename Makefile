@@ -1,0 +1,55 @@
+# Two commands on a fresh machine:
+#   make run    set everything up, build the demo runs, open the dashboard
+#   make test   set everything up, lint, run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DB     ?= data/cache.duckdb
+PORT   ?= 8501
+HOST   ?= 127.0.0.1
+
+.PHONY: run test setup demo system-deps lint bench clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: the CPU wheel; unpinned, lm-eval would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Chromium (browser tests, PDF and PNG export) and poppler (PDF checks) from Debian's packages.
+system-deps:
+	@missing=""; command -v chromium >/dev/null || missing="chromium"; \
+	command -v pdftoppm >/dev/null || missing="$$missing poppler-utils"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" -ne 0 ]; then \
+			echo "error: missing$$missing; install with: sudo apt-get install -y $$missing" >&2; exit 1; \
+		fi; \
+		echo "installing $$missing from Debian's packages" >&2; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+demo: setup
+	$(BIN)/python -m analysis demo --db $(DB)
+
+run: demo
+	@echo "dashboard: http://$(HOST):$(PORT)  (Ctrl-C to stop)"
+	$(BIN)/streamlit run app.py --server.address $(HOST) --server.port $(PORT) --server.headless true \
+		--server.fileWatcherType none --browser.gatherUsageStats false -- --db $(DB)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup system-deps lint
+	$(BIN)/pytest
+
+bench: setup
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) data/demo data/cache.duckdb data/cache.duckdb.wal out

@@ -1,0 +1,523 @@
+"""The DuckDB cache: schema, migrations, and every SQL statement of the project.
+
+DuckDB 2.0 lets no second process open a database file, not even read-only, while one
+process holds it open. So nothing keeps the file open: every call opens it, does its work
+in one transaction, and closes it, retrying for a bounded time when another process holds
+the lock. Long computations happen outside; each checkpoint's results are written in one
+short transaction, so a crash never leaves half of them visible.
+
+Tables (schema version 1):
+
+    runs           name, source, config (JSON), trust_remote_code
+    checkpoints    (run, step) -> tokens, path, fingerprint, revision
+    log_series     (run, step, metric) -> tokens, value           training-log curves
+    results        (run, step, metric, params_hash) -> value, stderr, n, params, versions
+    sample_results (run, step, metric, params_hash, sample_id) -> value, record (JSON)
+    jobs, job_units                                                 the job queue
+    meta           key -> value (the schema version, the write generation)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from analysis.runs.base import Run
+
+DEFAULT_DB = Path("data/cache.duckdb")
+
+# Each migration brings the schema from version i to i + 1. Never edit a released one:
+# append a new one instead, so old cache files upgrade in place.
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE meta (key VARCHAR PRIMARY KEY, value BIGINT NOT NULL)""",
+        """CREATE TABLE runs (
+            name VARCHAR PRIMARY KEY,
+            source VARCHAR NOT NULL,
+            config VARCHAR NOT NULL DEFAULT '{}',
+            trust_remote_code BOOLEAN NOT NULL DEFAULT FALSE,
+            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            updated_at TIMESTAMP NOT NULL DEFAULT current_timestamp)""",
+        """CREATE TABLE checkpoints (
+            run VARCHAR NOT NULL,
+            step BIGINT NOT NULL,
+            tokens BIGINT,
+            path VARCHAR NOT NULL,
+            fingerprint VARCHAR NOT NULL,
+            revision VARCHAR,
+            PRIMARY KEY (run, step))""",
+        """CREATE TABLE log_series (
+            run VARCHAR NOT NULL,
+            step BIGINT NOT NULL,
+            tokens BIGINT,
+            metric VARCHAR NOT NULL,
+            value DOUBLE NOT NULL,
+            PRIMARY KEY (run, step, metric))""",
+        """CREATE TABLE results (
+            run VARCHAR NOT NULL,
+            step BIGINT NOT NULL,
+            metric VARCHAR NOT NULL,
+            params_hash VARCHAR NOT NULL,
+            fingerprint VARCHAR NOT NULL,
+            value DOUBLE,
+            stderr DOUBLE,
+            n BIGINT,
+            params VARCHAR NOT NULL DEFAULT '{}',
+            code_version VARCHAR NOT NULL DEFAULT '',
+            lib_versions VARCHAR NOT NULL DEFAULT '{}',
+            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            PRIMARY KEY (run, step, metric, params_hash))""",
+        """CREATE TABLE sample_results (
+            run VARCHAR NOT NULL,
+            step BIGINT NOT NULL,
+            metric VARCHAR NOT NULL,
+            params_hash VARCHAR NOT NULL,
+            sample_id VARCHAR NOT NULL,
+            value DOUBLE,
+            record VARCHAR NOT NULL DEFAULT '{}',
+            PRIMARY KEY (run, step, metric, params_hash, sample_id))""",
+        """CREATE TABLE jobs (
+            id BIGINT PRIMARY KEY,
+            run VARCHAR NOT NULL,
+            spec VARCHAR NOT NULL,
+            status VARCHAR NOT NULL DEFAULT 'queued',
+            message VARCHAR NOT NULL DEFAULT '',
+            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            updated_at TIMESTAMP NOT NULL DEFAULT current_timestamp)""",
+        """CREATE TABLE job_units (
+            job_id BIGINT NOT NULL,
+            unit VARCHAR NOT NULL,
+            status VARCHAR NOT NULL DEFAULT 'queued',
+            done BIGINT NOT NULL DEFAULT 0,
+            total BIGINT NOT NULL DEFAULT 0,
+            message VARCHAR NOT NULL DEFAULT '',
+            updated_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+            PRIMARY KEY (job_id, unit))""",
+        """INSERT INTO meta VALUES ('schema_version', 1), ('generation', 0)""",
+    ],
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+RESULT_COLUMNS = ["run", "step", "tokens", "metric", "value", "stderr"]
+
+
+class StoreLockedError(RuntimeError):
+    """Another process held the database file for longer than the retry budget."""
+
+
+def params_hash(params: dict) -> str:
+    """Hash of the canonical JSON of a request's parameters (sorted keys, no spaces)."""
+    canonical = json.dumps(params, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One cached value: a metric of one checkpoint under one set of parameters."""
+
+    run: str
+    step: int
+    metric: str
+    value: float | None
+    fingerprint: str
+    stderr: float | None = None
+    n: int | None = None
+    params: dict = field(default_factory=dict)
+    code_version: str = ""
+    lib_versions: dict = field(default_factory=dict)
+
+    @property
+    def params_hash(self) -> str:
+        return params_hash(self.params)
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    """One per-sample record behind a result (for drill-down)."""
+
+    run: str
+    step: int
+    metric: str
+    params_hash: str
+    sample_id: str
+    value: float | None
+    record: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RegisterReport:
+    """What register_run changed."""
+
+    run: str
+    checkpoints: int
+    new_checkpoints: int
+    changed_checkpoints: int  # fingerprint differed: their cached results were dropped
+    log_rows: int
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _is_lock_error(err: Exception) -> bool:
+    text = str(err).lower()
+    return "lock" in text and ("conflict" in text or "could not set lock" in text)
+
+
+class Store:
+    """A handle on one cache file. Holds only the path: every method opens and closes."""
+
+    def __init__(self, path: str | Path = DEFAULT_DB, *, lock_timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self.lock_timeout = lock_timeout
+
+    # -- connections ---------------------------------------------------------------
+
+    @contextmanager
+    def _connect(self, *, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Open the file, retrying with jittered backoff while another process holds it."""
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.005
+        while True:
+            try:
+                con = duckdb.connect(str(self.path), read_only=read_only)
+                break
+            except duckdb.Error as err:
+                if not _is_lock_error(err):
+                    raise ValueError(
+                        f"{self.path}: cannot open the cache ({str(err).splitlines()[0]}); "
+                        "move the file aside to start a fresh cache"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise StoreLockedError(
+                        f"{self.path}: still locked by another process after {self.lock_timeout:.0f} s; "
+                        "stop the other process or use another --db"
+                    ) from None
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.2)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One write transaction on a migrated database; bumps the generation counter."""
+        with self._connect(read_only=False) as con:
+            self._migrate(con)
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+                con.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
+    def _read(self, sql: str, params: Iterable = ()) -> pd.DataFrame:
+        """Run one query read-only; an absent cache file reads as empty."""
+        if not self.path.exists():
+            return pd.DataFrame()
+        with self._connect(read_only=True) as con:
+            version = self._schema_version(con)
+            if version == 0:
+                return pd.DataFrame()
+            if version > SCHEMA_VERSION:
+                raise ValueError(
+                    f"{self.path}: written by a newer version of this tool (schema {version}); upgrade the tool"
+                )
+            if version < SCHEMA_VERSION:
+                raise ValueError(
+                    f"{self.path}: schema {version} is older than {SCHEMA_VERSION}; run `python -m analysis migrate`"
+                )
+            return con.execute(sql, list(params)).df()
+
+    @staticmethod
+    def _schema_version(con: duckdb.DuckDBPyConnection) -> int:
+        exists = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'").fetchone()
+        if not exists or exists[0] == 0:
+            return 0
+        row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
+        version = self._schema_version(con)
+        if version > SCHEMA_VERSION:
+            raise ValueError(
+                f"{self.path}: written by a newer version of this tool (schema {version}); upgrade the tool"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for statements in MIGRATIONS[version:]:
+                for sql in statements:
+                    con.execute(sql)
+            con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [SCHEMA_VERSION])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+    def migrate(self) -> int:
+        """Create or upgrade the schema; returns the schema version now in the file."""
+        with self._connect(read_only=False) as con:
+            self._migrate(con)
+            return self._schema_version(con)
+
+    def generation(self) -> int:
+        """A counter every write bumps: readers cache on it. -1 when there is no cache yet."""
+        frame = self._read("SELECT value FROM meta WHERE key = 'generation'")
+        return int(frame["value"].iloc[0]) if len(frame) else -1
+
+    # -- runs and checkpoints --------------------------------------------------------
+
+    def register_run(self, run: Run, *, trust_remote_code: bool = False) -> RegisterReport:
+        """Insert or update a run, its checkpoints and its training log, in one transaction.
+
+        A checkpoint whose fingerprint changed loses its cached results (they described
+        other weights). The run's log series are replaced by ``run.log``.
+        """
+        with self._write() as con:
+            con.execute(
+                """INSERT INTO runs (name, source, config, trust_remote_code) VALUES (?, ?, ?, ?)
+                   ON CONFLICT (name) DO UPDATE SET source = excluded.source, config = excluded.config,
+                   trust_remote_code = excluded.trust_remote_code, updated_at = now()""",
+                [run.name, run.source, json.dumps(run.config, default=str), trust_remote_code],
+            )
+            known = dict(con.execute("SELECT step, fingerprint FROM checkpoints WHERE run = ?", [run.name]).fetchall())
+            new = changed = 0
+            for ckpt in run.checkpoints:
+                old = known.get(ckpt.step)
+                if old is None:
+                    new += 1
+                elif old != ckpt.fingerprint:
+                    changed += 1
+                    for table in ("results", "sample_results"):
+                        con.execute(f"DELETE FROM {table} WHERE run = ? AND step = ?", [run.name, ckpt.step])
+                con.execute(
+                    """INSERT OR REPLACE INTO checkpoints (run, step, tokens, path, fingerprint, revision)
+                       VALUES (?, ?, ?, ?, ?, ?)""",
+                    [run.name, ckpt.step, ckpt.tokens, ckpt.path, ckpt.fingerprint, ckpt.revision],
+                )
+            con.execute("DELETE FROM log_series WHERE run = ?", [run.name])
+            log = run.log
+            if len(log):
+                frame = pd.DataFrame(
+                    {
+                        "run": run.name,
+                        "step": log["step"].astype("int64"),
+                        "tokens": log["tokens"].astype("Int64") if "tokens" in log else pd.NA,
+                        "metric": log["metric"].astype(str),
+                        "value": log["value"].astype("float64"),
+                    }
+                )
+                frame = frame[frame["value"].map(math.isfinite)]
+                frame = frame.drop_duplicates(["step", "metric"], keep="last")
+                con.register("incoming_log", frame)
+                con.execute("INSERT INTO log_series SELECT run, step, tokens, metric, value FROM incoming_log")
+                con.unregister("incoming_log")
+                n_log = len(frame)
+            else:
+                n_log = 0
+        return RegisterReport(run.name, len(run.checkpoints), new, changed, n_log)
+
+    def delete_run(self, name: str) -> None:
+        """Remove a run and everything cached for it."""
+        with self._write() as con:
+            for table in ("results", "sample_results", "log_series", "checkpoints"):
+                con.execute(f"DELETE FROM {table} WHERE run = ?", [name])
+            con.execute("DELETE FROM runs WHERE name = ?", [name])
+
+    def runs(self) -> pd.DataFrame:
+        """One row per run: name, source, checkpoint count, first and last step, results count."""
+        return self._read(
+            """SELECT r.name, r.source, r.config, r.trust_remote_code,
+                      (SELECT count(*) FROM checkpoints c WHERE c.run = r.name) AS checkpoints,
+                      (SELECT min(step) FROM checkpoints c WHERE c.run = r.name) AS first_step,
+                      (SELECT max(step) FROM checkpoints c WHERE c.run = r.name) AS last_step,
+                      (SELECT count(*) FROM results x WHERE x.run = r.name) AS results,
+                      (SELECT count(DISTINCT metric) FROM log_series l WHERE l.run = r.name) AS log_metrics,
+                      r.updated_at
+               FROM runs r ORDER BY r.name"""
+        )
+
+    def checkpoints(self, run: str) -> pd.DataFrame:
+        """A run's checkpoints ordered by step."""
+        return self._read(
+            "SELECT step, tokens, path, fingerprint, revision FROM checkpoints WHERE run = ? ORDER BY step",
+            [run],
+        )
+
+    def log_series(self, runs: list[str] | str, metrics: list[str] | None = None) -> pd.DataFrame:
+        """Training-log curves in long form: run, step, tokens, metric, value."""
+        runs = [runs] if isinstance(runs, str) else list(runs)
+        if not runs:
+            return pd.DataFrame(columns=["run", "step", "tokens", "metric", "value"])
+        sql = "SELECT run, step, tokens, metric, value FROM log_series WHERE run IN (SELECT unnest(?))"
+        params: list = [runs]
+        if metrics:
+            sql += " AND metric IN (SELECT unnest(?))"
+            params.append(list(metrics))
+        return self._read(sql + " ORDER BY run, metric, step", params)
+
+    # -- results -------------------------------------------------------------------
+
+    def write_results(self, rows: list[ResultRow], samples: list[SampleRow] = ()) -> int:
+        """Write a unit's results (typically one checkpoint's) atomically; returns rows written.
+
+        A row for a checkpoint the store does not know, or whose fingerprint no longer
+        matches, is refused: it would describe weights that are not registered.
+        """
+        if not rows and not samples:
+            return 0
+        with self._write() as con:
+            current = {
+                (run, step): fp
+                for run, step, fp in con.execute(
+                    "SELECT run, step, fingerprint FROM checkpoints WHERE run IN (SELECT unnest(?))",
+                    [sorted({r.run for r in rows} | {s.run for s in samples})],
+                ).fetchall()
+            }
+            for row in rows:
+                fp = current.get((row.run, row.step))
+                if fp is None:
+                    raise ValueError(f"run {row.run!r} has no checkpoint at step {row.step}; register it with add-run")
+                if fp != row.fingerprint:
+                    raise ValueError(
+                        f"run {row.run!r} step {row.step}: the checkpoint changed since it was evaluated; "
+                        "re-run add-run and evaluate again"
+                    )
+                con.execute(
+                    """INSERT OR REPLACE INTO results (run, step, metric, params_hash, fingerprint, value, stderr, n,
+                       params, code_version, lib_versions, created_at)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())""",
+                    [
+                        row.run,
+                        row.step,
+                        row.metric,
+                        row.params_hash,
+                        row.fingerprint,
+                        _finite_or_none(row.value),
+                        _finite_or_none(row.stderr),
+                        row.n,
+                        json.dumps(row.params, sort_keys=True, default=str),
+                        row.code_version,
+                        json.dumps(row.lib_versions, sort_keys=True),
+                    ],
+                )
+            if samples:
+                frame = pd.DataFrame(
+                    {
+                        "run": [s.run for s in samples],
+                        "step": [s.step for s in samples],
+                        "metric": [s.metric for s in samples],
+                        "params_hash": [s.params_hash for s in samples],
+                        "sample_id": [s.sample_id for s in samples],
+                        "value": [_finite_or_none(s.value) for s in samples],
+                        "record": [json.dumps(s.record, default=str) for s in samples],
+                    }
+                )
+                con.register("incoming_samples", frame)
+                con.execute("INSERT OR REPLACE INTO sample_results SELECT * FROM incoming_samples")
+                con.unregister("incoming_samples")
+        return len(rows) + len(samples)
+
+    def cached(self, run: str, step: int, metric: str, params: dict, fingerprint: str) -> ResultRow | None:
+        """The cached result for exactly this request, or None if it must be computed."""
+        frame = self._read(
+            """SELECT value, stderr, n, params, code_version, lib_versions FROM results
+               WHERE run = ? AND step = ? AND metric = ? AND params_hash = ? AND fingerprint = ?""",
+            [run, step, metric, params_hash(params), fingerprint],
+        )
+        if not len(frame):
+            return None
+        rec = frame.iloc[0]
+        return ResultRow(
+            run=run,
+            step=step,
+            metric=metric,
+            value=None if pd.isna(rec["value"]) else float(rec["value"]),
+            fingerprint=fingerprint,
+            stderr=None if pd.isna(rec["stderr"]) else float(rec["stderr"]),
+            n=None if pd.isna(rec["n"]) else int(rec["n"]),
+            params=json.loads(rec["params"]),
+            code_version=rec["code_version"],
+            lib_versions=json.loads(rec["lib_versions"]),
+        )
+
+    def results(self, runs: list[str] | str, metrics: list[str] | None = None) -> pd.DataFrame:
+        """Cached results in long form, joined with checkpoint tokens."""
+        runs = [runs] if isinstance(runs, str) else list(runs)
+        sql = """SELECT x.run, x.step, c.tokens, x.metric, x.value, x.stderr, x.n, x.params, x.params_hash,
+                        x.code_version, x.lib_versions, x.created_at
+                 FROM results x LEFT JOIN checkpoints c ON c.run = x.run AND c.step = x.step
+                 WHERE x.run IN (SELECT unnest(?))"""
+        params: list = [runs]
+        if metrics:
+            sql += " AND x.metric IN (SELECT unnest(?))"
+            params.append(list(metrics))
+        return self._read(sql + " ORDER BY x.run, x.metric, x.step", params)
+
+    def sample_results(self, run: str, metric: str) -> pd.DataFrame:
+        """Per-sample records of one metric across a run's checkpoints."""
+        return self._read(
+            """SELECT step, params_hash, sample_id, value, record FROM sample_results
+               WHERE run = ? AND metric = ? ORDER BY step, sample_id""",
+            [run, metric],
+        )
+
+    def long_table(self, runs: list[str] | str) -> pd.DataFrame:
+        """Everything known about runs as one long table: run, step, tokens, metric, value, stderr.
+
+        Logged series (stderr empty) and computed results together, the shape the
+        ``query`` command prints.
+        """
+        runs = [runs] if isinstance(runs, str) else list(runs)
+        frame = self._read(
+            """SELECT run, step, tokens, metric, value, NULL::DOUBLE AS stderr, 'log' AS source
+               FROM log_series WHERE run IN (SELECT unnest($1))
+               UNION ALL
+               SELECT x.run, x.step, c.tokens, x.metric, x.value, x.stderr, 'result' AS source
+               FROM results x LEFT JOIN checkpoints c ON c.run = x.run AND c.step = x.step
+               WHERE x.run IN (SELECT unnest($1))
+               ORDER BY run, metric, step""",
+            [runs],
+        )
+        if not len(frame):
+            return pd.DataFrame(columns=[*RESULT_COLUMNS, "source"])
+        return frame
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape a result, stored beside each value."""
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "transformers", "lm-eval", "duckdb"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def default_db() -> Path:
+    """The cache path: $CDD_DB if set, else data/cache.duckdb."""
+    return Path(os.environ.get("CDD_DB", DEFAULT_DB))

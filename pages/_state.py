@@ -1,0 +1,122 @@
+"""What every page shares: the cache path, the sidebar selection, and cached reads.
+
+The only module with Streamlit cache decorators. Reads are keyed by the store's write
+generation, so a page shows new results as soon as a job commits them, and never holds the
+database file open (DuckDB lets no other process open it meanwhile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from analysis.charts import ChartStyle, run_colors
+from analysis.store import DEFAULT_DB, Store, StoreLockedError
+
+
+def db_path() -> Path:
+    """The cache file: ``-- --db PATH`` after ``streamlit run app.py``, else $CDD_DB, else the default."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--db", default=os.environ.get("CDD_DB", str(DEFAULT_DB)))
+    args, _ = parser.parse_known_args(sys.argv[1:])
+    return Path(args.db)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The sidebar's choices, shared by every page (and kept in the URL)."""
+
+    db: Path
+    runs: tuple[str, ...]
+    x: str  # "step" or "tokens"
+    style: ChartStyle
+    colors: dict[str, str]
+
+
+def _store() -> Store:
+    return Store(db_path(), lock_timeout=10.0)
+
+
+def generation() -> int:
+    return _store().generation()
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _runs(db: str, gen: int) -> pd.DataFrame:
+    return Store(db, lock_timeout=10.0).runs()
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _checkpoints(db: str, gen: int, run: str) -> pd.DataFrame:
+    return Store(db, lock_timeout=10.0).checkpoints(run)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _log_series(db: str, gen: int, runs: tuple[str, ...]) -> pd.DataFrame:
+    return Store(db, lock_timeout=10.0).log_series(list(runs))
+
+
+def guarded(fn, *args):
+    """Call a read; on a cache problem show one clear error and stop the page."""
+    try:
+        return fn(*args)
+    except (ValueError, StoreLockedError) as err:
+        st.error(str(err))
+        st.stop()
+
+
+def runs_table() -> pd.DataFrame:
+    db = str(db_path())
+    return guarded(lambda: _runs(db, generation()))
+
+
+def checkpoints(run: str) -> pd.DataFrame:
+    db = str(db_path())
+    return guarded(lambda: _checkpoints(db, generation(), run))
+
+
+def log_series(runs: tuple[str, ...]) -> pd.DataFrame:
+    db = str(db_path())
+    return guarded(lambda: _log_series(db, generation(), tuple(sorted(runs))))
+
+
+def sidebar() -> None:
+    """Draw the shared sidebar and remember the selection for the pages."""
+    table = runs_table()
+    names = list(table["name"]) if len(table) else []
+    with st.sidebar:
+        st.caption(f"cache: `{db_path()}`")
+        chosen = st.multiselect(
+            "Runs", names, default=names[:4], key="runs", bind="query-params", placeholder="pick runs"
+        )
+        x = st.radio("x-axis", ["step", "tokens"], horizontal=True, key="x", bind="query-params")
+        large = st.toggle("Large fonts (projector)", key="large", bind="query-params")
+    st.session_state["_selection"] = Selection(
+        db=db_path(),
+        runs=tuple(chosen),
+        x=x,
+        style=ChartStyle(large=large, height=520 if large else 420),
+        colors=run_colors(names),
+    )
+
+
+def selection() -> Selection:
+    """The sidebar's choices (drawn by app.py before the page runs)."""
+    sel = st.session_state.get("_selection")
+    if sel is None:  # a page run on its own, e.g. in a test
+        sidebar()
+        sel = st.session_state["_selection"]
+    return sel
+
+
+def no_runs_message() -> None:
+    st.info(
+        "No runs in this cache yet. Build the embedded demo with `python -m analysis demo`, "
+        "or register your own checkpoints with `python -m analysis add-run PATH`."
+    )

@@ -1,0 +1,222 @@
+"""The DuckDB cache: schema, invalidation, atomic writes, and two processes at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from analysis.runs.base import Checkpoint
+from analysis.store import SCHEMA_VERSION, ResultRow, SampleRow, Store, StoreLockedError, params_hash
+from tests.conftest import ROOT, synthetic_run
+
+
+def test_fresh_file_is_migrated_and_empty_reads_do_not_create_it(db: Path) -> None:
+    store = Store(db)
+    assert store.runs().empty
+    assert not db.exists()  # a read never creates the file
+    assert store.migrate() == SCHEMA_VERSION
+    assert store.generation() == 0
+
+
+def test_register_run_round_trips_checkpoints_and_log(db: Path) -> None:
+    store = Store(db)
+    run = synthetic_run("alpha")
+    report = store.register_run(run)
+    assert (report.checkpoints, report.new_checkpoints, report.changed_checkpoints) == (5, 5, 0)
+    ckpts = store.checkpoints("alpha")
+    assert list(ckpts["step"]) == [1, 10, 30, 60, 120]
+    log = store.log_series("alpha")
+    assert len(log) == 120
+    assert log["value"].tolist() == pytest.approx(run.log["value"].tolist())
+    runs = store.runs()
+    assert runs.loc[0, "name"] == "alpha" and runs.loc[0, "checkpoints"] == 5
+
+
+def test_nan_log_values_are_dropped_and_duplicate_steps_keep_the_last(db: Path) -> None:
+    run = synthetic_run("alpha", n_steps=4)
+    run.log.loc[1, "value"] = float("nan")
+    run.log.loc[2, "value"] = float("inf")
+    dup = run.log.iloc[[3]].copy()
+    dup["value"] = 42.0
+    run.log = __import__("pandas").concat([run.log, dup], ignore_index=True)
+    Store(db).register_run(run)
+    log = Store(db).log_series("alpha")
+    assert log["step"].tolist() == [1, 4]
+    assert log["value"].iloc[-1] == 42.0
+
+
+def test_changed_fingerprint_drops_that_checkpoints_results_only(db: Path) -> None:
+    store = Store(db)
+    run = synthetic_run("alpha")
+    store.register_run(run)
+    store.write_results(
+        [
+            ResultRow("alpha", 10, "heldout_loss", 2.5, "fp-alpha-10", stderr=0.1, n=64),
+            ResultRow("alpha", 30, "heldout_loss", 2.2, "fp-alpha-30", stderr=0.1, n=64),
+        ]
+    )
+    run.checkpoints[1] = Checkpoint(10, "/runs/alpha/step_10", 5120, "fp-new")
+    report = store.register_run(run)
+    assert report.changed_checkpoints == 1
+    left = store.results("alpha")
+    assert left["step"].tolist() == [30]
+    assert store.cached("alpha", 10, "heldout_loss", {}, "fp-alpha-10") is None
+    assert store.cached("alpha", 30, "heldout_loss", {}, "fp-alpha-30").value == 2.2
+
+
+def test_cache_hit_needs_the_same_params_and_fingerprint(populated_db: Path) -> None:
+    store = Store(populated_db)
+    params = {"n_probes": 8, "seed": 0}
+    store.write_results([ResultRow("alpha", 10, "hessian_trace", 12.0, "fp-alpha-10", 0.5, 8, params)])
+    hit = store.cached("alpha", 10, "hessian_trace", {"seed": 0, "n_probes": 8}, "fp-alpha-10")
+    assert hit is not None and hit.value == 12.0 and hit.stderr == 0.5
+    assert store.cached("alpha", 10, "hessian_trace", {"n_probes": 9, "seed": 0}, "fp-alpha-10") is None
+    assert store.cached("alpha", 10, "hessian_trace", params, "other") is None
+    assert params_hash({"a": 1, "b": 2}) == params_hash({"b": 2, "a": 1})
+
+
+def test_a_failing_write_leaves_nothing_half_written(populated_db: Path) -> None:
+    store = Store(populated_db)
+    before = store.generation()
+    good = ResultRow("alpha", 10, "m", 1.0, "fp-alpha-10")
+    bad = ResultRow("alpha", 999, "m", 1.0, "fp")  # no such checkpoint
+    with pytest.raises(ValueError, match="no checkpoint at step 999"):
+        store.write_results([good, bad])
+    assert store.results("alpha").empty
+    assert store.generation() == before
+
+
+def test_results_for_a_changed_checkpoint_are_refused(populated_db: Path) -> None:
+    with pytest.raises(ValueError, match="changed since it was evaluated"):
+        Store(populated_db).write_results([ResultRow("alpha", 10, "m", 1.0, "stale")])
+
+
+def test_nan_results_are_stored_as_missing_and_samples_round_trip(populated_db: Path) -> None:
+    store = Store(populated_db)
+    row = ResultRow("beta", 30, "task/acc,none", float("nan"), "fp-beta-30", stderr=float("inf"))
+    sample = SampleRow("beta", 30, "task/acc,none", row.params_hash, "7", 1.0, {"target": "52"})
+    assert store.write_results([row], [sample]) == 2
+    got = store.results("beta")
+    assert got["value"].isna().all() and got["stderr"].isna().all()
+    samples = store.sample_results("beta", "task/acc,none")
+    assert samples["sample_id"].tolist() == ["7"] and '"52"' in samples["record"].iloc[0]
+
+
+def test_long_table_has_logs_and_results_with_tokens(populated_db: Path) -> None:
+    store = Store(populated_db)
+    store.write_results([ResultRow("alpha", 60, "heldout_loss", 2.0, "fp-alpha-60", 0.05, 10)])
+    table = store.long_table(["alpha"])
+    assert set(table.columns) >= {"run", "step", "tokens", "metric", "value", "stderr"}
+    row = table[table["metric"] == "heldout_loss"].iloc[0]
+    assert (row["step"], row["tokens"], row["value"], row["stderr"]) == (60, 60 * 512, 2.0, 0.05)
+    assert (table["metric"] == "train/loss").sum() == 120
+
+
+def test_delete_run_removes_everything(populated_db: Path) -> None:
+    store = Store(populated_db)
+    store.write_results([ResultRow("alpha", 60, "x", 2.0, "fp-alpha-60")])
+    store.delete_run("alpha")
+    assert store.runs()["name"].tolist() == ["beta"]
+    assert store.long_table("alpha").empty
+
+
+def test_corrupt_file_gives_one_line_error(tmp_path: Path) -> None:
+    bad = tmp_path / "cache.duckdb"
+    bad.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(ValueError) as info:
+        Store(bad).runs()
+    assert "cannot open the cache" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_newer_schema_is_refused(db: Path) -> None:
+    import duckdb
+
+    Store(db).migrate()
+    con = duckdb.connect(str(db))
+    con.execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'")
+    con.close()
+    with pytest.raises(ValueError, match="newer version"):
+        Store(db).runs()
+    with pytest.raises(ValueError, match="newer version"):
+        Store(db).register_run(synthetic_run("x"))
+
+
+HOLDER = """
+import duckdb, sys, time
+con = duckdb.connect(sys.argv[1])
+print("holding", flush=True)
+time.sleep(float(sys.argv[2]))
+con.close()
+"""
+
+
+def test_lock_held_too_long_gives_a_clear_error_then_recovers(populated_db: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(populated_db), "2.5"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(StoreLockedError, match="still locked by another process"):
+            Store(populated_db, lock_timeout=0.3).runs()
+        # A patient reader waits for the holder to let go.
+        assert len(Store(populated_db, lock_timeout=20).runs()) == 2
+    finally:
+        holder.wait(timeout=30)
+
+
+WRITER = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from analysis.store import ResultRow, Store
+store = Store(sys.argv[1])
+deadline = time.monotonic() + float(sys.argv[3])
+i = 0
+while time.monotonic() < deadline:
+    store.write_results([ResultRow("alpha", 10, "counter", float(i), "fp-alpha-10")])
+    i += 1
+print(i, flush=True)
+"""
+
+
+def test_reader_and_writer_processes_never_see_a_lock_error(populated_db: Path) -> None:
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(populated_db), str(ROOT), "4"], stdout=subprocess.PIPE, text=True
+    )
+    reads = 0
+    seen = set()
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        frame = Store(populated_db).results("alpha", ["counter"])
+        seen.update(frame["value"].tolist())
+        reads += 1
+    writes = int(writer.communicate(timeout=60)[0])
+    assert writer.returncode == 0
+    assert writes > 5 and reads > 5
+    assert len(seen) >= 2  # the reader saw the writer's progress, not a frozen snapshot
+    final = Store(populated_db).results("alpha", ["counter"])["value"].tolist()
+    assert final == [float(writes - 1)]
+
+
+def test_kill_during_write_loses_only_the_uncommitted_transaction(populated_db: Path) -> None:
+    code = textwrap.dedent(
+        """
+        import os, signal, sys
+        sys.path.insert(0, sys.argv[2])
+        from analysis.store import ResultRow, Store
+        store = Store(sys.argv[1])
+        store.write_results([ResultRow("alpha", 10, "kept", 1.0, "fp-alpha-10")])
+        with store._write() as con:
+            con.execute("INSERT INTO results (run, step, metric, params_hash, fingerprint, value) "
+                        "VALUES ('alpha', 30, 'lost', 'h', 'fp-alpha-30', 2.0)")
+            os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(populated_db), str(ROOT)], timeout=60)
+    assert proc.returncode == -9
+    metrics = Store(populated_db).results("alpha")["metric"].tolist()
+    assert metrics == ["kept"]
