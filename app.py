@@ -1,7 +1,8 @@
 """Streamlit entry point: page config, the shared sidebar, and navigation over pages/.
 
 Run with ``streamlit run app.py -- --db PATH`` (default data/cache.duckdb); ``make run``
-does that on the embedded demo.
+does that on the embedded demo. Every page has its own URL path (``/runs``, ...) and keeps
+its state in the query string, so a link opens exactly the view it was copied from.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ from pages import _state
 
 st.set_page_config(page_title="Checkpoint divergence", page_icon=":material/query_stats:", layout="wide")
 
+MAIN_VIEW = "pages/runs.py"
 PAGES = [
-    st.Page("pages/runs.py", title="Runs", icon=":material/folder_open:", url_path="runs", default=True),
+    st.Page(MAIN_VIEW, title="Runs", icon=":material/folder_open:", url_path="runs"),
 ]
+# Streamlit serves the default page at / instead of at its own path, so / gets a hidden
+# copy of the main view and every listed page keeps a stable path of its own.
+HOME = st.Page(MAIN_VIEW, title="Home", url_path="home", default=True, visibility="hidden")
 
-navigation = st.navigation(PAGES)
+navigation = st.navigation([HOME, *PAGES])
 _state.sidebar()
 navigation.run()

@@ -74,6 +74,7 @@ def _layout(fig: go.Figure, style: ChartStyle, *, title: str, x_title: str, y_ti
         title={"text": title, "x": 0.0, "xanchor": "left"},
         font={"size": style.font_size},
         hovermode="x unified",
+        showlegend=True,
         legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "right", "x": 1.0},
         margin={"l": 60, "r": 20, "t": 70, "b": 50},
     )

@@ -1,0 +1,94 @@
+"""The dashboard through Streamlit's AppTest: real pages, a real cache file."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from tests.conftest import ROOT
+
+APP = str(ROOT / "app.py")
+
+
+def figure_of(chart) -> dict:
+    """The Plotly figure behind an AppTest chart element, with base64 arrays decoded."""
+    spec = json.loads(chart.proto.spec)
+
+    def decode(node):
+        if isinstance(node, dict):
+            if "bdata" in node and "dtype" in node:
+                return np.frombuffer(base64.b64decode(node["bdata"]), dtype=node["dtype"]).tolist()
+            return {k: decode(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [decode(v) for v in node]
+        return node
+
+    return decode(spec)
+
+
+def open_app(db: Path, monkeypatch: pytest.MonkeyPatch, **query: str) -> AppTest:
+    monkeypatch.setenv("CDD_DB", str(db))
+    at = AppTest.from_file(APP, default_timeout=60)
+    for key, value in query.items():
+        at.query_params[key] = value
+    return at.run()
+
+
+def test_runs_page_shows_both_runs_and_their_loss_curves(populated_db: Path, monkeypatch) -> None:
+    at = open_app(populated_db, monkeypatch)
+    assert not at.exception and not at.error
+    assert at.title[0].value == "Runs"
+    assert at.multiselect(key="runs").value == ["alpha", "beta"]
+    charts = at.get("plotly_chart")
+    assert len(charts) == 1
+    fig = figure_of(charts[0])
+    lines = {t["name"]: t for t in fig["data"] if t.get("showlegend", True) is not False}
+    assert set(lines) == {"alpha", "beta"}
+    assert len(lines["alpha"]["x"]) == 120
+    assert fig["layout"]["xaxis"]["type"] == "log"
+
+
+def test_deep_link_selects_run_metric_and_axes(populated_db: Path, monkeypatch) -> None:
+    at = open_app(populated_db, monkeypatch, runs="beta", x="tokens", logx="false", smooth="0.6", large="true")
+    assert not at.exception
+    fig = figure_of(at.get("plotly_chart")[0])
+    names = [t["name"] for t in fig["data"]]
+    assert "beta" in names and "alpha" not in names
+    assert "beta (raw)" in names  # smoothing draws the raw curve behind the smoothed one
+    assert fig["layout"]["xaxis"]["type"] == "linear"
+    assert fig["layout"]["xaxis"]["title"]["text"].startswith("tokens")
+    assert fig["layout"]["font"]["size"] == 20
+    beta = next(t for t in fig["data"] if t["name"] == "beta")
+    assert beta["x"][0] == 512  # tokens, not steps
+
+
+def test_empty_cache_says_what_to_run(db: Path, monkeypatch) -> None:
+    at = open_app(db, monkeypatch)
+    assert not at.exception
+    assert "python -m analysis demo" in at.info[0].value
+    assert not at.get("plotly_chart")
+
+
+def test_corrupt_cache_is_one_error_not_a_traceback(tmp_path: Path, monkeypatch) -> None:
+    bad = tmp_path / "cache.duckdb"
+    bad.write_bytes(b"garbage" * 1000)
+    at = open_app(bad, monkeypatch)
+    assert not at.exception
+    assert "cannot open the cache" in at.error[0].value
+
+
+def test_run_without_a_log_says_how_to_add_one(db: Path, monkeypatch) -> None:
+    from analysis.runs.base import Run
+    from analysis.store import Store
+    from tests.conftest import synthetic_run
+
+    run = synthetic_run("nolog")
+    Store(db).register_run(Run(run.name, run.source, run.checkpoints))
+    at = open_app(db, monkeypatch)
+    assert not at.exception
+    assert "--log" in at.warning[0].value
