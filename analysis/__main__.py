@@ -99,8 +99,9 @@ def cmd_query(args: argparse.Namespace) -> int:
     if args.format == "csv":
         frame.to_csv(sys.stdout, index=False)
     elif args.format == "json":
-        records = json.loads(frame.to_json(orient="records"))
-        json.dump(records, sys.stdout, indent=None)
+        # Through Python floats, not DataFrame.to_json, which rounds to 10 significant digits.
+        records = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+        json.dump(records, sys.stdout, default=int)
         print()
     else:
         print(frame.to_string(index=False))

@@ -122,7 +122,8 @@ def load_model(
 
     folder = Path(folder)
     read_config(folder)  # fail early and clearly on a missing or broken config.json
-    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    # Not every .bin is weights: Trainer checkpoints also hold training_args.bin.
+    weights = [*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin"), *folder.glob("model*.bin")]
     if not weights:
         raise ValueError(f"{folder}: no *.safetensors or *.bin weights; save the checkpoint with save_pretrained")
     kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": dtype if dtype is not None else "auto"}
