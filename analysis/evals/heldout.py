@@ -1,0 +1,265 @@
+"""Held-out loss per data domain: mean token NLL, its standard error, perplexity and bits per byte.
+
+Probe data (one domain per file; a folder of files gives one domain per file, named by the
+file's stem):
+
+- ``.jsonl``: one sample per line, a JSON object with ``text`` (tokenised with the checkpoint's
+  tokenizer, special tokens included, so a BOS-adding tokenizer adds BOS) or ``input_ids``.
+- ``.txt``: one document per non-empty line. Per line rather than the whole file, so a domain
+  has many samples (a standard error) and ``max_samples`` means the same for both formats.
+
+Sequences are cut to their first ``max_length`` tokens; sequences under 2 tokens predict
+nothing and are dropped (counted in ``ProbeSet.dropped``).
+
+The loss of a domain is token-weighted: total NLL over every predicted token (labels = inputs
+shifted by one, padding ignored) divided by the number of those tokens. Its standard error is
+the sample standard deviation of the per-sequence mean NLLs over sqrt(number of sequences):
+exact for equal-length sequences, an approximation otherwise. Bits per byte = total NLL (nats)
+/ ln 2 / total UTF-8 bytes of the decoded text of the sequences; None for ``input_ids`` data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from analysis.models import pick_device
+
+_SUFFIXES = (".jsonl", ".txt")
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    """Tokenised probe samples per domain, with a fingerprint of exactly what will be scored."""
+
+    domains: dict[str, tuple[tuple[int, ...], ...]]  # domain -> sequences of token ids
+    n_bytes: dict[str, tuple[int, ...] | None]  # domain -> UTF-8 bytes per sequence; None without text
+    fingerprint: str  # sha256 of the token ids and the tokenizer's vocabulary
+    max_length: int
+    dropped: dict[str, int]  # domain -> sequences under 2 tokens, left out
+
+    @property
+    def n_samples(self) -> int:
+        return sum(len(seqs) for seqs in self.domains.values())
+
+
+@dataclass(frozen=True)
+class LossResult:
+    """Held-out loss of one domain (nats per predicted token)."""
+
+    mean_nll: float  # token-weighted mean NLL
+    stderr: float | None  # std of per-sequence mean NLLs / sqrt(n_samples); None for one sample
+    perplexity: float
+    bits_per_byte: float | None
+    n_tokens: int  # predicted tokens
+    n_samples: int
+    per_sample_nll: tuple[float, ...] = ()  # mean NLL of each sequence, in probe order
+
+
+def _vocab_hash(tokenizer: Any) -> str:
+    if tokenizer is None:
+        return "no-tokenizer"
+    vocab = tokenizer.get_vocab()
+    return hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()
+
+
+def _probe_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _SUFFIXES)
+        if not files:
+            raise ValueError(f"{path}: no .jsonl or .txt probe files in this folder; add one file per domain")
+        return files
+    raise ValueError(f"{path}: not found; pass a probe file (.jsonl / .txt) or a folder of them")
+
+
+def _read_samples(path: Path) -> list[tuple[str | None, list[int] | None]]:
+    """(text, input_ids) per sample, one of them None; one-line errors name file, line and fix."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text; save the probe file as UTF-8") from None
+    samples: list[tuple[str | None, list[int] | None]] = []
+    if path.suffix == ".txt":
+        samples = [(line, None) for line in lines if line.strip()]
+    else:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{path}:{number}: not valid JSON ({err.msg}); write one JSON object per line"
+                ) from None
+            if not isinstance(record, dict) or not ("text" in record or "input_ids" in record):
+                raise ValueError(f'{path}:{number}: no "text" or "input_ids" field; give each line one of them')
+            if "text" in record:
+                if not isinstance(record["text"], str):
+                    raise ValueError(f'{path}:{number}: "text" must be a string; quote the document text')
+                samples.append((record["text"], None))
+            else:
+                ids = record["input_ids"]
+                ok = isinstance(ids, list) and all(type(i) is int and i >= 0 for i in ids)
+                if not ok:
+                    raise ValueError(f'{path}:{number}: "input_ids" must be a list of non-negative integers')
+                samples.append((None, ids))
+    if not samples:
+        raise ValueError(f"{path}: empty; a probe file needs at least one sample (one per line)")
+    return samples
+
+
+def load_probe_set(
+    path: str | Path,
+    tokenizer: Any,
+    max_length: int,
+    max_samples: int | None = None,
+) -> ProbeSet:
+    """Load and tokenise probe data: one domain per file (see the module docstring for formats).
+
+    ``max_samples`` keeps the first N samples of each domain. ``tokenizer`` may be None only
+    when every sample has ``input_ids``.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 (one token predicts the next), got {max_length}")
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
+    path = Path(path)
+    domains: dict[str, tuple[tuple[int, ...], ...]] = {}
+    n_bytes: dict[str, tuple[int, ...] | None] = {}
+    dropped: dict[str, int] = {}
+    for file in _probe_files(path):
+        domain = file.stem
+        if domain in domains:
+            raise ValueError(f"{file}: domain '{domain}' appears twice (same name, other suffix); rename one file")
+        samples = _read_samples(file)[:max_samples]
+        seqs: list[tuple[int, ...]] = []
+        sizes: list[int] = []
+        for text, ids in samples:
+            if text is not None:
+                if tokenizer is None:
+                    raise ValueError(f"{file}: text samples need a tokenizer; pass the checkpoint's tokenizer")
+                ids = list(tokenizer(text)["input_ids"])
+            ids = list(ids)[:max_length]
+            if len(ids) < 2:
+                continue
+            seqs.append(tuple(int(i) for i in ids))
+            if text is not None:
+                # Bytes of what is actually scored: the decoded (possibly truncated) sequence.
+                sizes.append(len(tokenizer.decode(list(ids), skip_special_tokens=True).encode("utf-8")))
+        if not seqs:
+            raise ValueError(f"{file}: no sample has 2 or more tokens; probe samples need text to predict")
+        domains[domain] = tuple(seqs)
+        n_bytes[domain] = tuple(sizes) if len(sizes) == len(seqs) else None
+        dropped[domain] = len(samples) - len(seqs)
+    digest = hashlib.sha256()
+    digest.update(json.dumps({d: [list(s) for s in seqs] for d, seqs in domains.items()}).encode())
+    digest.update(_vocab_hash(tokenizer).encode())
+    return ProbeSet(
+        domains=domains, n_bytes=n_bytes, fingerprint=digest.hexdigest(), max_length=max_length, dropped=dropped
+    )
+
+
+def model_device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
+    """Where inputs must go: the model's own device; a different ``device`` is an error, not a move."""
+    param = next(model.parameters(), None)
+    here = param.device if param is not None else torch.device("cpu")
+    if device is None:
+        return here
+    want = pick_device(device)
+    if want.type != here.type or (want.index is not None and here.index is not None and want.index != here.index):
+        raise ValueError(f"the model is on {here} but device={device!s} was asked; load the model on that device")
+    return here
+
+
+def right_pad(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id sequences to (B, T) with an attention mask; causal models ignore what follows."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def _sequence_nll(model: torch.nn.Module, seqs: Sequence[Sequence[int]], batch_size: int, device: torch.device):
+    """Summed NLL (nats) and predicted-token count of each sequence, in input order."""
+    sums = [0.0] * len(seqs)
+    counts = [0] * len(seqs)
+    # Longest first: similar lengths share a batch, so little compute goes to padding.
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        ids, mask = right_pad([seqs[i] for i in idx])
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V), fp32 math
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # (B, T-1), padding ignored
+        nll = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+        ).view(labels.shape)
+        for row, i in enumerate(idx):
+            sums[i] = float(nll[row].double().sum())
+            counts[i] = int((labels[row] != -100).sum())
+    return sums, counts
+
+
+@torch.no_grad()
+def heldout_loss(
+    model: torch.nn.Module,
+    probe_set: ProbeSet,
+    *,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+) -> dict[str, LossResult]:
+    """Held-out loss of each domain of ``probe_set`` (see the module docstring for definitions).
+
+    The model is put in eval mode for the pass and handed back in the mode it came in.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    where = model_device(model, device)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    was_training = model.training
+    model.eval()
+    try:
+        out: dict[str, LossResult] = {}
+        for domain, seqs in probe_set.domains.items():
+            top = max(max(s) for s in seqs)
+            if vocab is not None and top >= vocab:
+                raise ValueError(
+                    f"probe domain '{domain}': token id {top} >= model vocab size {vocab}; "
+                    "tokenise the probe data with this checkpoint's tokenizer"
+                )
+            sums, counts = _sequence_nll(model, seqs, batch_size, where)
+            total, n_tokens = sum(sums), sum(counts)
+            per_sample = tuple(s / c for s, c in zip(sums, counts, strict=True))
+            mean = total / n_tokens
+            stderr = None
+            if len(per_sample) > 1:
+                mu = sum(per_sample) / len(per_sample)
+                var = sum((x - mu) ** 2 for x in per_sample) / (len(per_sample) - 1)
+                stderr = math.sqrt(var / len(per_sample))
+            sizes = probe_set.n_bytes.get(domain)
+            bpb = total / math.log(2) / sum(sizes) if sizes and sum(sizes) > 0 else None
+            out[domain] = LossResult(
+                mean_nll=mean,
+                stderr=stderr,
+                perplexity=math.exp(mean),
+                bits_per_byte=bpb,
+                n_tokens=n_tokens,
+                n_samples=len(seqs),
+                per_sample_nll=per_sample,
+            )
+        return out
+    finally:
+        model.train(was_training)

@@ -1,0 +1,414 @@
+"""The lm-eval bridge: run lm-eval on a loaded model, and import lm-eval result files.
+
+Results are named as the store names them: ``<task>/<metric>,<filter>`` (``modarith_mc/acc,none``).
+Older (0.3) files with plain ``acc`` / ``acc_stderr`` keys are imported as ``acc,none``.
+
+Nothing here reaches the network: :func:`run_lm_eval` switches the Hugging Face hub and datasets
+to offline mode unless the environment explicitly says otherwise (``HF_HUB_OFFLINE=0``, for
+downloading a built-in task's dataset on purpose).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from analysis.evals.heldout import model_device
+from analysis.evals.tasks import resolve_tasks, task_manager
+
+# Result keys that describe a task rather than measure it.
+_META_KEYS = {"alias", "name", "sample_len", " ", "group", "task"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    """One aggregated score: ``value`` of ``metric`` ("acc,none") on ``task``."""
+
+    task: str
+    metric: str  # "<metric>,<filter>"
+    value: float
+    stderr: float | None  # None where lm-eval reported "N/A" (bootstrap off, or no estimator)
+    n: int | None  # documents scored; None when the file does not say (0.3 schema)
+    n_shot: int | None
+    task_version: str | None
+    higher_is_better: bool | None = None
+
+    @property
+    def name(self) -> str:
+        """The store's metric name, ``<task>/<metric>,<filter>``."""
+        return f"{self.task}/{self.metric}"
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """One document's value for one metric, with what the model answered.
+
+    ``response``: the filtered generation for generate_until; the index of the highest
+    log-likelihood choice for multiple_choice (``target`` is then the right index, as lm-eval
+    logs it). ``choices`` / ``loglikelihoods``: per-choice continuations and their summed
+    log-likelihoods for multiple_choice and loglikelihood tasks.
+    """
+
+    task: str
+    doc_id: int
+    metric: str  # "<metric>,<filter>"
+    value: float | None  # None for per-sample values that are not numbers (corpus metrics)
+    target: str
+    prompt: str
+    response: str | None = None
+    choices: tuple[str, ...] | None = None
+    loglikelihoods: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class EvalOutput:
+    """What :func:`run_lm_eval` measured."""
+
+    rows: tuple[EvalRow, ...]
+    samples: tuple[SampleRecord, ...]
+    settings: dict[str, Any] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    problems: tuple[str, ...] = ()
+
+    def values(self) -> dict[str, float]:
+        """``{"<task>/<metric>,<filter>": value}``."""
+        return {row.name: row.value for row in self.rows}
+
+
+@dataclass(frozen=True)
+class ImportedEvals:
+    """Scores read from one lm-eval results file, attributed to one checkpoint step."""
+
+    path: Path
+    step: int
+    step_source: str  # "model_args revision", "model_revision", "path" or "argument"
+    model_args: str | None
+    rows: tuple[EvalRow, ...]
+    problems: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _ensure_offline() -> None:
+    """Keep lm-eval, transformers and datasets off the network unless the user opted in."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _FALSE:
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    # Both libraries read the variable once at import; flip the flags if they are loaded already.
+    import datasets.config
+    import huggingface_hub.constants
+
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    datasets.config.HF_HUB_OFFLINE = True
+    datasets.config.HF_DATASETS_OFFLINE = True
+
+
+def run_lm_eval(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    tasks: list[str],
+    *,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    log_samples: bool = True,
+    seed: int = 0,
+    bootstrap_iters: int = 1000,
+    task_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    allow_builtin: bool = True,
+) -> EvalOutput:
+    """Evaluate a loaded causal LM with lm-eval on bundled tasks, built-in task names or task YAML paths.
+
+    The model is wrapped in ``lm_eval.models.huggingface.HFLM`` as an object (lm-eval then
+    uses the model's own device and dtype and never loads anything), and ``tokenizer`` is
+    used as given: BOS is only added if its own special-token handling adds it.
+    ``device``, when given, must be where the model already is. ``seed=0`` reproduces
+    lm-eval's default seeds (python 0, numpy/torch/few-shot 1234); other seeds shift all four.
+    ``bootstrap_iters`` only matters for metrics without a closed-form stderr (perplexity,
+    bleu, ...): acc / exact_match use the sample standard error. ``task_dir``: where bundled
+    task YAMLs are materialised (default: a per-user temp folder); ``data_dir``: the bundled
+    task data (default ``data/tasks``). A built-in task whose dataset is not in the local
+    cache raises ValueError instead of downloading it.
+    """
+    plan = resolve_tasks(tasks, task_dir=task_dir, data_dir=data_dir, allow_builtin=allow_builtin)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    here = model_device(model, device)
+    _ensure_offline()
+    # lm-eval's bootstrap otherwise forks a pool of cpu_count() processes from this one (torch
+    # threads and all); its serial path draws the same seeded resamples, so results are equal.
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")
+    if getattr(tokenizer, "pad_token", None) is None:
+        import copy
+
+        tokenizer = copy.deepcopy(tokenizer)  # HFLM would otherwise set a pad token on the caller's tokenizer
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    manager = task_manager(plan.include_path, plan.include_defaults)
+    was_training = model.training
+    start = time.perf_counter()
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(here))
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(plan.specs),
+            task_manager=manager,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=log_samples,
+            random_seed=seed,
+            numpy_random_seed=seed + 1234,
+            torch_random_seed=seed + 1234,
+            fewshot_random_seed=seed + 1234,
+        )
+    except ConnectionError as err:
+        # datasets raises this, without touching the network, for a built-in task whose data
+        # is not in the local cache while the hub is offline.
+        raise ValueError(
+            f"{err}; the task's dataset is not in the local Hugging Face cache: download it once "
+            "(HF_HUB_OFFLINE=0, with network access) or use a task YAML with local data_files"
+        ) from None
+    finally:
+        model.train(was_training)  # HFLM switches the model to eval mode
+    elapsed = time.perf_counter() - start
+    if results is None:  # only on non-zero ranks of a distributed launch
+        raise ValueError("lm-eval returned no results (not rank 0); run single-process")
+    rows, problems = rows_from_results(results, source="lm-eval")
+    samples = samples_from_results(results) if log_samples else ()
+    settings = {
+        "tasks": list(plan.specs),
+        "batch_size": batch_size,
+        "limit": limit,
+        "num_fewshot": num_fewshot,
+        "seed": seed,
+        "bootstrap_iters": bootstrap_iters,
+        "lm_eval_version": getattr(lm_eval, "__version__", None),
+    }
+    return EvalOutput(
+        rows=tuple(rows), samples=tuple(samples), settings=settings, elapsed_s=elapsed, problems=tuple(problems)
+    )
+
+
+# --------------------------------------------------------------------------- result parsing
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None for anything else (strings, "N/A", bools, NaN, inf)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _int_or_none(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return int(value)
+
+
+def _split_metric(key: str) -> tuple[str, str]:
+    """("acc", "none") from "acc,none"; plain 0.3 keys ("acc") get the "none" filter."""
+    metric, _, filt = key.partition(",")
+    return metric, (filt or "none")
+
+
+def rows_from_results(results: dict[str, Any], *, source: str, n_shot_default: int | None = None):
+    """Turn an lm-eval results dict (either schema) into EvalRows; return ``(rows, problems)``.
+
+    Values that are not finite numbers are skipped with a note in ``problems``; a stderr of
+    "N/A" (or missing, or not a number) becomes None.
+    """
+    n_shots = results.get("n-shot") if isinstance(results.get("n-shot"), dict) else {}
+    versions = results.get("versions") if isinstance(results.get("versions"), dict) else {}
+    n_samples = results.get("n-samples") if isinstance(results.get("n-samples"), dict) else {}
+    better = results.get("higher_is_better") if isinstance(results.get("higher_is_better"), dict) else {}
+    rows: list[EvalRow] = []
+    problems: list[str] = []
+    for task, metrics in results["results"].items():
+        if not isinstance(metrics, dict):
+            problems.append(f"{source}: results['{task}'] is not an object; skipped")
+            continue
+        version = versions.get(task)
+        counts = n_samples.get(task)
+        n = _int_or_none(counts.get("effective")) if isinstance(counts, dict) else None
+        if n is None:
+            n = _int_or_none(metrics.get("sample_len"))
+        shot = _int_or_none(n_shots.get(task)) if task in n_shots else n_shot_default
+        task_better = better.get(task) if isinstance(better.get(task), dict) else {}
+        for key, raw in metrics.items():
+            metric, filt = _split_metric(key)
+            if key in _META_KEYS or metric.endswith("_stderr"):
+                continue
+            value = _number(raw)
+            if value is None:
+                what = "NaN" if isinstance(raw, float) and math.isnan(raw) else f"not a number ({raw!r:.40})"
+                problems.append(f"{source}: {task}/{metric},{filt} is {what}; skipped")
+                continue
+            stderr_key = f"{metric}_stderr,{filt}" if "," in key else f"{metric}_stderr"
+            raw_err = metrics.get(stderr_key)
+            stderr = _number(raw_err)
+            if raw_err is not None and stderr is None and raw_err != "N/A":
+                problems.append(f"{source}: {task}/{stderr_key} is not a number ({raw_err!r:.40}); kept without stderr")
+            hib = task_better.get(metric)
+            rows.append(
+                EvalRow(
+                    task=str(task),
+                    metric=f"{metric},{filt}",
+                    value=value,
+                    stderr=stderr,
+                    n=n,
+                    n_shot=shot,
+                    task_version=None if version is None else str(version),
+                    higher_is_better=hib if isinstance(hib, bool) else None,
+                )
+            )
+    return rows, problems
+
+
+def samples_from_results(results: dict[str, Any]) -> list[SampleRecord]:
+    """Per-document records from the ``samples`` of an in-memory lm-eval result."""
+    configs = results.get("configs") or {}
+    records: list[SampleRecord] = []
+    for task, items in (results.get("samples") or {}).items():
+        output_type = (configs.get(task) or {}).get("output_type", "")
+        for item in items:
+            args = item.get("arguments") or []
+            prompt = str(args[0][0]) if args and isinstance(args[0], (list, tuple)) and args[0] else ""
+            filtered = item.get("filtered_resps") or []
+            response: str | None = None
+            choices: tuple[str, ...] | None = None
+            lls: tuple[float, ...] | None = None
+            if output_type in ("multiple_choice", "loglikelihood"):
+                lls = tuple(float(r[0]) for r in filtered)
+                choices = tuple(str(a[1]) for a in args)
+                if output_type == "multiple_choice" and lls:
+                    response = str(max(range(len(lls)), key=lls.__getitem__))
+            elif output_type == "loglikelihood_rolling":
+                lls = tuple(float(r) for r in filtered if _number(r) is not None)
+            elif filtered:
+                response = str(filtered[0])
+            filt = item.get("filter", "none")
+            for metric in item.get("metrics", []):
+                records.append(
+                    SampleRecord(
+                        task=str(task),
+                        doc_id=int(item["doc_id"]),
+                        metric=f"{metric},{filt}",
+                        value=_number(item.get(metric)),
+                        target=str(item.get("target")),
+                        prompt=prompt,
+                        response=response,
+                        choices=choices,
+                        loglikelihoods=lls,
+                    )
+                )
+    return records
+
+
+# --------------------------------------------------------------------------- importing files
+
+# "step83000", "stage1-step1000-tokens4B", "global_step500", "step_1000", "checkpoint-1000", "iter_0001000"
+_STEP_PATTERNS = (
+    re.compile(r"(?:^|[^a-z0-9])step[_-]?(\d+)(?![0-9])", re.IGNORECASE),
+    re.compile(r"(?:^|[^a-z0-9])checkpoint[_-](\d+)(?![0-9])", re.IGNORECASE),
+    re.compile(r"(?:^|[^a-z0-9])iter[_-]?(\d+)(?![0-9])", re.IGNORECASE),
+)
+
+
+def step_from_text(text: str) -> int | None:
+    """The training step named in a revision or path component, or None."""
+    for pattern in _STEP_PATTERNS:
+        match = pattern.search(text)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def _revision(model_args: Any) -> str | None:
+    if isinstance(model_args, dict):
+        rev = model_args.get("revision")
+        return None if rev is None else str(rev)
+    if isinstance(model_args, str):
+        for part in model_args.split(","):
+            key, _, value = part.partition("=")
+            if key.strip() == "revision":
+                return value.strip()
+    return None
+
+
+def parse_results_file(path: str | Path, step: int | None = None) -> ImportedEvals:
+    """Read an lm-eval results JSON (current or 0.3 schema) and attribute it to a checkpoint step.
+
+    The step comes from ``revision=...stepN`` in ``config.model_args`` (or
+    ``config.model_revision``), else from the path (``results_step1000.json``,
+    ``step_1000/results.json``, ``checkpoint-1000/``), else from ``step``; otherwise ValueError.
+    Non-numeric and NaN values are skipped and listed in ``problems``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found; pass an lm-eval results JSON (results_*.json)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path}: not valid JSON (line {err.lineno} column {err.colno}: {err.msg}); "
+            "pass a results file written by lm-eval"
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text; pass a results JSON written by lm-eval") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+        raise ValueError(
+            f"{path}: no 'results' object; an lm-eval results file has {{\"results\": {{task: {{metric: value}}}}}}"
+        )
+    config = data.get("config") if isinstance(data.get("config"), dict) else {}
+    model_args = config.get("model_args")
+    found: tuple[int, str] | None = None
+    rev = _revision(model_args)
+    if rev is not None and step_from_text(rev) is not None:
+        found = (step_from_text(rev), "model_args revision")
+    elif isinstance(config.get("model_revision"), str) and step_from_text(config["model_revision"]) is not None:
+        found = (step_from_text(config["model_revision"]), "model_revision")
+    else:
+        # The file name first, then its folders from the nearest up.
+        for part in [path.stem, *reversed(path.resolve().parent.parts)]:
+            if (s := step_from_text(part)) is not None:
+                found = (s, "path")
+                break
+    if found is None and step is not None:
+        found = (int(step), "argument")
+    if found is None:
+        raise ValueError(
+            f"{path}: cannot tell the checkpoint step (no revision=stepN in config.model_args, no stepN in the path); "
+            "pass the step explicitly"
+        )
+    legacy_shot = _int_or_none(config.get("num_fewshot"))
+    rows, problems = rows_from_results(data, source=str(path), n_shot_default=legacy_shot)
+    if not rows:
+        raise ValueError(f"{path}: no numeric metric values under 'results'; nothing to import")
+    if isinstance(model_args, dict):
+        model_args = ",".join(f"{k}={v}" for k, v in model_args.items())
+    return ImportedEvals(
+        path=path,
+        step=found[0],
+        step_source=found[1],
+        model_args=None if model_args is None else str(model_args),
+        rows=tuple(rows),
+        problems=tuple(problems),
+    )

@@ -1,0 +1,148 @@
+"""Held-out loss against an independent one-sequence-at-a-time computation on a tiny real model."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from analysis.evals.heldout import heldout_loss, load_probe_set
+from analysis.models import build_word_tokenizer, tiny_moe_config
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "to", "park", "and", "big", "small", "red", "blue"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_word_tokenizer(WORDS)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    from transformers import OlmoeForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_moe_config(len(tokenizer), hidden_size=32, num_heads=2, num_experts=4, top_k=2)
+    return OlmoeForCausalLM(config).eval()
+
+
+TEXTS = [
+    "the cat sat on a mat",
+    "the dog ran to the park and the cat sat",
+    "big red dog",
+    "a small blue cat ran to a big red mat and sat on the mat",
+    "the mat",
+]
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _manual(model, seqs):
+    """Token-weighted NLL and per-sequence means, one sequence per forward pass, no padding."""
+    total, tokens, means = 0.0, 0, []
+    with torch.no_grad():
+        for seq in seqs:
+            ids = torch.tensor([seq])
+            logits = model(input_ids=ids).logits[0].float()
+            nll = F.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum").item()
+            total += nll
+            tokens += len(seq) - 1
+            means.append(nll / (len(seq) - 1))
+    return total, tokens, means
+
+
+def test_loss_equals_manual_loop(tmp_path, model, tokenizer):
+    probe = _write_jsonl(tmp_path / "web.jsonl", [{"text": t} for t in TEXTS])
+    probe_set = load_probe_set(probe, tokenizer, max_length=32)
+    result = heldout_loss(model, probe_set, batch_size=4)["web"]
+
+    seqs = [tokenizer(t)["input_ids"] for t in TEXTS]
+    total, tokens, means = _manual(model, seqs)
+    assert result.n_samples == len(TEXTS)
+    assert result.n_tokens == tokens
+    assert result.mean_nll == pytest.approx(total / tokens, abs=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(total / tokens), rel=1e-5)
+    assert result.stderr == pytest.approx(statistics.stdev(means) / math.sqrt(len(means)), abs=1e-5)
+    assert result.per_sample_nll == pytest.approx(means, abs=1e-5)
+    # The word tokenizer decodes to the words joined by single spaces: the original texts here.
+    n_bytes = sum(len(t.encode()) for t in TEXTS)
+    assert result.bits_per_byte == pytest.approx(total / math.log(2) / n_bytes, rel=1e-5)
+
+
+def test_padding_does_not_change_the_result(tmp_path, model, tokenizer):
+    probe = _write_jsonl(tmp_path / "web.jsonl", [{"text": t} for t in TEXTS])
+    probe_set = load_probe_set(probe, tokenizer, max_length=32)
+    one = heldout_loss(model, probe_set, batch_size=1)["web"]
+    four = heldout_loss(model, probe_set, batch_size=4)["web"]
+    assert four.mean_nll == pytest.approx(one.mean_nll, abs=1e-5)
+    assert four.per_sample_nll == pytest.approx(one.per_sample_nll, abs=1e-5)
+    assert four.n_tokens == one.n_tokens
+
+
+def test_folder_of_domains_txt_and_input_ids(tmp_path, model, tokenizer):
+    folder = tmp_path / "probes"
+    folder.mkdir()
+    (folder / "stories.txt").write_text("the cat sat on a mat\n\nthe dog ran to the park\n")
+    ids = [[1, 5, 6, 7, 8], [1, 9, 10, 11]]
+    _write_jsonl(folder / "tokens.jsonl", [{"input_ids": s} for s in ids])
+    (folder / "notes.md").write_text("not a probe file")
+    probe_set = load_probe_set(folder, tokenizer, max_length=4, max_samples=5)
+    assert sorted(probe_set.domains) == ["stories", "tokens"]
+    assert len(probe_set.domains["stories"]) == 2  # the blank line is not a document
+    assert all(len(s) <= 4 for seqs in probe_set.domains.values() for s in seqs)  # truncated
+    results = heldout_loss(model, probe_set, batch_size=3)
+    assert results["tokens"].bits_per_byte is None
+    assert results["stories"].bits_per_byte is not None
+    total, tokens, _ = _manual(model, [s[:4] for s in ids])
+    assert results["tokens"].mean_nll == pytest.approx(total / tokens, abs=1e-5)
+
+
+def test_fingerprint_tracks_tokens_and_vocab(tmp_path, tokenizer):
+    probe = _write_jsonl(tmp_path / "web.jsonl", [{"text": t} for t in TEXTS])
+    first = load_probe_set(probe, tokenizer, max_length=32)
+    assert load_probe_set(probe, tokenizer, max_length=32).fingerprint == first.fingerprint
+    assert load_probe_set(probe, tokenizer, max_length=5).fingerprint != first.fingerprint
+    other_vocab = build_word_tokenizer([*WORDS, "extra"])
+    assert load_probe_set(probe, other_vocab, max_length=32).fingerprint != first.fingerprint
+
+
+def test_model_mode_is_restored(tmp_path, model, tokenizer):
+    probe = _write_jsonl(tmp_path / "web.jsonl", [{"text": t} for t in TEXTS[:2]])
+    model.train()
+    try:
+        heldout_loss(model, load_probe_set(probe, tokenizer, max_length=32))
+        assert model.training
+    finally:
+        model.eval()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.jsonl", "", r"empty\.jsonl: empty"),
+        ("bad.jsonl", '{"text": "the cat"}\n{"text": \n', r"bad\.jsonl:2: not valid JSON"),
+        ("nofield.jsonl", '{"text": "the cat"}\n{"body": "x"}\n', r'nofield\.jsonl:2: no "text" or "input_ids"'),
+        ("ids.jsonl", '{"input_ids": [1, "two"]}\n', r'ids\.jsonl:1: "input_ids" must be a list'),
+        ("short.jsonl", '{"input_ids": [1]}\n', r"short\.jsonl: no sample has 2 or more tokens"),
+    ],
+)
+def test_bad_input_gives_one_line_errors(tmp_path, tokenizer, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as err:
+        load_probe_set(path, tokenizer, max_length=16)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_path_and_empty_folder(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="not found"):
+        load_probe_set(tmp_path / "nope.jsonl", tokenizer, max_length=16)
+    with pytest.raises(ValueError, match=r"no \.jsonl or \.txt probe files"):
+        load_probe_set(tmp_path, tokenizer, max_length=16)
