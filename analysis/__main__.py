@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -108,6 +109,134 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unit_bar() -> Callable:
+    """A progress(unit, n_units, name, done, total, what) callback drawing one tqdm bar over units."""
+    from tqdm import tqdm
+
+    state: dict = {}
+
+    def update(unit: int, n_units: int, name: str, done: int, total: int, what: str) -> None:
+        if "bar" not in state:
+            state["bar"] = tqdm(total=n_units, desc="checkpoints", unit="ckpt", file=sys.stderr, dynamic_ncols=True)
+        bar = state["bar"]
+        bar.n = unit
+        bar.set_postfix_str(f"step {name}: {what} ({done}/{total})")
+        if unit >= n_units:
+            bar.close()
+            state.clear()
+
+    return update
+
+
+def _spec_from_args(args: argparse.Namespace):
+    from analysis.jobs import JobSpec
+
+    metric_params: dict[str, dict[str, str]] = {}
+    for item in args.param or []:
+        key, sep, value = item.partition("=")
+        metric, dot, field_name = key.partition(".")
+        if not sep or not dot:
+            raise ValueError(f"--param {item!r}: write METRIC.KEY=VALUE, e.g. hessian_trace.n_probes=16")
+        metric_params.setdefault(metric, {})[field_name] = value
+    return JobSpec(
+        run=args.run,
+        steps=tuple(int(s) for s in args.steps) if args.steps else None,
+        tasks=tuple(args.tasks or ()),
+        metrics=tuple(args.metrics or ()),
+        data=args.data,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        metric_params=metric_params,
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from analysis.jobs import run_job, submit
+
+    store = Store(args.db)
+    job_id = submit(store, _spec_from_args(args))
+    if args.queue:
+        print(f"queued job {job_id}; run `python -m analysis worker --db {args.db}` to execute it")
+        return 0
+    report = run_job(store, job_id, progress=_unit_bar())
+    print(report.summary())
+    for failure in report.failed or []:
+        print(f"failed: {failure}", file=sys.stderr)
+    return 1 if report.failed and not report.computed and not report.cached else 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from analysis.jobs import serve
+
+    print(f"worker {os.getpid()} serving jobs from {args.db} (Ctrl-C to stop)", file=sys.stderr)
+    ran = serve(Store(args.db), poll=args.poll, once=args.once, progress=_unit_bar())
+    print(f"ran {ran} job(s)")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    jobs = Store(args.db).jobs()
+    if not len(jobs):
+        print("no jobs")
+        return 0
+    cols = ["id", "run", "status", "units_done", "units", "units_failed", "items_done", "items_total", "message"]
+    print(jobs[cols].to_string(index=False))
+    return 0
+
+
+def cmd_import_evals(args: argparse.Namespace) -> int:
+    from analysis.evals.lmeval import parse_results_file
+    from analysis.store import ResultRow, library_versions
+
+    store = Store(args.db)
+    ckpts = store.checkpoints(args.run)
+    if not len(store.runs()) or args.run not in set(store.runs()["name"]):
+        raise ValueError(f"unknown run {args.run!r} in {args.db}; register it first with add-run")
+    by_step = dict(zip(ckpts["step"], ckpts["fingerprint"], strict=True)) if len(ckpts) else {}
+    files = sorted(Path(args.path).rglob("*.json")) if Path(args.path).is_dir() else [Path(args.path)]
+    if not files:
+        raise ValueError(f"{args.path}: no .json result files found; point at an lm-eval output file or folder")
+    written = 0
+    for file in files:
+        imported = parse_results_file(file, step=args.step)
+        for problem in imported.problems:
+            print(f"warning: {file}: {problem}", file=sys.stderr)
+        if imported.step not in by_step:
+            # Results of a checkpoint that is not on this machine: register it as a remote one.
+            store.add_checkpoint(args.run, imported.step, f"imported:{file}", f"imported:{imported.model_args}")
+            by_step[imported.step] = f"imported:{imported.model_args}"
+        params = {"imported_from": str(file.resolve()), "model_args": imported.model_args}
+        rows = [
+            ResultRow(
+                args.run, imported.step, f"{r.task}/{r.metric}", r.value, by_step[imported.step], r.stderr, r.n,
+                params, f"{r.task_version or ''};n_shot={r.n_shot}", library_versions(),
+            )
+            for r in imported.rows
+        ]  # fmt: skip
+        written += store.write_results(rows)
+        print(f"{file}: step {imported.step} (from {imported.step_source}), {len(rows)} values")
+    print(f"imported {written} values into run {args.run!r}")
+    return 0
+
+
+def cmd_metric(args: argparse.Namespace) -> int:
+    from analysis.jobs.metric_once import compute_once
+
+    result = compute_once(
+        args.name, args.checkpoint, args.data, params=args.param or [], device=args.device, seed=args.seed
+    )
+    if args.format == "json":
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value}")
+    return 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     version = Store(args.db).migrate()
     print(f"{args.db}: schema version {version}")
@@ -151,6 +280,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", type=_split, help="only these metrics (comma-separated)")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("eval", parents=[common], help="compute what is missing for a run's checkpoints")
+    p.add_argument("--run", required=True)
+    p.add_argument("--steps", type=_split, help="checkpoint steps (default: all), e.g. 60,300")
+    p.add_argument("--tasks", type=_split, help="lm-eval task names or task YAML paths, comma-separated")
+    p.add_argument("--metrics", type=_split, help="heldout_loss, proxy, hessian_trace, ... comma-separated")
+    p.add_argument("--data", help="probe data (JSONL/txt file or folder) for heldout_loss and internal metrics")
+    p.add_argument("--limit", type=int, help="documents per task (default: all)")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's own")
+    p.add_argument("--param", action="append", help="METRIC.KEY=VALUE, e.g. hessian_trace.n_probes=16")
+    p.add_argument("--queue", action="store_true", help="only queue the job for `worker`")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("worker", parents=[common], help="run queued jobs (the single writer)")
+    p.add_argument("--poll", type=float, default=2.0, help="seconds between looks at the queue")
+    p.add_argument("--once", action="store_true", help="exit when the queue is empty")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("jobs", parents=[common], help="list jobs and their progress")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("import-evals", parents=[common], help="import lm-eval result files into a run")
+    p.add_argument("path", help="an lm-eval results JSON file or a folder of them")
+    p.add_argument("--run", required=True)
+    p.add_argument("--step", type=int, help="the checkpoint step when neither model_args nor the file name says")
+    p.set_defaults(func=cmd_import_evals)
+
+    p = sub.add_parser("metric", parents=[common], help="compute one metric on one checkpoint, print it, cache nothing")
+    p.add_argument("name", help="metric name (heldout_loss, hessian_trace, ...)")
+    p.add_argument("--checkpoint", required=True, help="a transformers model folder")
+    p.add_argument("--data", required=True, help="probe data: JSONL with text or input_ids")
+    p.add_argument("--param", action="append", help="KEY=VALUE (repeat)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=["json", "text"], default="json")
+    p.set_defaults(func=cmd_metric)
 
     p = sub.add_parser("migrate", parents=[common], help="create or upgrade the cache schema")
     p.set_defaults(func=cmd_migrate)

@@ -93,6 +93,7 @@ MIGRATIONS: list[list[str]] = [
             spec VARCHAR NOT NULL,
             status VARCHAR NOT NULL DEFAULT 'queued',
             message VARCHAR NOT NULL DEFAULT '',
+            worker_pid BIGINT,
             created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
             updated_at TIMESTAMP NOT NULL DEFAULT current_timestamp)""",
         """CREATE TABLE job_units (
@@ -110,6 +111,21 @@ MIGRATIONS: list[list[str]] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 RESULT_COLUMNS = ["run", "step", "tokens", "metric", "value", "stderr"]
+
+
+@dataclass(frozen=True)
+class UnitUpdate:
+    """A job unit's progress: ``done`` of ``total`` items, and its status."""
+
+    job_id: int
+    unit: str
+    status: str  # queued | running | done | failed | cancelled
+    done: int = 0
+    total: int = 0
+    message: str = ""
+
+
+JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 
 
 class StoreLockedError(RuntimeError):
@@ -338,6 +354,15 @@ class Store:
                 n_log = 0
         return RegisterReport(run.name, len(run.checkpoints), new, changed, n_log)
 
+    def add_checkpoint(self, run: str, step: int, path: str, fingerprint: str, tokens: int | None = None) -> None:
+        """Register one checkpoint that has no local folder (e.g. imported evaluation results)."""
+        with self._write() as con:
+            con.execute(
+                """INSERT INTO checkpoints (run, step, tokens, path, fingerprint) VALUES (?, ?, ?, ?, ?)
+                   ON CONFLICT (run, step) DO NOTHING""",
+                [run, step, tokens, path, fingerprint],
+            )
+
     def delete_run(self, name: str) -> None:
         """Remove a run and everything cached for it."""
         with self._write() as con:
@@ -379,15 +404,21 @@ class Store:
 
     # -- results -------------------------------------------------------------------
 
-    def write_results(self, rows: list[ResultRow], samples: list[SampleRow] = ()) -> int:
+    def write_results(
+        self, rows: list[ResultRow], samples: list[SampleRow] = (), *, unit: UnitUpdate | None = None
+    ) -> int:
         """Write a unit's results (typically one checkpoint's) atomically; returns rows written.
 
-        A row for a checkpoint the store does not know, or whose fingerprint no longer
-        matches, is refused: it would describe weights that are not registered.
+        ``unit``, when given, records the job unit's new status in the same transaction,
+        so a unit is never marked done without its results, nor the reverse. A row for a
+        checkpoint the store does not know, or whose fingerprint no longer matches, is
+        refused: it would describe weights that are not registered.
         """
-        if not rows and not samples:
+        if not rows and not samples and unit is None:
             return 0
         with self._write() as con:
+            if unit is not None:
+                self._set_unit(con, unit)
             current = {
                 (run, step): fp
                 for run, step, fp in con.execute(
@@ -503,6 +534,80 @@ class Store:
         if not len(frame):
             return pd.DataFrame(columns=[*RESULT_COLUMNS, "source"])
         return frame
+
+    # -- jobs ----------------------------------------------------------------------
+
+    def cached_keys(self, run: str, step: int, fingerprint: str) -> set[tuple[str, str]]:
+        """Every (metric, params_hash) cached for one checkpoint's current weights."""
+        frame = self._read(
+            "SELECT metric, params_hash FROM results WHERE run = ? AND step = ? AND fingerprint = ?",
+            [run, step, fingerprint],
+        )
+        return set(zip(frame.get("metric", []), frame.get("params_hash", []), strict=True))
+
+    def create_job(self, run: str, spec: dict, units: list[tuple[str, int]]) -> int:
+        """Queue a job with its units (name, number of items); returns the job id."""
+        with self._write() as con:
+            (job_id,) = con.execute("SELECT coalesce(max(id), 0) + 1 FROM jobs").fetchone()
+            con.execute(
+                "INSERT INTO jobs (id, run, spec) VALUES (?, ?, ?)",
+                [job_id, run, json.dumps(spec, sort_keys=True, default=str)],
+            )
+            for name, total in units:
+                con.execute("INSERT INTO job_units (job_id, unit, total) VALUES (?, ?, ?)", [job_id, name, total])
+        return int(job_id)
+
+    def set_job(self, job_id: int, status: str, message: str = "", *, worker_pid: int | None = None) -> None:
+        """Set a job's status; a cancelled job stays cancelled."""
+        if status not in JOB_STATES:
+            raise ValueError(f"job status {status!r}: use one of {', '.join(JOB_STATES)}")
+        with self._write() as con:
+            con.execute(
+                """UPDATE jobs SET status = ?, message = ?, worker_pid = ?, updated_at = now()
+                   WHERE id = ? AND (status != 'cancelled' OR ? = 'cancelled')""",
+                [status, _one_line(message), worker_pid, job_id, status],
+            )
+
+    def set_unit(self, update: UnitUpdate) -> None:
+        """Record a unit's progress in its own short transaction."""
+        with self._write() as con:
+            self._set_unit(con, update)
+
+    @staticmethod
+    def _set_unit(con: duckdb.DuckDBPyConnection, u: UnitUpdate) -> None:
+        if u.status not in JOB_STATES:
+            raise ValueError(f"unit status {u.status!r}: use one of {', '.join(JOB_STATES)}")
+        con.execute(
+            """UPDATE job_units SET status = ?, done = ?, total = ?, message = ?, updated_at = now()
+               WHERE job_id = ? AND unit = ?""",
+            [u.status, u.done, u.total, _one_line(u.message), u.job_id, u.unit],
+        )
+
+    def jobs(self, limit: int = 50) -> pd.DataFrame:
+        """Recent jobs with their unit counts, newest first."""
+        return self._read(
+            """SELECT j.id, j.run, j.status, j.message, j.spec, j.worker_pid, j.created_at, j.updated_at,
+                      count(u.unit) AS units,
+                      count(u.unit) FILTER (WHERE u.status = 'done') AS units_done,
+                      count(u.unit) FILTER (WHERE u.status = 'failed') AS units_failed,
+                      coalesce(sum(u.done), 0) AS items_done, coalesce(sum(u.total), 0) AS items_total
+               FROM jobs j LEFT JOIN job_units u ON u.job_id = j.id
+               GROUP BY ALL ORDER BY j.id DESC LIMIT ?""",
+            [limit],
+        )
+
+    def job_units(self, job_id: int) -> pd.DataFrame:
+        """A job's units in order."""
+        return self._read(
+            """SELECT unit, status, done, total, message, updated_at FROM job_units
+               WHERE job_id = ? ORDER BY TRY_CAST(unit AS BIGINT), unit""",
+            [job_id],
+        )
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def library_versions() -> dict[str, str]:

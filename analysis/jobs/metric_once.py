@@ -1,0 +1,73 @@
+"""One metric on one checkpoint folder, printed and not cached: for scripts and for checking numbers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from analysis.jobs.spec import HELDOUT
+
+
+def compute_once(
+    name: str,
+    checkpoint: str | Path,
+    data: str | Path,
+    *,
+    params: list[str] = (),
+    device: str = "auto",
+    seed: int = 0,
+    max_length: int = 64,
+    max_samples: int | None = 256,
+    batch_size: int = 16,
+    batches: int = 2,
+) -> dict:
+    """Compute metric ``name`` on the model in ``checkpoint`` over the probe data in ``data``.
+
+    Returns a JSON-ready dict with at least ``metric``, ``value`` and ``stderr``. ``params``
+    are KEY=VALUE strings for the metric's config.
+    """
+    from analysis.evals.heldout import heldout_loss, load_probe_set
+    from analysis.jobs.runner import _probe_batches
+    from analysis.jobs.spec import JobSpec
+    from analysis.models import load_model
+
+    settings = {}
+    for item in params:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--param {item!r}: write KEY=VALUE")
+        settings[key] = value
+    if name != HELDOUT:
+        from analysis.metrics.registry import get_metric, make_config
+
+        get_metric(name)  # unknown names fail before the model loads
+        config = make_config(name, settings)
+    model, tokenizer = load_model(checkpoint, device=device)
+    probe = load_probe_set(data, tokenizer, max_length, max_samples=max_samples)
+
+    def clean(x):
+        return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
+
+    if name == HELDOUT:
+        results = heldout_loss(model, probe, batch_size=batch_size)
+        total = sum(r.n_tokens for r in results.values())
+        value = sum(r.mean_nll * r.n_tokens for r in results.values()) / total
+        domains = {d: {"value": r.mean_nll, "stderr": clean(r.stderr), "bits_per_byte": r.bits_per_byte,
+                       "n_tokens": r.n_tokens, "n_samples": r.n_samples} for d, r in results.items()}  # fmt: skip
+        stderr = next(iter(domains.values()))["stderr"] if len(domains) == 1 else None
+        return {"metric": name, "value": value, "stderr": stderr, "n": probe.n_samples, "domains": domains,
+                "probe_fingerprint": probe.fingerprint}  # fmt: skip
+    from analysis.metrics.registry import compute
+
+    spec = JobSpec(run="-", metrics=(name,), batch_size=batch_size, metric_batches=batches, data=str(data))
+    result = compute(name, model, _probe_batches(probe, spec), config, device=next(model.parameters()).device,
+                     seed=seed)  # fmt: skip
+    return {
+        "metric": name,
+        "value": clean(result.value),
+        "stderr": clean(result.stderr),
+        "n": result.n,
+        "params": result.params,
+        "per_probe": [clean(v) for v in result.per_probe],
+        "probe_fingerprint": probe.fingerprint,
+    }

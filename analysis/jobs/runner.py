@@ -1,0 +1,299 @@
+"""Execute a job: one unit per checkpoint, cache first, each unit's results in one transaction.
+
+For each checkpoint the runner asks the store what is already cached for its current
+fingerprint; only the missing items are computed, so asking twice costs one read. The
+checkpoint is loaded once and handed, as an object, to every item. All rows of a unit are
+written together with the unit's status, so a worker killed mid-unit leaves nothing of that
+unit visible and the next run redoes just that unit. A failing checkpoint (corrupt weights,
+out of memory) marks its unit failed with the reason, and the job goes on.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from analysis.jobs.spec import Item, JobSpec, plan_items
+from analysis.store import ResultRow, SampleRow, Store, UnitUpdate, library_versions
+
+# progress(unit_index, n_units, unit_name, item_done, item_total, status)
+Progress = Callable[[int, int, str, int, int, str], None]
+
+# Counts checkpoint loads in this process: tests use it to prove a cached request loads nothing.
+LOADS = {"count": 0}
+
+
+@dataclass
+class JobReport:
+    """What a job run did."""
+
+    job_id: int
+    units: int = 0
+    computed: int = 0  # items computed
+    cached: int = 0  # items found in the cache
+    failed: list[str] | None = None
+    cancelled: bool = False
+
+    def summary(self) -> str:
+        failed = len(self.failed or [])
+        return (
+            f"job {self.job_id}: {self.units} checkpoints, {self.computed} computed, "
+            f"{self.cached} already cached, {failed} failed" + (" (cancelled)" if self.cancelled else "")
+        )
+
+
+def submit(store: Store, spec: JobSpec) -> int:
+    """Check a request against the store and queue it; returns the job id."""
+    ckpts = store.checkpoints(spec.run)
+    if not len(ckpts):
+        known = ", ".join(store.runs().get("name", [])) or "none; add one with add-run"
+        raise ValueError(f"run {spec.run!r} has no checkpoints in {store.path}; known runs: {known}")
+    steps = list(ckpts["step"])
+    if spec.steps is not None:
+        missing = sorted(set(spec.steps) - set(steps))
+        if missing:
+            raise ValueError(f"run {spec.run!r} has no checkpoint at step {missing[0]}; it has steps {steps}")
+        steps = sorted(set(spec.steps))
+    items = plan_items(spec)  # validates task and metric names before anything is queued
+    return store.create_job(spec.run, spec.to_dict(), [(str(s), len(items)) for s in steps])
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    return None if name is None else getattr(torch, name)
+
+
+def _probe_batches(probe, spec: JobSpec) -> list[dict[str, torch.Tensor]]:
+    """The fixed probe batches every checkpoint of the run is measured on."""
+    from analysis.evals.heldout import right_pad
+
+    seqs = [list(s) for domain in sorted(probe.domains) for s in probe.domains[domain]]
+    seqs = seqs[: spec.batch_size * spec.metric_batches]
+    if not seqs:
+        raise ValueError(f"{spec.data}: no usable probe samples (each needs at least 2 tokens)")
+    batches = []
+    for i in range(0, len(seqs), spec.batch_size):
+        ids, mask = right_pad(seqs[i : i + spec.batch_size])
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def _compute_item(item: Item, model, tokenizer, spec: JobSpec, ctx: dict, run: str, step: int, fp: str):
+    """Rows and per-sample records of one item on one loaded checkpoint."""
+    versions = ctx["versions"]
+    rows: list[ResultRow] = []
+    samples: list[SampleRow] = []
+
+    def row(metric: str, value, stderr=None, n=None, code_version: str = "") -> ResultRow:
+        return ResultRow(run, step, metric, value, fp, stderr, n, item.params, code_version, versions)
+
+    if item.kind == "lm_eval":
+        from analysis.evals.lmeval import run_lm_eval
+
+        out = run_lm_eval(
+            model,
+            tokenizer,
+            [item.name],
+            batch_size=spec.batch_size,
+            limit=spec.limit,
+            num_fewshot=spec.num_fewshot,
+            log_samples=spec.log_samples,
+            seed=spec.seed,
+            bootstrap_iters=spec.bootstrap_iters,
+        )
+        for r in out.rows:
+            version = f"{r.task_version or ''};n_shot={r.n_shot}"
+            rows.append(row(f"{r.task}/{r.metric}", r.value, r.stderr, r.n, version))
+        for s in out.samples:
+            record = {"target": s.target, "prompt": s.prompt, "response": s.response}
+            if s.choices is not None:
+                record["choices"] = list(s.choices)
+                record["loglikelihoods"] = list(s.loglikelihoods or ())
+            metric = f"{s.task}/{s.metric}"
+            samples.append(SampleRow(run, step, metric, item.params_hash, str(s.doc_id), s.value, record))
+    elif item.kind == "heldout":
+        from analysis.evals.heldout import heldout_loss
+
+        for domain, res in heldout_loss(model, ctx["probe"], batch_size=spec.batch_size).items():
+            rows.append(row(f"{domain}/heldout_loss", res.mean_nll, res.stderr, res.n_samples, "1"))
+            rows.append(row(f"{domain}/heldout_perplexity", res.perplexity, None, res.n_samples, "1"))
+            if res.bits_per_byte is not None:
+                rows.append(row(f"{domain}/heldout_bpb", res.bits_per_byte, None, res.n_samples, "1"))
+    elif item.kind == "proxy":
+        from analysis.evals.proxy import proxy_metrics
+        from analysis.evals.tasks import bundled_proxy_items
+
+        pairs = bundled_proxy_items(item.name)[: spec.limit or None]
+        for name, res in proxy_metrics(model, tokenizer, pairs, batch_size=spec.batch_size).items():
+            rows.append(row(f"{item.name}/{name}", res.value, res.stderr, res.n, "1"))
+    else:
+        from analysis.metrics.registry import compute
+
+        config = item.params["config"]
+        res = compute(item.name, model, ctx["batches"], config, device=ctx["device"], seed=spec.seed)
+        rows.append(row(item.name, res.value, res.stderr, res.n, item.params["version"]))
+    return rows, samples
+
+
+def _load(path: str, spec: JobSpec, trust_remote_code: bool):
+    from analysis.models import load_model
+    from analysis.runs.local import as_model_folder
+
+    LOADS["count"] += 1
+    scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"cdd-load-{os.getpid()}"
+    folder = as_model_folder(path, scratch)
+    return load_model(folder, device=spec.device, dtype=_dtype(spec.dtype), trust_remote_code=trust_remote_code)
+
+
+def run_job(store: Store, job_id: int, *, progress: Progress | None = None, stop: Callable[[], bool] | None = None):
+    """Run (or resume) a queued job to the end; returns a JobReport."""
+    jobs = store.jobs(limit=1_000_000)
+    match = jobs[jobs["id"] == job_id]
+    if not len(match):
+        raise ValueError(f"no job {job_id} in {store.path}; list jobs with `python -m analysis jobs`")
+    spec = JobSpec.from_dict(json.loads(match["spec"].iloc[0]))
+    report = JobReport(job_id, failed=[])
+    store.set_job(job_id, "running", worker_pid=os.getpid())
+    items = plan_items(spec)
+    units = store.job_units(job_id)
+    ckpts = store.checkpoints(spec.run).set_index("step")
+    runs = store.runs()
+    trust = bool(runs.loc[runs["name"] == spec.run, "trust_remote_code"].any())
+    versions = library_versions()
+    n_units = len(units)
+    for index, unit in enumerate(units.itertuples()):
+        if stop is not None and stop():
+            report.cancelled = True
+            break
+        if _cancelled(store, job_id):
+            report.cancelled = True
+            break
+        report.units += 1
+        if unit.status == "done":
+            report.cached += unit.total
+            continue
+        step = int(unit.unit)
+        if step not in ckpts.index:
+            _fail(store, job_id, unit.unit, len(items), "checkpoint no longer registered", report)
+            continue
+        path, fp = ckpts.loc[step, "path"], ckpts.loc[step, "fingerprint"]
+        keys = store.cached_keys(spec.run, step, fp)
+        todo = [it for it in items if not it.is_cached(keys)]
+        report.cached += len(items) - len(todo)
+        if not todo:
+            store.set_unit(UnitUpdate(job_id, unit.unit, "done", len(items), len(items), "cached"))
+            if progress:
+                progress(index, n_units, unit.unit, len(items), len(items), "cached")
+            continue
+        store.set_unit(UnitUpdate(job_id, unit.unit, "running", len(items) - len(todo), len(items)))
+        started = time.monotonic()
+        rows: list[ResultRow] = []
+        samples: list[SampleRow] = []
+        problems: list[str] = []
+        model = None
+        try:
+            model, tokenizer = _load(path, spec, trust)
+            ctx = {"versions": versions, "device": next(model.parameters()).device}
+            if any(it.kind in ("heldout", "metric") for it in todo):
+                from analysis.evals.heldout import load_probe_set
+
+                data = next(it.params["data"] for it in todo if "data" in it.params)
+                ctx["probe"] = load_probe_set(data, tokenizer, spec.max_length, max_samples=spec.max_samples)
+                ctx["batches"] = _probe_batches(ctx["probe"], spec)
+            done = len(items) - len(todo)
+            for item in todo:
+                if progress:
+                    progress(index, n_units, unit.unit, done, len(items), item.label)
+                try:
+                    item_rows, item_samples = _compute_item(item, model, tokenizer, spec, ctx, spec.run, step, fp)
+                    rows += item_rows
+                    samples += item_samples
+                except (ValueError, KeyError, RuntimeError, torch.OutOfMemoryError) as err:
+                    problems.append(f"{item.label}: {_first_line(err)}")
+                done += 1
+            status = "failed" if problems and not rows else "done"
+            message = "; ".join(problems) or f"{time.monotonic() - started:.1f} s"
+            store.write_results(rows, samples, unit=UnitUpdate(job_id, unit.unit, status, done, len(items), message))
+            report.computed += len(todo) - len(problems)
+            if problems:
+                report.failed += [f"step {step}: {p}" for p in problems]
+        except (ValueError, OSError, RuntimeError, torch.OutOfMemoryError) as err:
+            _fail(store, job_id, unit.unit, len(items), _first_line(err), report)
+        finally:
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        if progress:
+            progress(index + 1, n_units, unit.unit, len(items), len(items), "done")
+    final = "cancelled" if report.cancelled else ("failed" if report.failed and not report.computed else "done")
+    store.set_job(job_id, final, report.summary())
+    return report
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _fail(store: Store, job_id: int, unit: str, total: int, reason: str, report: JobReport) -> None:
+    store.set_unit(UnitUpdate(job_id, unit, "failed", 0, total, reason))
+    report.failed.append(f"step {unit}: {reason}")
+
+
+def _cancelled(store: Store, job_id: int) -> bool:
+    jobs = store.jobs(limit=1_000_000)
+    return bool((jobs.loc[jobs["id"] == job_id, "status"] == "cancelled").any())
+
+
+def next_job(store: Store) -> int | None:
+    """The oldest job a worker should run: queued, or left running by a worker that died."""
+    jobs = store.jobs(limit=1_000_000)
+    if not len(jobs):
+        return None
+    for rec in jobs.sort_values("id").itertuples():
+        if rec.status == "queued":
+            return int(rec.id)
+        if rec.status == "running" and not _alive(rec.worker_pid):
+            return int(rec.id)
+    return None
+
+
+def _alive(pid) -> bool:
+    if pid is None or pd.isna(pid):
+        return False
+    pid = int(pid)
+    if pid == os.getpid():
+        return False  # our own earlier run, interrupted
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (killed, not yet reaped) is not alive for our purposes.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def serve(store: Store, *, poll: float = 2.0, once: bool = False, progress: Progress | None = None) -> int:
+    """The worker loop: run queued jobs one after another; returns the number of jobs run."""
+    ran = 0
+    while True:
+        job_id = next_job(store)
+        if job_id is None:
+            if once:
+                return ran
+            time.sleep(poll)
+            continue
+        run_job(store, job_id, progress=progress)
+        ran += 1

@@ -1,0 +1,172 @@
+"""What a job asks for, and the items each checkpoint unit computes.
+
+A job = (run, checkpoints, evaluations, parameters). It is split into one unit per
+checkpoint; a unit is a list of items (one lm-eval task, one held-out probe set, one internal
+metric, ...). Each item knows the parameters that determine its result (hashed into the cache
+key) and which stored metric names it produces, so the runner can tell what is cached without
+loading anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from analysis.store import params_hash
+
+# Evaluations that are not lm-eval tasks or registry metrics.
+HELDOUT = "heldout_loss"
+PROXY = "proxy"
+
+DEFAULT_PROBES = Path("data/probes/modarith")
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file, or of every file under a folder (names and contents), short form."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such file or folder; pass --data with a JSONL/txt probe file or folder")
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(str(file.relative_to(path.parent if path.is_file() else path)).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One request: which checkpoints of which run, and what to compute on each.
+
+    ``steps`` None means every registered checkpoint. ``metrics`` holds ``heldout_loss``,
+    ``proxy`` (token-level proxies over the bundled tasks' solutions) and registry metric
+    names (``hessian_trace``, ...). ``metric_params`` are key=value settings per metric.
+    """
+
+    run: str
+    steps: tuple[int, ...] | None = None
+    tasks: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    data: str | None = None  # probe set for heldout_loss and internal metrics
+    limit: int | None = None  # lm-eval documents per task (None: all)
+    num_fewshot: int | None = None
+    batch_size: int = 16
+    max_length: int = 64
+    max_samples: int | None = 256  # probe samples used (the first N: fixed across checkpoints)
+    metric_batches: int = 2  # fixed probe batches the internal metrics use
+    seed: int = 0
+    device: str = "auto"
+    dtype: str | None = None  # None: the checkpoint's own dtype
+    log_samples: bool = True
+    bootstrap_iters: int = 1000
+    metric_params: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.tasks and not self.metrics:
+            raise ValueError("nothing to compute: pass --tasks and/or --metrics")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit {self.limit}: must be at least 1")
+        if self.batch_size < 1 or self.max_length < 2:
+            raise ValueError("batch size must be >= 1 and max length >= 2")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype {self.dtype}: use float32, bfloat16 or float16")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> JobSpec:
+        data = dict(data)
+        for key in ("steps", "tasks", "metrics"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One thing computed on a checkpoint. ``params`` are everything that shapes its result."""
+
+    kind: str  # "lm_eval" | "heldout" | "proxy" | "metric"
+    name: str
+    params: dict
+
+    @property
+    def params_hash(self) -> str:
+        return params_hash(self.params)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.kind in ("lm_eval", "metric") else f"{self.kind}:{self.name}"
+
+    def produces(self, metric: str) -> bool:
+        """Whether a stored metric name comes from this item."""
+        if self.kind == "metric":
+            return metric == self.name
+        scope, _, leaf = metric.partition("/")
+        if self.kind == "lm_eval":
+            return scope == self.name and not leaf.startswith(("proxy_", "heldout_"))
+        if self.kind == "proxy":
+            return scope == self.name and leaf.startswith("proxy_")
+        return leaf.startswith("heldout_")  # heldout: one row set per domain of the probe data
+
+    def is_cached(self, keys: set[tuple[str, str]]) -> bool:
+        h = self.params_hash
+        return any(kh == h and self.produces(m) for m, kh in keys)
+
+
+def _task_digest(task: str) -> str:
+    """Content hash of a bundled task or task YAML, so edited task data is recomputed."""
+    from analysis.evals.tasks import BUNDLED_TASKS, DEFAULT_DATA_DIR
+
+    if task in BUNDLED_TASKS:
+        return file_digest(DEFAULT_DATA_DIR / BUNDLED_TASKS[task].folder)
+    if task.endswith((".yaml", ".yml")) or "/" in task:
+        return file_digest(Path(task).parent)
+    return "builtin"
+
+
+def plan_items(spec: JobSpec) -> list[Item]:
+    """The items every checkpoint unit of ``spec`` computes, with their cache parameters."""
+    items: list[Item] = []
+    for task in spec.tasks:
+        params = {
+            "task": task,
+            "task_digest": _task_digest(task),
+            "limit": spec.limit,
+            "num_fewshot": spec.num_fewshot,
+            "seed": spec.seed,
+            "bootstrap_iters": spec.bootstrap_iters,
+        }
+        items.append(Item("lm_eval", task, params))
+    data = spec.data or str(DEFAULT_PROBES)
+    probe = {"data": str(Path(data).resolve()), "data_digest": None, "max_length": spec.max_length}
+    for metric in spec.metrics:
+        if metric == HELDOUT:
+            params = {**probe, "data_digest": file_digest(data), "max_samples": spec.max_samples}
+            items.append(Item("heldout", Path(data).name, params))
+        elif metric == PROXY:
+            from analysis.evals.tasks import BUNDLED_TASKS
+
+            tasks = [t for t in spec.tasks if t in BUNDLED_TASKS] or list(BUNDLED_TASKS)
+            for task in tasks:
+                params = {"task": task, "task_digest": _task_digest(task), "weighting": "uniform"}
+                items.append(Item("proxy", task, params))
+        else:
+            from analysis.metrics.registry import get_metric, make_config
+
+            metric_spec = get_metric(metric)  # KeyError with "did you mean" for a typo
+            config = make_config(metric, spec.metric_params.get(metric, {}))
+            params = {
+                **probe,
+                "data_digest": file_digest(data),
+                "max_samples": spec.max_samples,
+                "batches": spec.metric_batches,
+                "batch_size": spec.batch_size,
+                "seed": spec.seed,
+                "version": metric_spec.version,
+                "config": asdict(config),
+            }
+            items.append(Item("metric", metric, params))
+    return items
