@@ -118,6 +118,7 @@ def load_model(
     None keeps the checkpoint's own dtype. Raises ValueError with a one-line message for a
     missing or corrupt checkpoint.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
@@ -134,7 +135,7 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{folder}: cannot load checkpoint ({first})") from None
     model.to(pick_device(device))

@@ -62,7 +62,11 @@ def submit(store: Store, spec: JobSpec) -> int:
         if missing:
             raise ValueError(f"run {spec.run!r} has no checkpoint at step {missing[0]}; it has steps {steps}")
         steps = sorted(set(spec.steps))
-    items = plan_items(spec)  # validates task and metric names before anything is queued
+    if spec.tasks:
+        from analysis.evals.tasks import resolve_tasks
+
+        resolve_tasks(list(spec.tasks))  # unknown names fail here ("did you mean"), before anything is queued
+    items = plan_items(spec)  # validates metric names and probe data
     return store.create_job(spec.run, spec.to_dict(), [(str(s), len(items)) for s in steps])
 
 

@@ -1,0 +1,26 @@
+"""Internal signals of a checkpoint as pure functions: (model, batches, config) -> MetricResult.
+
+- :mod:`.common`: the batch type, :class:`MetricResult`, "the loss", parameter subsets.
+- :mod:`.flatness`: Hessian trace and top eigenvalue, Fisher trace, adaptive, perturbation
+  and SAM sharpness.
+- :mod:`.pathways`: expert-routing pathways of mixture-of-experts models, memorisation groups.
+- :mod:`.registry`: metrics by name, configs from key=value params, :func:`compute`.
+"""
+
+from __future__ import annotations
+
+from analysis.metrics.common import Batch, MetricResult, lm_loss, select_params
+from analysis.metrics.registry import MetricSpec, compute, get_metric, make_config, metric_names, register
+
+__all__ = [
+    "Batch",
+    "MetricResult",
+    "MetricSpec",
+    "compute",
+    "get_metric",
+    "lm_loss",
+    "make_config",
+    "metric_names",
+    "register",
+    "select_params",
+]

@@ -1,0 +1,276 @@
+"""Metrics by name: what the command line, the job worker and the store call.
+
+Each metric is a :class:`MetricSpec`: its name, a version (bump it when the numbers a
+metric produces change, so cached values are recomputed), its family, whether a higher
+value is better (None for controls without a preferred direction), whether it needs a
+mixture-of-experts model, its frozen config class and its function
+
+    fn(model, batches, config, *, device, seed) -> MetricResult
+
+The registry is open: other modules add their metrics with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from analysis.metrics import flatness, pathways
+from analysis.metrics.common import Batch, MetricResult
+
+MetricFn = Callable[..., MetricResult]
+ParamValue = str | int | float | bool | None
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A registered metric."""
+
+    name: str
+    version: str
+    family: str
+    higher_is_better: bool | None
+    needs_moe: bool
+    config_cls: type
+    fn: MetricFn
+    description: str = ""
+
+
+_REGISTRY: dict[str, MetricSpec] = {}
+
+
+def register(spec: MetricSpec, *, replace: bool = False) -> MetricSpec:
+    """Add a metric. A second registration under the same name is an error unless ``replace``."""
+    if not dataclasses.is_dataclass(spec.config_cls):
+        raise TypeError(f"metric {spec.name!r}: config_cls must be a dataclass, got {spec.config_cls!r}")
+    if spec.name in _REGISTRY and not replace:
+        raise ValueError(f"metric {spec.name!r} is already registered; pass replace=True to override it")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def metric_names() -> list[str]:
+    """Every registered metric name, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_metric(name: str) -> MetricSpec:
+    """The spec of ``name``; KeyError with the closest registered name for a typo."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known metrics: {', '.join(metric_names())}"
+        raise KeyError(f"unknown metric {name!r}; {hint}") from None
+
+
+# --- configs from key=value strings ------------------------------------------------------------------
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+_NONE = {"none", "null", ""}
+
+
+def _convert(value: ParamValue, kind: Any, where: str) -> Any:
+    """Convert a CLI-style value to the field's annotated type, or raise ValueError."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if type(None) in options and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, where)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0] if errors else f"{where}: cannot convert {value!r}")
+    if origin is typing.Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            raise ValueError(f"{where}: must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    text = value.strip() if isinstance(value, str) else None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if text is not None and text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        number: float | None = None
+        if isinstance(value, float):
+            number = value
+        elif text is not None:
+            try:
+                return int(text)
+            except ValueError:
+                try:
+                    number = float(text)  # accept 1e5
+                except ValueError:
+                    number = None
+        if number is not None and math.isfinite(number) and number.is_integer():
+            return int(number)
+        raise ValueError(f"{where}: expected an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if text is not None:
+            try:
+                return float(text)
+            except ValueError:
+                pass
+        raise ValueError(f"{where}: expected a number, got {value!r}")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{where}: expected text, got {value!r}")
+    raise ValueError(f"{where}: fields of type {kind!r} cannot be set from the command line")
+
+
+def make_config(name: str, params: Mapping[str, ParamValue] | None = None) -> Any:
+    """Build metric ``name``'s config from ``key=value`` style params.
+
+    Values may be strings (as typed on a command line) or already-typed numbers and
+    booleans; they are converted to each field's annotated type. Unknown keys, values of
+    the wrong type and values the config rejects raise ValueError naming the metric and
+    the key. Missing keys keep their defaults.
+    """
+    spec = get_metric(name)
+    cls = spec.config_cls
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in (params or {}).items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            valid = ", ".join(fields) if fields else "none"
+            raise ValueError(f"unknown parameter {key!r} for metric {name!r}; {hint}valid parameters: {valid}")
+        kwargs[key] = _convert(value, hints[key], f"metric {name!r}, parameter {key!r}")
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        raise ValueError(f"metric {name!r}: {err}") from None
+
+
+def compute(
+    name: str,
+    model: nn.Module,
+    batches: Sequence[Batch],
+    config: Any = None,
+    *,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> MetricResult:
+    """Evaluate metric ``name`` on ``model`` over ``batches``.
+
+    ``config`` may be None (defaults), a mapping of key=value params (see
+    :func:`make_config`) or the metric's config instance. The result's
+    ``extra["version"]`` is the metric's registered version.
+    """
+    spec = get_metric(name)
+    if config is None:
+        config = spec.config_cls()
+    elif isinstance(config, Mapping):
+        config = make_config(name, config)
+    elif not isinstance(config, spec.config_cls):
+        raise TypeError(
+            f"metric {name!r} takes a {spec.config_cls.__name__} config, got {type(config).__name__}; "
+            "pass the params as a dict to have it built"
+        )
+    result = spec.fn(model, batches, config, device=device, seed=seed)
+    return dataclasses.replace(result, extra={**result.extra, "version": spec.version})
+
+
+# --- the built-in metrics ---------------------------------------------------------------------------------
+
+
+def _register_builtins() -> None:
+    flat = [
+        ("hessian_trace", flatness.HessianTraceConfig, flatness.hessian_trace, "Hutchinson trace per token"),
+        (
+            "hessian_top_eigenvalue",
+            flatness.HessianEigenConfig,
+            flatness.hessian_top_eigenvalue,
+            "largest Hessian eigenvalue (power iteration or Lanczos)",
+        ),
+        ("fisher_trace", flatness.FisherTraceConfig, flatness.fisher_trace, "Fisher trace per token, sampled labels"),
+        (
+            "adaptive_sharpness",
+            flatness.AdaptiveSharpnessConfig,
+            flatness.adaptive_sharpness,
+            "E[L(w+d)] - L(w), d ~ N(0, (rho|w|)^2)",
+        ),
+        (
+            "perturbation_sensitivity",
+            flatness.PerturbationConfig,
+            flatness.perturbation_sensitivity,
+            "loss increase under relative Gaussian weight noise",
+        ),
+        ("sam_sharpness", flatness.SamConfig, flatness.sam_sharpness, "one-step SAM/ASAM sharpness"),
+    ]
+    for name, cls, fn, text in flat:
+        register(MetricSpec(name, "1", "flatness", False, False, cls, fn, text))
+    moe = [
+        (
+            "pathway_distance",
+            pathways.PathwayDistanceConfig,
+            pathways.pathway_distance,
+            False,
+            "mean Levenshtein distance between expert pathways (token form)",
+        ),
+        (
+            "pathway_distance_chars",
+            pathways.PathwayDistanceConfig,
+            pathways.pathway_distance_chars,
+            False,
+            "mean Levenshtein distance between expert pathways (character form)",
+        ),
+        (
+            "pathway_consistency",
+            pathways.RoutingConfig,
+            pathways.pathway_consistency,
+            True,
+            "mean cosine of consecutive layers' routed expert embeddings",
+        ),
+        (
+            "pathway_consistency_normalized",
+            pathways.RoutingConfig,
+            pathways.pathway_consistency_normalized,
+            True,
+            "pathway consistency with each cosine divided by the sample's largest",
+        ),
+        (
+            "routing_entropy",
+            pathways.RoutingConfig,
+            pathways.routing_entropy,
+            None,
+            "router entropy / ln E (a control)",
+        ),
+        (
+            "expert_load",
+            pathways.RoutingConfig,
+            pathways.expert_load,
+            True,
+            "balance of top-k assignments over experts, entropy / ln E (a control)",
+        ),
+    ]
+    for name, cls, fn, better, text in moe:
+        register(MetricSpec(name, "1", "pathways", better, True, cls, fn, text))
+
+
+_register_builtins()

@@ -1,0 +1,378 @@
+"""Flatness metrics against exact oracles: a quadratic with a known Hessian, and the exact
+float64 Hessian of a tiny OLMoE."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from analysis.metrics.common import lm_loss, select_params
+from analysis.metrics.flatness import (
+    AdaptiveSharpnessConfig,
+    FisherTraceConfig,
+    HessianEigenConfig,
+    HessianTraceConfig,
+    PerturbationConfig,
+    SamConfig,
+    adaptive_sharpness,
+    fisher_trace,
+    hessian_top_eigenvalue,
+    hessian_trace,
+    perturbation_sensitivity,
+    sam_sharpness,
+)
+from analysis.models import tiny_moe_config
+
+VOCAB = 12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared CPU the threads'
+    synchronisation made these tests up to 20x slower; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- a quadratic: L(w) = 0.5 w^T A w, so H = A ----------------------------------------------
+
+
+class Quadratic(nn.Module):
+    def __init__(self, a: torch.Tensor, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.w = nn.Parameter(torch.randn(a.shape[0], generator=gen, dtype=a.dtype))
+        self.register_buffer("a", a)
+
+
+def quadratic_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    return 0.5 * model.w @ model.a @ model.w, 1
+
+
+def symmetric(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=gen, dtype=torch.float64))
+    return q @ torch.diag(eigenvalues) @ q.T
+
+
+def test_hutchinson_on_quadratic_is_within_three_stderr_and_stderr_is_right():
+    a = symmetric(torch.linspace(-1.0, 5.0, 20, dtype=torch.float64))
+    model = Quadratic(a)
+    # 4 batches x 64 probes = 256 Rademacher probes.
+    result = hessian_trace(model, [{}] * 4, HessianTraceConfig(n_probes=64), seed=1, loss_fn=quadratic_loss)
+    exact = float(torch.trace(a))
+    assert result.n == 256 and len(result.per_probe) == 256
+    assert abs(result.value - exact) < 3 * result.stderr
+    # Var(v^T A v) = 2 * sum_{i != j} A_ij^2 for Rademacher v.
+    off = a - torch.diag(torch.diag(a))
+    expected_stderr = math.sqrt(2 * float((off**2).sum()) / 256)
+    assert 0.8 < result.stderr / expected_stderr < 1.25
+
+
+def test_hutchinson_is_exact_for_a_diagonal_hessian():
+    # Rademacher probes give v^T D v = tr(D) exactly: the reason to prefer them to Gaussians.
+    a = torch.diag(torch.tensor([3.0, -1.0, 0.5, 2.0], dtype=torch.float64))
+    result = hessian_trace(Quadratic(a), [{}], HessianTraceConfig(n_probes=5), loss_fn=quadratic_loss)
+    assert result.value == pytest.approx(4.5, abs=1e-12)
+    assert result.stderr == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("method", ["power", "lanczos"])
+@pytest.mark.parametrize("low,high", [(-1.0, 5.0), (-5.0, 1.0)])
+def test_top_eigenvalue_on_quadratic(method, low, high):
+    # (-5, 1): the dominant eigenvalue is negative; the value must still be the largest, +1.
+    a = symmetric(torch.linspace(low, high, 20, dtype=torch.float64))
+    config = HessianEigenConfig(method=method, tol=1e-8, max_iter=2000)
+    result = hessian_top_eigenvalue(Quadratic(a), [{}], config, seed=3, loss_fn=quadratic_loss)
+    assert result.value == pytest.approx(high, rel=1e-3)
+    assert result.extra["converged"] is True
+    if method == "power":
+        assert result.extra["dominant_eigenvalue"] == pytest.approx(max(low, high, key=abs), rel=1e-3)
+
+
+def test_sam_and_asam_on_quadratic_match_closed_form():
+    a = symmetric(torch.linspace(0.5, 3.0, 6, dtype=torch.float64), seed=2)
+    model = Quadratic(a, seed=4)
+    w = model.w.detach().clone()
+    g = a @ w
+    rho = 0.05
+    for adaptive in (False, True):
+        if adaptive:
+            t = w.abs()
+            eps = rho * t * t * g / torch.linalg.vector_norm(t * g)
+        else:
+            eps = rho * g / torch.linalg.vector_norm(g)
+        expected = float(g @ eps + 0.5 * eps @ a @ eps)  # exact for a quadratic
+        result = sam_sharpness(model, [{}], SamConfig(rho=rho, adaptive=adaptive), loss_fn=quadratic_loss)
+        assert result.value == pytest.approx(expected, rel=1e-10)
+    assert torch.equal(model.w.detach(), w)
+
+
+def test_noise_sharpness_on_quadratic_matches_expectation():
+    # E[L(w + d)] - L(w) = 0.5 * sum_i A_ii Var(d_i) for zero-mean d.
+    a = symmetric(torch.linspace(0.5, 3.0, 8, dtype=torch.float64), seed=5)
+    model = Quadratic(a, seed=6)
+    w = model.w.detach()
+    rho, sigma = 0.1, 0.1
+    adaptive = adaptive_sharpness(
+        model, [{}], AdaptiveSharpnessConfig(rho=rho, n_samples=2000), seed=7, loss_fn=quadratic_loss
+    )
+    expected = 0.5 * float((torch.diag(a) * (rho * w) ** 2).sum())
+    assert abs(adaptive.value - expected) < 3 * adaptive.stderr
+    rms2 = float((w**2).mean())
+    noise = perturbation_sensitivity(
+        model, [{}], PerturbationConfig(sigma=sigma, n_samples=2000), seed=8, loss_fn=quadratic_loss
+    )
+    expected = 0.5 * sigma**2 * rms2 * float(torch.trace(a))
+    assert abs(noise.value - expected) < 3 * noise.stderr
+
+
+# --- a tiny OLMoE and its exact Hessian -------------------------------------------------------------
+
+
+def tiny_olmoe(dtype: torch.dtype = torch.float64, experts: str = "eager", seed: int = 0) -> nn.Module:
+    from transformers import OlmoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_moe_config(VOCAB, hidden_size=8, num_layers=1, num_experts=2, top_k=1, num_heads=2, max_positions=16)
+    config._experts_implementation = experts  # grouped_mm has no float64 kernel
+    model = OlmoeForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():  # the router starts at zero: give it weights so routing varies by token
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0.0, 0.5)
+    return model
+
+
+def probe_batches() -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(11)
+    first = torch.randint(3, VOCAB, (3, 6), generator=gen)
+    second = torch.randint(3, VOCAB, (2, 5), generator=gen)
+    mask = torch.ones_like(second)
+    mask[0, :2] = 0  # left padding
+    return [
+        {"input_ids": first, "attention_mask": torch.ones_like(first)},
+        {"input_ids": second, "attention_mask": mask},
+    ]
+
+
+def reference_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of next-token NLL over predictions whose context and target are real tokens."""
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+    keep = (mask[:, :-1] * mask[:, 1:]).to(nll.dtype)
+    return (nll * keep).sum(), int(keep.sum())
+
+
+def exact_hessian(model: nn.Module, batches: list[dict], names: list[str]) -> torch.Tensor:
+    """The float64 Hessian of the token-weighted loss over ``batches`` w.r.t. ``names``."""
+    params = dict(model.named_parameters())
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+    flat = torch.cat([params[n].detach().reshape(-1) for n in names]).requires_grad_(True)
+
+    def loss(vec: torch.Tensor) -> torch.Tensor:
+        new = {n: c.view(s) for n, c, s in zip(names, vec.split(sizes), shapes, strict=True)}
+        total, count = 0.0, 0
+        for b in batches:
+            out = functional_call(model, new, args=(), kwargs=dict(b, use_cache=False))
+            s, c = reference_loss(out.logits, b["input_ids"], b["attention_mask"])
+            total, count = total + s, count + c
+        return total / count
+
+    with sdpa_kernel(SDPBackend.MATH):
+        (grad,) = torch.autograd.grad(loss(flat), flat, create_graph=True)
+        eye = torch.eye(flat.numel(), dtype=flat.dtype)
+        # Rows in chunks: one vmapped backward over all 1,272 rows is far slower than 5 of 256.
+        rows = [
+            torch.autograd.grad(grad, flat, grad_outputs=eye[i : i + 256], is_grads_batched=True, retain_graph=True)[0]
+            for i in range(0, flat.numel(), 256)
+        ]
+        hess = torch.cat(rows)
+    return 0.5 * (hess + hess.T)
+
+
+@pytest.fixture(scope="module")
+def olmoe_exact():
+    model = tiny_olmoe()
+    batches = probe_batches()
+    names = [n for n, _ in model.named_parameters()]
+    return model, batches, exact_hessian(model, batches, names)
+
+
+def test_lm_loss_matches_reference(olmoe_exact):
+    model, batches, _ = olmoe_exact
+    for b in batches:
+        loss, count = lm_loss(model, b)
+        with torch.no_grad():
+            s, c = reference_loss(model(**b).logits, b["input_ids"], b["attention_mask"])
+        assert count == c
+        assert float(loss.detach()) == pytest.approx(float(s) / c, rel=1e-12)
+    assert probe_batches()[1]["attention_mask"].sum() == 8 and lm_loss(model, batches[1])[1] == 6
+
+
+def test_hutchinson_on_tiny_olmoe_matches_exact_trace(olmoe_exact):
+    model, batches, hess = olmoe_exact
+    exact = float(torch.trace(hess))
+    # 2 batches x 150 probes; the model has 1,272 parameters.
+    result = hessian_trace(model, batches, HessianTraceConfig(n_probes=150), seed=0)
+    assert result.extra["n_params"] == hess.shape[0] == 1272
+    assert abs(result.value - exact) < 3 * result.stderr
+    assert abs(result.value - exact) < 3 * result.extra["stderr_probes_only"]
+    assert result.stderr < 0.2 * abs(exact)  # the band is narrow enough to mean something
+
+
+@pytest.mark.parametrize("method,max_iter", [("power", 1000), ("lanczos", 300)])
+def test_top_eigenvalue_on_tiny_olmoe_matches_exact(olmoe_exact, method, max_iter):
+    model, batches, hess = olmoe_exact
+    top = float(torch.linalg.eigvalsh(hess)[-1])
+    config = HessianEigenConfig(method=method, tol=1e-7, max_iter=max_iter)
+    result = hessian_top_eigenvalue(model, batches, config, seed=0)
+    assert result.extra["converged"] is True
+    assert result.value == pytest.approx(top, rel=1e-3)
+
+
+def test_hessian_on_a_parameter_subset(olmoe_exact):
+    model, batches, hess = olmoe_exact
+    names = [n for n, _ in model.named_parameters()]
+    chosen = {n for n, _ in select_params(model, "module:self_attn")}
+    index, start = [], 0
+    for n, p in model.named_parameters():
+        if n in chosen:
+            index.extend(range(start, start + p.numel()))
+        start += p.numel()
+    sub = hess[index][:, index]
+    assert len(chosen) == 6 and len(names) == 14
+    result = hessian_top_eigenvalue(
+        model, batches, HessianEigenConfig(method="lanczos", tol=1e-8, max_iter=300, subset="module:self_attn")
+    )
+    assert result.value == pytest.approx(float(torch.linalg.eigvalsh(sub)[-1]), rel=1e-3)
+
+
+def test_fisher_trace_matches_enumeration_over_labels():
+    model = tiny_olmoe(seed=1)
+    batch = probe_batches()[1]  # 5 predicted tokens, one sample left-padded
+    params = [p for _, p in model.named_parameters()]
+    valid = batch["attention_mask"][:, :-1].bool() & batch["attention_mask"][:, 1:].bool()
+    positions = valid.nonzero().tolist()
+    exact = 0.0
+    for row, t in positions:
+        logp = torch.log_softmax(model(**batch).logits[row, t], dim=-1)  # (V,)
+        for y in range(VOCAB):
+            grads = torch.autograd.grad(logp[y], params, retain_graph=True, allow_unused=True, materialize_grads=True)
+            exact += float(logp[y].detach().exp()) * float(sum((g**2).sum() for g in grads))
+    exact /= len(positions)
+    result = fisher_trace(model, [batch], FisherTraceConfig(n_samples=300), seed=0)
+    assert result.n == 300
+    assert abs(result.value - exact) < 3 * result.stderr
+    assert result.stderr < 0.1 * exact
+
+
+def test_fisher_single_prediction_is_unbiased():
+    model = tiny_olmoe(seed=2)
+    batch = {"input_ids": torch.tensor([[4, 7]]), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
+    params = list(model.parameters())
+    logp = torch.log_softmax(model(**batch).logits[0, 0], dim=-1)
+    exact = 0.0
+    for y in range(VOCAB):
+        grads = torch.autograd.grad(logp[y], params, retain_graph=True, allow_unused=True, materialize_grads=True)
+        exact += float(logp[y].detach().exp()) * float(sum((g**2).sum() for g in grads))
+    result = fisher_trace(model, [batch, batch], FisherTraceConfig(n_samples=200), seed=5)
+    assert abs(result.value - exact) < 3 * result.stderr
+
+
+def test_adaptive_sharpness_vanishes_as_rho_goes_to_zero():
+    model = tiny_olmoe()
+    batches = probe_batches()
+    zero = adaptive_sharpness(model, batches, AdaptiveSharpnessConfig(rho=0.0, n_samples=2))
+    assert zero.value == 0.0
+    small = adaptive_sharpness(model, batches, AdaptiveSharpnessConfig(rho=1e-7, n_samples=4))
+    large = adaptive_sharpness(model, batches, AdaptiveSharpnessConfig(rho=0.3, n_samples=4))
+    assert abs(small.value) < 1e-5 * abs(large.value)
+
+
+def test_perturbation_restores_weights_bitwise_even_when_the_loss_raises():
+    model = tiny_olmoe(dtype=torch.float32, experts="grouped_mm")
+    model.train()  # the caller's mode must come back too
+    for p in model.parameters():
+        p.requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batches = probe_batches()
+
+    perturbation_sensitivity(model, batches, PerturbationConfig(sigma=0.1, n_samples=2))
+    adaptive_sharpness(model, batches, AdaptiveSharpnessConfig(rho=0.1, n_samples=2))
+    sam_sharpness(model, batches, SamConfig(rho=0.1, adaptive=True))
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+    calls = []
+
+    def failing_loss(m: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+        calls.append(1)
+        if len(calls) == 4:  # base loss over 2 batches, then fail inside the first draw
+            raise RuntimeError("out of memory (simulated)")
+        return lm_loss(m, batch)
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        perturbation_sensitivity(model, batches, PerturbationConfig(sigma=0.5, n_samples=3), loss_fn=failing_loss)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+        assert p.requires_grad is False
+    assert model.training is True
+
+
+def test_eager_and_sdpa_attention_give_the_same_hutchinson_estimate(tmp_path):
+    from analysis.models import build_word_tokenizer, load_model
+
+    model = tiny_olmoe(dtype=torch.float32, experts="grouped_mm")
+    model.save_pretrained(tmp_path)
+    build_word_tokenizer([f"w{i}" for i in range(VOCAB - 4)]).save_pretrained(tmp_path)
+    eager, _ = load_model(tmp_path, device="cpu", attn_implementation="eager")
+    sdpa, _ = load_model(tmp_path, device="cpu", attn_implementation="sdpa")
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
+    batches = probe_batches()
+    config = HessianTraceConfig(n_probes=3)
+    a = hessian_trace(eager, batches, config, seed=4)
+    b = hessian_trace(sdpa, batches, config, seed=4)
+    assert a.value == pytest.approx(b.value, rel=1e-4)
+
+
+def test_bf16_model_is_measured_on_an_fp32_copy_and_left_alone():
+    model = tiny_olmoe(dtype=torch.float32, experts="grouped_mm").to(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batches = probe_batches()
+    config = HessianTraceConfig(n_probes=2)
+    low = hessian_trace(model, batches, config, seed=9)
+    high = hessian_trace(model.float(), batches, config, seed=9)  # .float() returns the same module
+    assert low.value == pytest.approx(high.value, rel=1e-5)
+    model.to(torch.bfloat16)
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, before[n]), n
+
+
+def test_select_params_subsets_and_errors():
+    model = tiny_olmoe()
+    names = lambda subset: [n for n, _ in select_params(model, subset)]  # noqa: E731
+    assert len(names("all")) == 14
+    assert "model.embed_tokens.weight" not in names("no_embeddings")
+    assert "lm_head.weight" in names("no_embeddings")
+    assert all(n.startswith("model.layers.0.") for n in names("layer:0")) and len(names("layer:0")) == 11
+    assert names("module:mlp") == [
+        "model.layers.0.mlp.gate.weight",
+        "model.layers.0.mlp.experts.gate_up_proj",
+        "model.layers.0.mlp.experts.down_proj",
+    ]
+    with pytest.raises(ValueError, match=r"'layer:3' selects no parameters of OlmoeForCausalLM \(layers found: 0-0"):
+        select_params(model, "layer:3")
+    with pytest.raises(ValueError, match="unknown parameter subset 'layers:1'"):
+        select_params(model, "layers:1")
+    with pytest.raises(ValueError, match="n_probes must be a positive integer"):
+        HessianTraceConfig(n_probes=0)
+    with pytest.raises(ValueError, match="unknown parameter subset"):
+        SamConfig(subset="attn")

@@ -1,0 +1,167 @@
+"""The metric registry: names, did-you-mean errors, configs from strings, the uniform call."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from analysis.metrics import (
+    MetricResult,
+    MetricSpec,
+    compute,
+    get_metric,
+    make_config,
+    metric_names,
+    register,
+    registry,
+)
+from analysis.metrics.flatness import HessianTraceConfig, SamConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared CPU the threads'
+    synchronisation made these tests up to 20x slower; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+BUILTIN = [
+    "hessian_trace",
+    "hessian_top_eigenvalue",
+    "fisher_trace",
+    "adaptive_sharpness",
+    "perturbation_sensitivity",
+    "sam_sharpness",
+    "pathway_distance",
+    "pathway_distance_chars",
+    "pathway_consistency",
+    "pathway_consistency_normalized",
+    "routing_entropy",
+    "expert_load",
+]
+
+
+def test_builtin_names_and_specs():
+    assert set(BUILTIN) <= set(metric_names())
+    assert get_metric("hessian_trace").higher_is_better is False
+    assert get_metric("pathway_consistency").higher_is_better is True
+    assert get_metric("routing_entropy").higher_is_better is None
+    assert all(get_metric(n).needs_moe for n in BUILTIN if n.startswith(("pathway", "routing", "expert")))
+    assert not any(get_metric(n).needs_moe for n in BUILTIN[:6])
+    assert {get_metric(n).family for n in BUILTIN} == {"flatness", "pathways"}
+
+
+def test_unknown_metric_suggests_the_right_name():
+    with pytest.raises(KeyError) as err:
+        get_metric("hesian_trace")
+    assert err.value.args[0] == "unknown metric 'hesian_trace'; did you mean 'hessian_trace'?"
+    with pytest.raises(KeyError) as err:
+        get_metric("zzz")
+    assert "known metrics: " in err.value.args[0] and "expert_load" in err.value.args[0]
+
+
+def test_make_config_converts_strings_and_reports_bad_keys():
+    config = make_config("hessian_trace", {"n_probes": "8", "subset": "module:mlp"})
+    assert config == HessianTraceConfig(n_probes=8, subset="module:mlp")
+    assert make_config("hessian_trace", {"n_probes": "1e2"}).n_probes == 100
+    assert make_config("hessian_trace", {"n_probes": 3}).n_probes == 3
+    assert make_config("sam_sharpness", {"adaptive": "true", "rho": "0.5"}) == SamConfig(rho=0.5, adaptive=True)
+    assert make_config("sam_sharpness", {"adaptive": False, "rho": 1}).rho == 1.0
+    assert make_config("pathway_distance", {"max_pairs": "0"}).max_pairs == 0
+    with pytest.raises(
+        ValueError, match="unknown parameter 'n_probe' for metric 'hessian_trace'; did you mean 'n_probes'"
+    ):
+        make_config("hessian_trace", {"n_probe": "8"})
+    with pytest.raises(ValueError, match=r"parameter 'n_probes': expected an integer, got '2\.5'"):
+        make_config("hessian_trace", {"n_probes": "2.5"})
+    with pytest.raises(ValueError, match="parameter 'adaptive': expected true or false"):
+        make_config("sam_sharpness", {"adaptive": "maybe"})
+    with pytest.raises(ValueError, match="metric 'hessian_trace': hessian_trace: n_probes must be a positive integer"):
+        make_config("hessian_trace", {"n_probes": "0"})
+    with pytest.raises(ValueError, match="valid parameters: none"):
+        make_config("routing_entropy", {"threshold": "0.5"})
+    with pytest.raises(ValueError, match="method must be 'power' or 'lanczos'"):
+        make_config("hessian_top_eigenvalue", {"method": "arnoldi"})
+
+
+@dataclass(frozen=True)
+class CountConfig:
+    scale: float = 1.0
+    label: str | None = None
+
+
+def count_params(model, batches, config, *, device, seed) -> MetricResult:
+    n = sum(p.numel() for p in model.parameters())
+    return MetricResult("param_count", config.scale * n, None, 1, params={"scale": config.scale, "seed": seed})
+
+
+def test_registration_is_open():
+    spec = MetricSpec("param_count", "2", "size", None, False, CountConfig, count_params)
+    register(spec)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register(spec)
+        assert make_config("param_count", {"label": "none"}).label is None
+        result = compute("param_count", torch.nn.Linear(2, 3), [], {"scale": "2"}, seed=4)
+        assert result.value == 18.0 and result.extra["version"] == "2" and result.params["seed"] == 4
+    finally:
+        registry._REGISTRY.pop("param_count", None)
+    assert "param_count" not in metric_names()
+
+
+def tiny_model():
+    from transformers import OlmoeForCausalLM
+
+    from analysis.models import tiny_moe_config
+
+    torch.manual_seed(0)
+    config = tiny_moe_config(12, hidden_size=16, num_layers=2, num_experts=4, top_k=2, num_heads=2, max_positions=16)
+    model = OlmoeForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0.0, 1.0)
+    return model
+
+
+SMALL = {
+    "hessian_trace": {"n_probes": "2"},
+    "hessian_top_eigenvalue": {"max_iter": "5"},
+    "fisher_trace": {"n_samples": "2"},
+    "adaptive_sharpness": {"n_samples": "2"},
+    "perturbation_sensitivity": {"n_samples": "2"},
+    "sam_sharpness": {},
+    "pathway_distance": {},
+    "pathway_distance_chars": {"max_pairs": "2"},
+    "pathway_consistency": {},
+    "pathway_consistency_normalized": {},
+    "routing_entropy": {},
+    "expert_load": {},
+}
+
+
+def test_every_builtin_metric_runs_through_compute_and_leaves_the_model_alone():
+    model = tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 12, (4, 6), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    for name in BUILTIN:
+        result = compute(name, model, batches, SMALL[name], device="cpu", seed=1)
+        assert result.name == name
+        assert math.isfinite(result.value), name
+        assert result.extra["version"] == get_metric(name).version
+        assert result.params["seed"] == 1
+        again = compute(name, model, batches, SMALL[name], device="cpu", seed=1)
+        assert again.value == pytest.approx(result.value, rel=1e-6, abs=1e-9), f"{name} is not reproducible"
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    with pytest.raises(TypeError, match="takes a HessianTraceConfig config, got SamConfig"):
+        compute("hessian_trace", model, batches, SamConfig())
