@@ -16,6 +16,8 @@ st.set_page_config(page_title="Checkpoint divergence", page_icon=":material/quer
 MAIN_VIEW = "pages/runs.py"
 PAGES = [
     st.Page(MAIN_VIEW, title="Runs", icon=":material/folder_open:", url_path="runs"),
+    st.Page("pages/evaluate.py", title="Evaluate", icon=":material/play_arrow:", url_path="evaluate"),
+    st.Page("pages/jobs.py", title="Jobs", icon=":material/pending:", url_path="jobs"),
 ]
 # Streamlit serves the default page at / instead of at its own path, so / gets a hidden
 # copy of the main view and every listed page keeps a stable path of its own.

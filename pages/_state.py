@@ -120,3 +120,28 @@ def no_runs_message() -> None:
         "No runs in this cache yet. Build the embedded demo with `python -m analysis demo`, "
         "or register your own checkpoints with `python -m analysis add-run PATH`."
     )
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _jobs(db: str, gen: int) -> pd.DataFrame:
+    return Store(db, lock_timeout=10.0).jobs()
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _job_units(db: str, gen: int, job_id: int) -> pd.DataFrame:
+    return Store(db, lock_timeout=10.0).job_units(job_id)
+
+
+def jobs() -> pd.DataFrame:
+    db = str(db_path())
+    return guarded(lambda: _jobs(db, generation()))
+
+
+def job_units(job_id: int) -> pd.DataFrame:
+    db = str(db_path())
+    return guarded(lambda: _job_units(db, generation(), job_id))
+
+
+def store() -> Store:
+    """A store handle for the few writes a page makes (queueing and cancelling jobs)."""
+    return _store()

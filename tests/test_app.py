@@ -92,3 +92,63 @@ def test_run_without_a_log_says_how_to_add_one(db: Path, monkeypatch) -> None:
     at = open_app(db, monkeypatch)
     assert not at.exception
     assert "--log" in at.warning[0].value
+
+
+def test_evaluate_queues_a_job_and_jobs_page_shows_and_cancels_it(populated_db: Path, tmp_path: Path, monkeypatch):
+    from analysis.store import Store
+
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text('{"text": "1 + 2 = 3"}\n')
+    at = open_app(populated_db, monkeypatch)
+    at.switch_page("pages/evaluate.py").run()
+    assert not at.exception and at.title[0].value == "Evaluate"
+    at.multiselect(key="eval_steps").set_value([10, 30])
+    at.multiselect(key="eval_metrics").set_value(["heldout_loss"])
+    at.text_input(key="eval_data").set_value(str(probe))
+    at.button(key="queue_only").click().run()
+    assert not at.error, at.error[0].value
+    assert "Queued job 1: 2 checkpoints" in at.success[0].value
+    units = Store(populated_db).job_units(1)
+    assert units["unit"].tolist() == ["10", "30"] and set(units["status"]) == {"queued"}
+
+    at.switch_page("pages/jobs.py").run()
+    assert not at.exception
+    assert "Job 1" in at.markdown[0].value and "0/2 checkpoints" in at.get("progress")[0].proto.text
+    at.button(key="cancel-1").click().run()
+    assert Store(populated_db).jobs()["status"].tolist() == ["cancelled"]
+
+
+def test_evaluate_reports_a_bad_request_in_one_line(populated_db: Path, monkeypatch) -> None:
+    at = open_app(populated_db, monkeypatch)
+    at.switch_page("pages/evaluate.py").run()
+    at.multiselect(key="eval_metrics").set_value(["heldout_loss"])
+    at.text_input(key="eval_data").set_value("/nonexistent/probes.jsonl")
+    at.button(key="queue_only").click().run()
+    assert not at.exception
+    assert "no such file" in at.error[0].value
+
+
+def test_app_never_shows_a_lock_error_while_another_process_writes(populated_db: Path, monkeypatch) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_store import WRITER
+
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(populated_db), str(ROOT), "8", "0.02"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        at = open_app(populated_db, monkeypatch)
+        reruns = 0
+        while writer.poll() is None:
+            at.run()
+            assert not at.exception and not at.error, "a page showed an error while the writer ran"
+            assert at.get("plotly_chart")
+            reruns += 1
+            time.sleep(0.05)
+        assert reruns >= 3
+    finally:
+        writer.wait(timeout=60)
+    assert writer.returncode == 0

@@ -180,6 +180,7 @@ i = 0
 while time.monotonic() < deadline:
     store.write_results([ResultRow("alpha", 10, "counter", float(i), "fp-alpha-10")])
     i += 1
+    time.sleep(float(sys.argv[4]) if len(sys.argv) > 4 else 0.0)
 print(i, flush=True)
 """
 

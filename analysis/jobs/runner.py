@@ -265,12 +265,13 @@ def next_job(store: Store) -> int | None:
     for rec in jobs.sort_values("id").itertuples():
         if rec.status == "queued":
             return int(rec.id)
-        if rec.status == "running" and not _alive(rec.worker_pid):
+        if rec.status == "running" and not process_alive(rec.worker_pid):
             return int(rec.id)
     return None
 
 
-def _alive(pid) -> bool:
+def process_alive(pid) -> bool:
+    """Whether a worker process still runs (a zombie does not count)."""
     if pid is None or pd.isna(pid):
         return False
     pid = int(pid)
