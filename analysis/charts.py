@@ -183,3 +183,423 @@ def curves_figure(
         log_x=log_x,
         log_y=log_y,
     )
+
+
+# -- divergence figures -------------------------------------------------------------------------------------
+
+# Window shading by kind: bluish green for grokking (downstream rising), vermillion for inverse (falling).
+KIND_COLORS = {"grokking": "#009E73", "inverse": "#D55E00"}
+# ColorBrewer's RdBu: diverging and colour-blind safe; negative correlations red, positive blue.
+DIVERGING_SCALE = "RdBu"
+STEP_SCALE = "Viridis"
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    h = hex_color.lstrip("#")
+    r, g, b = (int(h[i : i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def _metric_rows(frame: pd.DataFrame, metric: str, x: str, log_x: bool) -> pd.DataFrame:
+    """One metric's rows with numeric x/value/stderr, rows without x or value (or x <= 0 on log-x) dropped."""
+    data = frame[frame["metric"] == metric].copy()
+    for column in (x, "stderr"):
+        if column not in data:
+            data[column] = np.nan
+    for column in (x, "value", "stderr"):
+        data[column] = pd.to_numeric(data[column], errors="coerce")
+    data = data.dropna(subset=[x, "value"])
+    return data[data[x] > 0] if log_x else data
+
+
+def _band(xs: np.ndarray, ys: np.ndarray, err: np.ndarray, color: str, run: str) -> go.Scatter:
+    return go.Scatter(
+        x=np.concatenate([xs, xs[::-1]]),
+        y=np.concatenate([ys + err, (ys - err)[::-1]]),
+        fill="toself",
+        fillcolor=_rgba(color, 0.18),
+        line={"width": 0},
+        hoverinfo="skip",
+        showlegend=False,
+        legendgroup=run,
+        name=f"{run} ±1 stderr",
+    )
+
+
+def loss_downstream_figure(
+    frame: pd.DataFrame,
+    loss_metric: str,
+    downstream_metric: str,
+    *,
+    x: str = "step",
+    smoothing: float = 0.0,
+    log_x: bool = False,
+    colors: dict[str, str] | None = None,
+    style: ChartStyle | None = None,
+    windows: pd.DataFrame | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Loss (top) and a downstream score (bottom) on one shared x-axis, one colour per run.
+
+    Smoothing (EMA) applies to the loss row only, drawn over the faint raw curve; downstream points are
+    checkpoints and are drawn as measured, with a ±1 stderr band. ``windows`` (the output of
+    ``divergence.divergence_windows``: run, kind, start, end) are shaded on both rows in the colour of their
+    kind and labelled "kind · run" on the top row. For ``x="flops"`` the frame needs a ``flops`` column
+    (``divergence.add_flops``).
+    """
+    from plotly.subplots import make_subplots
+
+    style = style or ChartStyle()
+    if x not in X_LABELS:
+        raise ValueError(f"x-axis {x!r}: choose one of {', '.join(X_LABELS)}")
+    loss = _metric_rows(frame, loss_metric, x, log_x)
+    score = _metric_rows(frame, downstream_metric, x, log_x)
+    if loss.empty and score.empty:
+        return empty_figure(f"no {X_LABELS[x]} values for {loss_metric} or {downstream_metric}", style)
+    colors = colors or run_colors(pd.concat([loss["run"], score["run"]]))
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.06)
+    shown: set[str] = set()
+    for row, data, smooth in ((1, loss, smoothing), (2, score, 0.0)):
+        for run, group in data.groupby("run", sort=True):
+            run = str(run)
+            group = group.sort_values(x)
+            color = colors.get(run, PALETTE[0])
+            xs, ys = group[x].to_numpy(dtype=float), group["value"].to_numpy(dtype=float)
+            mode = "lines" if len(group) > 1 else "markers"
+            if row == 2 and len(group) > 1:
+                mode = "lines+markers"
+            if group["stderr"].notna().any():
+                fig.add_trace(_band(xs, ys, group["stderr"].fillna(0.0).to_numpy(dtype=float), color, run), row, 1)
+            if smooth > 0:
+                fig.add_trace(
+                    go.Scatter(
+                        x=xs,
+                        y=ys,
+                        mode=mode,
+                        line={"color": color, "width": 1},
+                        opacity=0.3,
+                        showlegend=False,
+                        legendgroup=run,
+                        name=f"{run} (raw)",
+                        hoverinfo="skip",
+                    ),
+                    row,
+                    1,
+                )
+                ys = ema(ys, smooth)
+            metric = loss_metric if row == 1 else downstream_metric
+            fig.add_trace(
+                go.Scatter(
+                    x=xs,
+                    y=ys,
+                    mode=mode,
+                    line={"color": color, "width": style.line_width},
+                    marker={"color": color, "size": 7 if row == 2 else 8},
+                    name=run,
+                    legendgroup=run,
+                    showlegend=run not in shown,
+                    hovertemplate="%{y:.4g}<extra>" + f"{run} {metric}</extra>",
+                ),
+                row,
+                1,
+            )
+            shown.add(run)
+    # Labels of windows that may overlap take turns at the rectangle's corners.
+    corners = ["top left", "top right", "bottom left", "bottom right"]
+    for i, w in enumerate((windows if windows is not None else pd.DataFrame()).itertuples(index=False)):
+        start, end = float(w.start), float(w.end)
+        if log_x and min(start, end) <= 0:
+            continue
+        kind = str(w.kind)
+        fill = _rgba(KIND_COLORS.get(kind, "#999999"), 0.16)
+        label = {
+            "text": f"{kind} · {w.run}",
+            "textposition": corners[i % 4],
+            "font": {"size": style.font_size - 2, "color": KIND_COLORS.get(kind, "#555555")},
+        }
+        fig.add_vrect(x0=start, x1=end, row=1, col=1, fillcolor=fill, line_width=0, layer="below", label=label)
+        fig.add_vrect(x0=start, x1=end, row=2, col=1, fillcolor=fill, line_width=0, layer="below")
+    _layout(
+        fig,
+        style,
+        title=title or f"{loss_metric} and {downstream_metric}",
+        x_title=X_LABELS[x] + (" (log)" if log_x else ""),
+        y_title="",
+        log_x=log_x,
+        log_y=False,
+    )
+    fig.update_layout(height=int(style.height * 1.6))
+    fig.update_xaxes(title_text="", row=1, col=1)
+    fig.update_yaxes(title_text=loss_metric, row=1, col=1)
+    fig.update_yaxes(title_text=downstream_metric, row=2, col=1)
+    return fig
+
+
+def _aligned_label(aligned: pd.DataFrame, column: str, fallback: str) -> str:
+    if column in aligned and len(aligned) and aligned[column].nunique() == 1:
+        return str(aligned[column].iloc[0])
+    return fallback
+
+
+def _pairs_figure(
+    aligned: pd.DataFrame,
+    *,
+    colors: dict[str, str] | None,
+    style: ChartStyle,
+    color_by_step: bool,
+    x_title: str,
+    y_title: str,
+    title: str,
+) -> go.Figure:
+    """Right vs left of an aligned frame, one line per run; markers coloured by step or by run."""
+    data = aligned.copy()
+    for column in ("left", "right", "right_stderr", "step"):
+        data[column] = pd.to_numeric(data[column], errors="coerce")
+    data = data.dropna(subset=["left", "right"])
+    if data.empty:
+        return empty_figure(f"no checkpoints with both {x_title} and {y_title}", style)
+    colors = colors or run_colors(data["run"])
+    steps = data["step"].to_numpy(dtype=float)
+    # Checkpoints are usually log-spaced: a log colour scale keeps the early ones distinguishable.
+    log_steps = bool(np.isfinite(steps).all() and (steps > 0).all() and steps.max() / steps.min() > 100)
+    fig = go.Figure()
+    for run, group in data.groupby("run", sort=True):
+        run = str(run)
+        group = group.sort_values("x" if "x" in group else "step")
+        color = colors.get(run, PALETTE[0])
+        marker: dict = {"size": 9 if color_by_step else 8, "color": color, "line": {"color": color, "width": 1.5}}
+        if color_by_step:
+            step = group["step"].to_numpy(dtype=float)
+            marker["color"] = np.log10(step) if log_steps else step
+            marker["coloraxis"] = "coloraxis"
+        err = group["right_stderr"].to_numpy(dtype=float)
+        fig.add_trace(
+            go.Scatter(
+                x=group["left"].to_numpy(dtype=float),
+                y=group["right"].to_numpy(dtype=float),
+                mode="lines+markers" if len(group) > 1 else "markers",
+                line={"color": color, "width": style.line_width},
+                marker=marker,
+                error_y={
+                    "type": "data",
+                    "array": np.nan_to_num(err),
+                    "visible": bool(np.isfinite(err).any()),
+                    "color": color,
+                    "thickness": 1,
+                },
+                customdata=group["step"].to_numpy(dtype=float),
+                name=run,
+                legendgroup=run,
+                hovertemplate=f"{run}<br>step %{{customdata:,.0f}}<br>{x_title} %{{x:.4g}}<br>"
+                f"{y_title} %{{y:.4g}}<extra></extra>",
+            )
+        )
+    _layout(fig, style, title=title, x_title=x_title, y_title=y_title, log_x=False, log_y=False)
+    fig.update_layout(hovermode="closest")
+    if color_by_step:
+        colorbar: dict = {"title": {"text": "step"}}
+        if log_steps:
+            ticks = np.arange(np.floor(np.log10(steps.min())), np.ceil(np.log10(steps.max())) + 1)
+            colorbar |= {"tickvals": ticks, "ticktext": [f"{10**t:,.0f}" for t in ticks]}
+        fig.update_layout(coloraxis={"colorscale": STEP_SCALE, "colorbar": colorbar})
+    return fig
+
+
+def trajectory_figure(
+    aligned: pd.DataFrame,
+    *,
+    colors: dict[str, str] | None = None,
+    style: ChartStyle | None = None,
+    reverse_loss: bool = True,
+    title: str | None = None,
+) -> go.Figure:
+    """Downstream score against loss, one line per run through its checkpoints in training order.
+
+    Takes ``divergence.align(frame, loss_metric, downstream_metric)``. Lines are in run colours; markers are
+    coloured by step (Viridis, on a log scale when the steps span more than two decades), the hover shows
+    the step. With ``reverse_loss`` (default) the loss axis runs from high to low, so training moves left
+    to right; a vertical stretch of a line is downstream improving at constant loss.
+    """
+    style = style or ChartStyle()
+    loss = _aligned_label(aligned, "left_metric", "loss")
+    score = _aligned_label(aligned, "right_metric", "downstream")
+    fig = _pairs_figure(
+        aligned,
+        colors=colors,
+        style=style,
+        color_by_step=True,
+        x_title=loss,
+        y_title=score,
+        title=title or f"{score} against {loss}",
+    )
+    if reverse_loss and fig.data:
+        fig.update_xaxes(autorange="reversed", title_text=f"{loss} (falling →)")
+    return fig
+
+
+def metric_vs_figure(
+    frame: pd.DataFrame,
+    metric: str,
+    downstream_metric: str,
+    *,
+    x: str = "step",
+    n_params: int | float | dict[str, float] | None = None,
+    log_metric: bool = False,
+    colors: dict[str, str] | None = None,
+    style: ChartStyle | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Any metric (e.g. ``hessian_trace``) against a downstream score, one line per run, markers in run colour.
+
+    The metric is interpolated at the downstream checkpoints (``divergence.align`` on ``x``); the hover
+    shows the step. ``log_metric`` puts the metric on a log axis (non-positive values are then left out).
+    """
+    from analysis.divergence import align
+
+    style = style or ChartStyle()
+    aligned = align(frame, metric, downstream_metric, x=x, n_params=n_params)
+    if log_metric:
+        aligned = aligned[pd.to_numeric(aligned["left"], errors="coerce") > 0]
+    fig = _pairs_figure(
+        aligned,
+        colors=colors,
+        style=style,
+        color_by_step=False,
+        x_title=metric,
+        y_title=downstream_metric,
+        title=title or f"{downstream_metric} against {metric}",
+    )
+    if log_metric and fig.data:
+        fig.update_xaxes(type="log", title_text=f"{metric} (log)")
+    return fig
+
+
+def matched_loss_figure(
+    matched: pd.DataFrame,
+    *,
+    colors: dict[str, str] | None = None,
+    style: ChartStyle | None = None,
+    reverse_loss: bool = True,
+    title: str | None = None,
+) -> go.Figure:
+    """Each run's downstream score at common loss levels (``divergence.matched_loss``), ±1 stderr bars.
+
+    One line per run in its colour; the hover gives the gap to the reference run with its stderr. With
+    ``reverse_loss`` the loss axis runs from high to low (training order).
+    """
+    style = style or ChartStyle()
+    data = matched.dropna(subset=["loss_level", "downstream"]) if len(matched) else matched
+    if not len(data):
+        return empty_figure("no loss level that every run reached", style)
+    colors = colors or run_colors(data["run"])
+    reference = str(data["reference"].iloc[0]) if "reference" in data else ""
+    fig = go.Figure()
+    for run in dict.fromkeys(data["run"].astype(str)):  # the reference first, as matched_loss orders them
+        group = data[data["run"].astype(str) == run].sort_values("loss_level")
+        color = colors.get(run, PALETTE[0])
+        err = pd.to_numeric(group["stderr"], errors="coerce").to_numpy(dtype=float)
+        gap = np.stack([group["gap"].to_numpy(dtype=float), group["gap_stderr"].to_numpy(dtype=float)], axis=1)
+        fig.add_trace(
+            go.Scatter(
+                x=group["loss_level"].to_numpy(dtype=float),
+                y=group["downstream"].to_numpy(dtype=float),
+                mode="lines+markers" if len(group) > 1 else "markers",
+                line={"color": color, "width": style.line_width},
+                marker={"color": color, "size": 8},
+                error_y={
+                    "type": "data",
+                    "array": np.nan_to_num(err),
+                    "visible": bool(np.isfinite(err).any()),
+                    "color": color,
+                    "thickness": 1.5,
+                },
+                customdata=gap,
+                name=run + (" (reference)" if run == reference else ""),
+                legendgroup=run,
+                hovertemplate=f"{run}<br>loss %{{x:.4g}}<br>score %{{y:.4g}}<br>"
+                f"gap vs {reference} %{{customdata[0]:+.4f}} ± %{{customdata[1]:.4f}}<extra></extra>",
+            )
+        )
+    _layout(
+        fig,
+        style,
+        title=title or "downstream at matched loss",
+        x_title="loss level",
+        y_title="downstream score",
+        log_x=False,
+        log_y=False,
+    )
+    fig.update_layout(hovermode="closest")
+    if reverse_loss:
+        fig.update_xaxes(autorange="reversed", title_text="loss level (falling →)")
+    return fig
+
+
+def ranking_heatmap(
+    ranking: pd.DataFrame,
+    *,
+    style: ChartStyle | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Predictors (rows) by downstream metrics (columns), coloured by signed Spearman in [-1, 1].
+
+    Takes ``divergence.predictor_ranking`` output, several downstream metrics concatenated; when it has
+    pooled rows only those are drawn. Rows are ordered by their strongest |Spearman|, strongest on top;
+    each cell is annotated with rho and n; the loss baseline is marked "(loss)". The colour scale is
+    ColorBrewer RdBu (diverging, colour-blind safe) centred on 0, blue for positive.
+    """
+    from analysis.divergence import POOLED
+
+    style = style or ChartStyle()
+    data = ranking
+    if len(data) and "run" in data and (data["run"] == POOLED).any():
+        data = data[data["run"] == POOLED]
+    data = data.dropna(subset=["spearman"]) if len(data) else data
+    if not len(data):
+        return empty_figure("no predictor with enough checkpoints to rank", style)
+    data = data.copy()
+    loss_names = set(data.loc[data["is_loss"].astype(bool), "predictor"]) if "is_loss" in data else set()
+    data["label"] = [p + (" (loss)" if p in loss_names else "") for p in data["predictor"]]
+    rho = data.pivot_table(index="label", columns="downstream", values="spearman", aggfunc="mean")
+    n = data.pivot_table(index="label", columns="downstream", values="n", aggfunc="max").reindex_like(rho)
+    order = rho.abs().max(axis=1).sort_values(ascending=False).index
+    rho, n = rho.loc[order], n.loc[order]
+    text = [
+        ["" if not np.isfinite(r) else f"{r:+.2f}<br>n={int(k)}" for r, k in zip(rr, nn, strict=True)]
+        for rr, nn in zip(rho.to_numpy(dtype=float), n.to_numpy(dtype=float), strict=True)
+    ]
+    fig = go.Figure(
+        go.Heatmap(
+            z=rho.to_numpy(dtype=float),
+            x=[str(c) for c in rho.columns],
+            y=[str(i) for i in rho.index],
+            zmin=-1.0,
+            zmax=1.0,
+            zmid=0.0,
+            colorscale=DIVERGING_SCALE,
+            colorbar={"title": {"text": "Spearman"}},
+            text=text,
+            texttemplate="%{text}",
+            textfont={"size": max(style.font_size - 2, 9)},
+            hovertemplate="%{y} → %{x}<br>Spearman %{z:+.3f}<extra></extra>",
+            xgap=2,
+            ygap=2,
+        )
+    )
+    _layout(
+        fig,
+        style,
+        title=title or "which signal predicts downstream",
+        x_title="downstream",
+        y_title="",
+        log_x=False,
+        log_y=False,
+    )
+    fig.update_layout(
+        hovermode="closest",
+        showlegend=False,
+        height=max(style.height, 60 + (style.font_size * 3) * len(rho.index) + 120),
+    )
+    fig.update_yaxes(type="category", autorange="reversed", showgrid=False)
+    fig.update_xaxes(type="category", showgrid=False, side="bottom")
+    return fig

@@ -1,0 +1,142 @@
+"""Divergence figures: the traces, shapes and axes they are built from, read straight off the figure objects."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import charts
+from analysis import divergence as dv
+from analysis.charts import ChartStyle, run_colors
+from tests.test_divergence import ACC, LOSS, grokking_frame, ranking_frame, series, two_runs_frame
+
+
+def _traces(fig, name: str | None = None, yaxis: str | None = None) -> list:
+    return [
+        t
+        for t in fig.data
+        if (name is None or t.name == name) and (yaxis is None or getattr(t, "yaxis", None) == yaxis)
+    ]
+
+
+def _is_empty(fig) -> bool:
+    return not fig.data and len(fig.layout.annotations) == 1
+
+
+def test_loss_downstream_rows_colours_and_windows():
+    frame = pd.concat([grokking_frame(), two_runs_frame()], ignore_index=True)
+    windows = dv.divergence_windows(frame, LOSS, ACC)
+    assert set(windows["kind"]) == {"grokking"}
+    style = ChartStyle(large=True)
+    fig = charts.loss_downstream_figure(frame, LOSS, ACC, windows=windows, style=style)
+    colors = run_colors(["a", "fast", "slow"])
+    assert {t.type for t in fig.data} == {"scatter"}  # SVG, not WebGL
+    for run in ("a", "fast", "slow"):
+        (top,) = _traces(fig, run, "y")
+        (bottom,) = _traces(fig, run, "y2")
+        assert top.line.color == bottom.line.color == colors[run]
+        assert top.showlegend and not bottom.showlegend  # one legend entry per run
+        want = frame[(frame["run"] == run) & (frame["metric"] == ACC)].sort_values("step")
+        np.testing.assert_allclose(np.asarray(bottom.x), want["step"])
+        np.testing.assert_allclose(np.asarray(bottom.y), want["value"])
+        (band,) = _traces(fig, f"{run} ±1 stderr", "y2")  # downstream stderr band
+        assert band.fill == "toself"
+    # The grokking window: one rectangle per row, labelled on the top row only.
+    shapes = fig.layout.shapes
+    assert len(shapes) == 2 * len(windows)
+    assert [(s.x0, s.x1) for s in shapes[:2]] == [(1000, 3000), (1000, 3000)]
+    assert {s.yref for s in shapes[:2]} == {"y domain", "y2 domain"}
+    assert shapes[0].fillcolor == "rgba(0,158,115,0.16)"
+    assert shapes[0].label.text == "grokking · a" and not shapes[1].label.text
+    assert fig.layout.xaxis.matches == "x2"  # zooming one row zooms both
+    assert fig.layout.font.size == style.font_size
+    assert fig.layout.yaxis.title.text == LOSS and fig.layout.yaxis2.title.text == ACC
+
+
+def test_loss_downstream_smoothing_log_x_and_single_points():
+    frame = pd.concat([grokking_frame(), series("solo", [500], LOSS, [2.0]), series("solo", [500], ACC, [0.3])])
+    fig = charts.loss_downstream_figure(frame, LOSS, ACC, smoothing=0.6, log_x=True)
+    raw = _traces(fig, "a (raw)", "y")
+    assert len(raw) == 1 and raw[0].opacity == pytest.approx(0.3)
+    (smooth,) = _traces(fig, "a", "y")
+    np.testing.assert_allclose(np.asarray(smooth.y), charts.ema(np.asarray(raw[0].y), 0.6))
+    assert [t.mode for t in _traces(fig, "solo")] == ["markers", "markers"]  # a one-point line would be invisible
+    assert fig.layout.xaxis2.type == "log"
+    assert _is_empty(charts.loss_downstream_figure(frame, "nope", "nope either"))
+    with pytest.raises(ValueError, match="x-axis"):
+        charts.loss_downstream_figure(frame, LOSS, ACC, x="epoch")
+
+
+def test_trajectory_figure_markers_by_step_and_reversed_loss():
+    aligned = dv.align(two_runs_frame(), LOSS, ACC)
+    fig = charts.trajectory_figure(aligned)
+    assert [t.name for t in fig.data] == ["fast", "slow"]
+    fast = fig.data[0]
+    want = aligned[aligned["run"] == "fast"]
+    np.testing.assert_allclose(np.asarray(fast.x), want["left"])
+    np.testing.assert_allclose(np.asarray(fast.y), want["right"])
+    np.testing.assert_allclose(np.asarray(fast.customdata), want["step"])
+    assert fast.marker.coloraxis == "coloraxis" and fast.line.color == run_colors(["fast", "slow"])["fast"]
+    np.testing.assert_allclose(np.asarray(fast.marker.color), want["step"])  # 250..5000: linear scale
+    np.testing.assert_allclose(np.asarray(fast.error_y.array), 0.02)
+    assert "step" in fast.hovertemplate
+    assert fig.layout.xaxis.autorange == "reversed"
+    assert charts.trajectory_figure(aligned, reverse_loss=False).layout.xaxis.autorange != "reversed"
+    # Steps over more than two decades are coloured on a log scale, with step ticks on the colour bar.
+    wide = pd.concat([series("r", [1, 10, 100, 1000], LOSS, [4, 3, 2, 1]), series("r", [1, 10, 1000], ACC, [0, 1, 2])])
+    fig = charts.trajectory_figure(dv.align(wide, LOSS, ACC))
+    np.testing.assert_allclose(np.asarray(fig.data[0].marker.color), [0, 1, 3])
+    assert list(fig.layout.coloraxis.colorbar.ticktext) == ["1", "10", "100", "1,000"]
+    assert _is_empty(charts.trajectory_figure(dv.align(wide.assign(value=np.nan), LOSS, ACC)))
+
+
+def test_matched_loss_figure_error_bars():
+    matched = dv.matched_loss(two_runs_frame(), LOSS, ACC, ["fast", "slow"], levels=4)
+    fig = charts.matched_loss_figure(matched)
+    assert [t.name for t in fig.data] == ["fast (reference)", "slow"]
+    slow = fig.data[1]
+    want = matched[matched["run"] == "slow"].sort_values("loss_level")
+    np.testing.assert_allclose(np.asarray(slow.x), want["loss_level"])
+    np.testing.assert_allclose(np.asarray(slow.y), want["downstream"])
+    np.testing.assert_allclose(np.asarray(slow.error_y.array), 0.03)
+    np.testing.assert_allclose(np.asarray(slow.customdata)[:, 0], 0.05)  # the gap, shown on hover
+    assert slow.line.color == run_colors(["fast", "slow"])["slow"]
+    assert fig.layout.xaxis.autorange == "reversed"
+    assert _is_empty(charts.matched_loss_figure(matched.iloc[0:0]))
+
+
+def test_ranking_heatmap_signed_and_ordered():
+    frame = ranking_frame()
+    ranking = pd.concat(
+        [
+            dv.predictor_ranking(frame, ACC, loss_metric=LOSS, per_run=True),
+            dv.predictor_ranking(frame, "hellaswag/acc,none", candidates=["noise", "proxy_rank"]),
+        ]
+    )
+    fig = charts.ranking_heatmap(ranking)
+    (heat,) = fig.data
+    assert heat.type == "heatmap"
+    assert list(heat.y) == ["proxy_rank", "train/loss (loss)", "noise"]  # strongest on top
+    assert list(heat.x) == [ACC, "hellaswag/acc,none"]
+    z = np.asarray(heat.z, dtype=float)
+    assert z[0, 0] == pytest.approx(-1.0) and z[1, 1] != z[1, 1]  # loss was not ranked for hellaswag: NaN
+    assert (heat.zmin, heat.zmax, heat.zmid) == (-1.0, 1.0, 0.0)
+    assert heat.text[0][0] == "-1.00<br>n=36" and heat.text[1][1] == ""
+    assert fig.layout.yaxis.autorange == "reversed"
+    assert _is_empty(charts.ranking_heatmap(ranking.iloc[0:0]))
+
+
+def test_metric_vs_figure():
+    frame = ranking_frame()
+    fig = charts.metric_vs_figure(frame, "proxy_rank", ACC, log_metric=True)
+    assert [t.name for t in fig.data] == ["r1", "r2", "r3"]
+    r2 = frame[(frame["run"] == "r2")]
+    np.testing.assert_allclose(np.asarray(fig.data[1].x), r2[r2["metric"] == "proxy_rank"]["value"])
+    np.testing.assert_allclose(np.asarray(fig.data[1].y), r2[r2["metric"] == ACC]["value"])
+    assert fig.data[1].marker.color == run_colors(["r1", "r2", "r3"])["r2"]
+    assert fig.layout.xaxis.type == "log"
+    single = charts.metric_vs_figure(frame[frame["step"] == 100], "proxy_rank", ACC)
+    assert {t.mode for t in single.data} == {"markers"}
+    with pytest.raises(ValueError, match="metric 'nope' not in the data"):
+        charts.metric_vs_figure(frame, "nope", ACC)

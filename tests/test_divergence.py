@@ -1,0 +1,424 @@
+"""Divergence statistics on synthetic series whose answers are known by construction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import divergence as dv
+from analysis.divergence import (
+    CORRELATION_COLUMNS,
+    MATCHED_COLUMNS,
+    RANKING_COLUMNS,
+    RESIDUAL_COLUMNS,
+    WINDOW_COLUMNS,
+    align,
+    correlations,
+    divergence_windows,
+    isotonic_fit,
+    matched_loss,
+    pava,
+    predictor_ranking,
+    rankdata,
+    residuals,
+    spearman,
+)
+
+LOSS, ACC = "train/loss", "arc_easy/acc,none"
+CKPTS = np.arange(250, 5001, 250)  # 20 checkpoints
+
+
+def series(run: str, steps, metric: str, values, stderr=None, tokens_per_step: int = 1000) -> pd.DataFrame:
+    steps = np.asarray(steps)
+    return pd.DataFrame(
+        {
+            "run": run,
+            "step": steps,
+            "tokens": steps * tokens_per_step,
+            "metric": metric,
+            "value": np.asarray(values, dtype=float),
+            "stderr": np.nan if stderr is None else stderr,
+        }
+    )
+
+
+def grokking_frame(noise: float = 0.0) -> pd.DataFrame:
+    """Loss falls to 2.0 by step 1000, stays flat to 3000, falls again; accuracy rises 0.1 -> 0.9 in 1000..3000."""
+    dense = np.arange(10, 5001, 10)
+    loss = np.interp(dense, [0, 1000, 3000, 5000], [4.0, 2.0, 2.0, 1.0])
+    acc = np.interp(CKPTS, [0, 1000, 3000, 5000], [0.1, 0.1, 0.9, 0.9])
+    acc = acc + noise * np.random.default_rng(3).standard_normal(len(CKPTS))
+    return pd.concat([series("a", dense, LOSS, loss), series("a", CKPTS, ACC, acc, 0.02)], ignore_index=True)
+
+
+def inverse_frame() -> pd.DataFrame:
+    """Loss falls all along; accuracy rises to 0.6 at step 1000, falls to 0.3 at 3000, then recovers."""
+    loss = 5.0 * (CKPTS / 250) ** -0.5
+    acc = np.interp(CKPTS, [0, 1000, 3000, 5000], [0.3, 0.6, 0.3, 0.7])
+    return pd.concat([series("b", CKPTS, LOSS, loss), series("b", CKPTS, ACC, acc, 0.02)], ignore_index=True)
+
+
+# -- align --------------------------------------------------------------------------------------------------
+
+
+def test_align_interpolates_on_log_x_without_extrapolating():
+    frame = pd.concat(
+        [series("r", [100, 1000], LOSS, [1.0, 2.0]), series("r", [50, 100, np.sqrt(1e5), 1000, 2000], ACC, [9] * 5)]
+    )
+    out = align(frame, LOSS, ACC)
+    assert out["x"].tolist() == pytest.approx([100, np.sqrt(1e5), 1000])  # 50 and 2000 lie outside the loss
+    assert out["left"].tolist() == pytest.approx([1.0, 1.5, 2.0])  # halfway on log-x
+    linear = align(frame, LOSS, ACC, log_interp=False)
+    assert linear["left"].iloc[1] == pytest.approx(1.0 + (np.sqrt(1e5) - 100) / 900)
+
+
+def test_align_on_tokens_and_flops():
+    frame = pd.concat([series("r", [1, 2, 4], LOSS, [3, 2, 1]), series("r", [2, 4], ACC, [0.2, 0.4])])
+    tokens = align(frame, LOSS, ACC, x="tokens")
+    assert tokens["x"].tolist() == [2000, 4000]
+    flops = align(frame, LOSS, ACC, x="flops", n_params=10)
+    assert flops["x"].tolist() == [6 * 10 * 2000, 6 * 10 * 4000]
+    assert flops["step"].tolist() == [2, 4]
+    per_run = align(frame, LOSS, ACC, x="flops", n_params={"r": 5})
+    assert per_run["x"].tolist() == [6 * 5 * 2000, 6 * 5 * 4000]
+    with pytest.raises(ValueError, match="n_params"):
+        align(frame, LOSS, ACC, x="flops")
+    with pytest.raises(ValueError, match="no entry for run 'r'"):
+        align(frame, LOSS, ACC, x="flops", n_params={"other": 5})
+
+
+def test_align_averages_duplicates_and_drops_nans():
+    frame = pd.concat(
+        [
+            series("r", [1, 2, 3], LOSS, [3.0, np.nan, 1.0]),
+            series("r", [1, 2, 2, 3], ACC, [0.1, 0.2, 0.4, np.nan]),
+        ]
+    )
+    out = align(frame, LOSS, ACC, log_interp=False)
+    assert out["x"].tolist() == [1, 2]
+    assert out["right"].tolist() == pytest.approx([0.1, 0.3])
+    assert out["left"].tolist() == pytest.approx([3.0, 2.0])  # the NaN loss at step 2 is interpolated over
+
+
+# -- correlations -------------------------------------------------------------------------------------------
+
+
+def test_rankdata_averages_ties():
+    assert rankdata([10, 20, 20, 30]).tolist() == [1, 2.5, 2.5, 4]
+    assert rankdata([3, 1, 3, 3]).tolist() == [3, 1, 3, 3]
+
+
+def test_spearman_matches_hand_computation():
+    # No ties: 1 - 6 * sum(d^2) / (n (n^2 - 1)) with d = [-1, 1, -1, 1, 0].
+    assert spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(1 - 6 * 4 / (5 * 24))
+    # Ties: ranks [1, 2.5, 2.5, 4] vs [1, 2, 3, 4] -> cov 4.5 / sqrt(4.5 * 5).
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(3 / np.sqrt(10))
+    assert spearman([5, 4, 3], [1, 10, 100]) == pytest.approx(-1.0)
+    assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_bootstrap_equals_explicit_resampling():
+    rng = np.random.default_rng(1)
+    a = np.round(rng.standard_normal(9), 1)  # rounded, so the resamples contain ties
+    b = np.round(a + rng.standard_normal(9), 1)
+    rho, r = dv._bootstrap(a, b, 200, seed=7)
+    idx = np.random.default_rng(7).integers(0, 9, size=(200, 9))
+    want_rho = np.array([spearman(a[i], b[i]) for i in idx])
+    want_r = np.array([dv.pearson(a[i], b[i]) for i in idx])
+    np.testing.assert_allclose(rho, want_rho, atol=1e-9, equal_nan=True)
+    np.testing.assert_allclose(r, want_r, atol=1e-9, equal_nan=True)
+
+
+def test_correlations_interval_contains_estimate_and_window_counts():
+    frame = inverse_frame()
+    out = correlations(frame, LOSS, [ACC], n_boot=500)
+    assert list(out.columns) == CORRELATION_COLUMNS
+    row = out.iloc[0]
+    assert row["n"] == len(CKPTS)
+    assert row["spearman_lo"] <= row["spearman"] <= row["spearman_hi"]
+    assert row["pearson_lo"] <= row["pearson"] <= row["pearson_hi"]
+    # Inside the inverse window loss and accuracy fall together: perfect positive rank correlation.
+    inside = correlations(frame, LOSS, ACC, window=(1000, 3000), n_boot=100)
+    assert inside.iloc[0]["n"] == 9
+    assert inside.iloc[0]["spearman"] == pytest.approx(1.0)
+    # The aligned frame gives the same answer as the long table, and the same seed the same interval.
+    again = correlations(align(frame, LOSS, ACC), LOSS, ACC, n_boot=500)
+    pd.testing.assert_frame_equal(out, again)
+
+
+def test_correlations_too_few_points_and_nans():
+    frame = pd.concat([series("r", [1, 2, 3], LOSS, [3, 2, 1]), series("r", [1, 2], ACC, [0.1, 0.2])])
+    out = correlations(frame, LOSS, ACC)
+    assert out.empty and list(out.columns) == CORRELATION_COLUMNS
+    clean = inverse_frame()
+    dirty = pd.concat([clean, series("b", [333, 444], ACC, [np.nan, np.nan]), series("b", [250], LOSS, [np.nan])])
+    pd.testing.assert_frame_equal(correlations(clean, LOSS, ACC, n_boot=50), correlations(dirty, LOSS, ACC, n_boot=50))
+
+
+# -- divergence windows -------------------------------------------------------------------------------------
+
+
+def test_planted_grokking_window_found_with_its_bounds():
+    out = divergence_windows(grokking_frame(), LOSS, ACC)
+    assert list(out.columns) == WINDOW_COLUMNS
+    assert len(out) == 1
+    w = out.iloc[0]
+    assert (w["run"], w["kind"], w["start"], w["end"]) == ("a", "grokking", 1000, 3000)
+    assert w["downstream_change"] == pytest.approx(0.8)
+    assert w["loss_change"] == pytest.approx(0.0)
+    assert w["z_score"] == pytest.approx(0.8 / np.sqrt(2 * 0.02**2))
+    assert w["n_points"] == 9
+
+
+def test_grokking_window_survives_noise_and_needs_flat_loss():
+    out = divergence_windows(grokking_frame(noise=0.01), LOSS, ACC)
+    assert out["kind"].tolist() == ["grokking"]
+    assert out.iloc[0]["start"] == 1000 and out.iloc[0]["end"] in (2750, 3000)
+    # A tolerance too small for the flat stretch's numerical jitter still sees it (it is exactly flat) ...
+    assert len(divergence_windows(grokking_frame(), LOSS, ACC, loss_tol=1e-9)) == 1
+    # ... but a loss that falls 5% per checkpoint is never flat at 2%.
+    frame = grokking_frame()
+    frame.loc[frame["metric"] == LOSS, "value"] = 4.0 * 0.95 ** (frame.loc[frame["metric"] == LOSS, "step"] / 250)
+    assert (divergence_windows(frame, LOSS, ACC)["kind"] != "grokking").all()
+    # Larger stderr: the same rise is no longer significant at z = 2.
+    frame = grokking_frame()
+    frame.loc[frame["metric"] == ACC, "stderr"] = 0.5
+    assert divergence_windows(frame, LOSS, ACC).empty
+
+
+def test_absolute_tolerance():
+    frame = grokking_frame()
+    mask = (frame["metric"] == LOSS) & frame["step"].between(1000, 3000)
+    frame.loc[mask, "value"] = 2.0 + 0.03 * (-1.0) ** (frame.loc[mask, "step"] // 250)  # +-0.03 by checkpoint
+    assert divergence_windows(frame, LOSS, ACC, loss_tol=0.01, relative=False).empty
+    found = divergence_windows(frame, LOSS, ACC, loss_tol=0.07, relative=False)
+    assert found[["start", "end"]].values.tolist() == [[1000, 3000]]
+
+
+def test_planted_inverse_window_found_with_its_bounds():
+    out = divergence_windows(inverse_frame(), LOSS, ACC)
+    assert len(out) == 1
+    w = out.iloc[0]
+    assert (w["kind"], w["start"], w["end"]) == ("inverse", 1000, 3000)
+    assert w["downstream_change"] == pytest.approx(-0.3)
+    assert w["loss_change"] < 0
+    assert w["z_score"] == pytest.approx(-0.3 / np.sqrt(2 * 0.02**2))
+    # Untrimmed, the merged window is the union of every qualifying span, wider than the planted one.
+    wide = divergence_windows(inverse_frame(), LOSS, ACC, trim=False).iloc[0]
+    assert wide["start"] < 1000 and wide["end"] > 3000
+
+
+def test_merge_spans():
+    assert dv._merge_spans([(4, 6), (0, 2), (2, 3), (8, 9), (5, 7)]) == [(0, 3), (4, 7), (8, 9)]
+
+
+def test_windows_without_stderr_and_too_few_points():
+    frame = grokking_frame()
+    frame["stderr"] = np.nan
+    out = divergence_windows(frame, LOSS, ACC)
+    assert out[["start", "end"]].values.tolist() == [[1000, 3000]]
+    assert np.isinf(out.iloc[0]["z_score"])
+    tiny = pd.concat([series("r", [1, 2], LOSS, [1, 1]), series("r", [1], ACC, [0.5], 0.01)])
+    empty = divergence_windows(tiny, LOSS, ACC)
+    assert empty.empty and list(empty.columns) == WINDOW_COLUMNS
+
+
+# -- matched loss -------------------------------------------------------------------------------------------
+
+
+def two_runs_frame() -> pd.DataFrame:
+    """Run 'slow' reaches each loss at twice the steps of 'fast'; at equal loss it scores 0.05 higher."""
+    loss_fast = 5.0 * (CKPTS / 250) ** -0.5
+    loss_slow = 5.0 * (CKPTS / 500) ** -0.5
+    return pd.concat(
+        [
+            series("fast", CKPTS, LOSS, loss_fast),
+            series("fast", CKPTS, ACC, 1.0 - 0.2 * loss_fast, 0.02),
+            series("slow", CKPTS, LOSS, loss_slow),
+            series("slow", CKPTS, ACC, 1.05 - 0.2 * loss_slow, 0.03),
+        ],
+        ignore_index=True,
+    )
+
+
+def test_matched_loss_recovers_planted_gap():
+    out = matched_loss(two_runs_frame(), LOSS, ACC, ["fast", "slow"], levels=5)
+    assert list(out.columns) == MATCHED_COLUMNS
+    assert len(out) == 10
+    levels = out["loss_level"].unique()
+    # The common range: from the highest loss both reached (fast's first) to the lowest both reached (slow's last).
+    assert levels.max() == pytest.approx(5.0)
+    assert levels.min() == pytest.approx(5.0 * (5000 / 500) ** -0.5)
+    assert np.all(np.diff(levels) < 0)
+    slow = out[out["run"] == "slow"]
+    assert slow["gap"].to_numpy() == pytest.approx(np.full(5, 0.05))
+    assert slow["gap_stderr"].to_numpy() == pytest.approx(np.full(5, np.hypot(0.02, 0.03)))
+    fast = out[out["run"] == "fast"]
+    assert (fast["gap"] == 0).all() and (fast["reference"] == "fast").all()
+    assert fast["downstream"].to_numpy() == pytest.approx(1.0 - 0.2 * levels)
+    # The other run as reference flips the sign.
+    flipped = matched_loss(two_runs_frame(), LOSS, ACC, ["slow", "fast"], levels=[2.0, 1.6])
+    assert flipped[flipped["run"] == "fast"]["gap"].to_numpy() == pytest.approx([-0.05, -0.05])
+
+
+def test_matched_loss_ignores_loss_spikes():
+    frame = pd.concat(
+        [
+            series("r", [1, 2, 3, 4], LOSS, [3.0, 2.5, 2.8, 2.0]),
+            series("r", [1, 2, 3, 4], ACC, [0.1, 0.2, 0.0, 0.4], 0.01),
+        ]
+    )
+    out = matched_loss(frame, LOSS, ACC, ["r"], levels=[2.25])
+    assert out["downstream"].tolist() == pytest.approx([0.3])  # between (2.5, 0.2) and (2.0, 0.4), not the spike
+
+
+def test_matched_loss_errors_and_empty():
+    frame = two_runs_frame()
+    with pytest.raises(ValueError, match="run 'nope' not in the data; available: fast, slow"):
+        matched_loss(frame, LOSS, ACC, ["fast", "nope"])
+    with pytest.raises(ValueError, match="outside the common loss range"):
+        matched_loss(frame, LOSS, ACC, ["fast", "slow"], levels=[10.0])
+    # No common loss range: one run stays above the other's whole range.
+    apart = frame.copy()
+    apart.loc[(apart["run"] == "slow") & (apart["metric"] == LOSS), "value"] += 100
+    out = matched_loss(apart, LOSS, ACC, ["fast", "slow"])
+    assert out.empty and list(out.columns) == MATCHED_COLUMNS
+
+
+# -- residuals ----------------------------------------------------------------------------------------------
+
+
+def test_residuals_pooled_and_per_run():
+    loss = np.array([3.0, 2.5, 2.0, 1.5])
+    frame = pd.concat(
+        [
+            series("a", [1, 2, 3, 4], LOSS, loss),
+            series("a", [1, 2, 3, 4], ACC, 1.0 - 0.2 * loss),
+            series("b", [1, 2, 3, 4], LOSS, loss),
+            series("b", [1, 2, 3, 4], ACC, 1.1 - 0.2 * loss),
+        ]
+    )
+    out = residuals(frame, LOSS, ACC)
+    assert list(out.columns) == RESIDUAL_COLUMNS
+    assert out["slope"].iloc[0] == pytest.approx(-0.2)
+    assert out["intercept"].iloc[0] == pytest.approx(1.05)
+    assert out.groupby("run")["residual"].mean().to_dict() == pytest.approx({"a": -0.05, "b": 0.05})
+    assert out["run_residual"].abs().max() == pytest.approx(0.0, abs=1e-12)
+    assert out.groupby("run")["run_intercept"].first().to_dict() == pytest.approx({"a": 1.0, "b": 1.1})
+    flat = pd.concat([series("a", [1, 2], LOSS, [1, 1]), series("a", [1, 2], ACC, [0.1, 0.2])])
+    assert residuals(flat, LOSS, ACC).empty
+
+
+# -- isotonic fit and predictor ranking ---------------------------------------------------------------------
+
+
+def test_pava_and_isotonic_fit_hand_examples():
+    assert pava([1, 3, 2, 4]).tolist() == [1, 2.5, 2.5, 4]
+    assert pava([3, 2, 1]).tolist() == [2, 2, 2]
+    assert pava([2, 1], [3, 1]).tolist() == [1.75, 1.75]
+    assert pava([1, 2, 3]).tolist() == [1, 2, 3]
+    ux, fit = isotonic_fit([3, 1, 2], [2, 1, 3], increasing=False)  # sorted by x: y = [1, 3, 2]
+    assert ux.tolist() == [1, 2, 3] and fit.tolist() == [2, 2, 2]
+    ux, fit = isotonic_fit([1, 1, 2], [0, 2, 0])  # tied x averaged first (1 with weight 2), then pooled
+    assert ux.tolist() == [1, 2] and fit.tolist() == pytest.approx([2 / 3, 2 / 3])
+
+
+def ranking_frame() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    pieces = []
+    for k, run in enumerate(["r1", "r2", "r3"]):
+        steps = np.arange(100, 1300, 100)
+        acc = 1 / (1 + np.exp(-(steps - 500 - 150 * k) / 200))
+        loss = 3.0 - 0.5 * np.log(steps / 100) + 0.3 * k  # monotone in step but offset per run
+        pieces += [
+            series(run, steps, ACC, acc, 0.01),
+            series(run, steps, LOSS, loss),
+            series(run, steps, "proxy_rank", -np.log(acc)),  # a perfect (decreasing) predictor
+            series(run, steps, "noise", rng.standard_normal(len(steps))),
+            series(run, steps, "train/lr", np.linspace(1, 0, len(steps))),
+            series(run, steps, "hellaswag/acc,none", acc),
+        ]
+    return pd.concat(pieces, ignore_index=True)
+
+
+def test_predictor_ranking_puts_planted_predictor_first_and_noise_last():
+    out = predictor_ranking(ranking_frame(), ACC, loss_metric=LOSS)
+    assert list(out.columns) == RANKING_COLUMNS
+    assert out["predictor"].tolist() == ["proxy_rank", LOSS, "noise"]  # lr and other tasks are not signals
+    best = out.iloc[0]
+    assert best["spearman"] == pytest.approx(-1.0) and best["sign"] == -1 and best["n"] == 36
+    assert best["loo_rmse"] < out.iloc[1]["loo_rmse"] < out.iloc[2]["loo_rmse"]
+    assert best["loo_r2"] > 0.95 and out.iloc[2]["loo_r2"] < 0.2
+    assert out["is_loss"].tolist() == [False, True, False]
+    assert (out["run"] == dv.POOLED).all()
+
+
+def test_predictor_ranking_per_run_and_candidates():
+    out = predictor_ranking(ranking_frame(), ACC, candidates=["noise", "proxy_rank"], per_run=True)
+    pooled = out[out["run"] == dv.POOLED]
+    assert pooled["predictor"].tolist() == ["proxy_rank", "noise"]
+    per_run = out[out["run"] != dv.POOLED]
+    assert sorted(per_run["run"].unique()) == ["r1", "r2", "r3"]
+    assert per_run[per_run["predictor"] == "proxy_rank"]["abs_spearman"].to_numpy() == pytest.approx([1.0] * 3)
+    assert (per_run["n"] == 12).all()
+    few = predictor_ranking(ranking_frame().query("step <= 100"), ACC, candidates=["noise"])
+    assert few.empty and list(few.columns) == RANKING_COLUMNS
+
+
+def test_predictor_ranking_isotonic_loo_by_hand():
+    # y = x^2 on x = 0..4 (monotone): leaving out an inner point, the fit interpolates its neighbours.
+    x = np.arange(5.0)
+    rmse, _ = dv._loo_errors(x, x**2, increasing=True)
+    errors = [0 - 1, 1 - (0 + 4) / 2, 4 - (1 + 9) / 2, 9 - (4 + 16) / 2, 16 - 9]
+    assert rmse == pytest.approx(np.sqrt(np.mean(np.square(errors))))
+    # Capped: only points 0, 2 and 4 are held out, each against all four others.
+    rmse, _ = dv._loo_errors(x, x**2, increasing=True, max_held_out=3)
+    assert rmse == pytest.approx(np.sqrt(np.mean(np.square([errors[0], errors[2], errors[4]]))))
+
+
+# -- input errors -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda f: align(f, "nope", ACC),
+        lambda f: correlations(f, LOSS, ["nope"]),
+        lambda f: correlations(align(f, LOSS, ACC), LOSS, "nope"),
+        lambda f: divergence_windows(f, LOSS, "nope"),
+        lambda f: matched_loss(f, "nope", ACC),
+        lambda f: residuals(f, "nope", ACC),
+        lambda f: predictor_ranking(f, "nope"),
+        lambda f: predictor_ranking(f, ACC, candidates=["nope"]),
+    ],
+)
+def test_unknown_metric_names_the_available_ones(call):
+    with pytest.raises(ValueError, match=r"^metric 'nope' not in the data; available: .*arc_easy/acc,none") as info:
+        call(grokking_frame())
+    assert "\n" not in str(info.value)
+
+
+def test_other_input_errors():
+    frame = grokking_frame()
+    with pytest.raises(ValueError, match="x-axis 'epoch'"):
+        align(frame, LOSS, ACC, x="epoch")
+    with pytest.raises(ValueError, match="lacks column"):
+        align(frame.drop(columns="metric"), LOSS, ACC)
+    with pytest.raises(ValueError, match="lo <= hi"):
+        correlations(frame, LOSS, ACC, window=(3000, 1000))
+    with pytest.raises(ValueError, match="min_points"):
+        divergence_windows(frame, LOSS, ACC, min_points=1)
+    with pytest.raises(ValueError, match="loss_tol"):
+        divergence_windows(frame, LOSS, ACC, loss_tol=-1)
+
+
+def test_empty_input_gives_empty_frames():
+    frame = grokking_frame()
+    frame["value"] = np.nan
+    assert align(frame, LOSS, ACC).empty
+    assert correlations(frame, LOSS, ACC).empty
+    assert divergence_windows(frame, LOSS, ACC).empty
+    assert matched_loss(frame, LOSS, ACC).empty
+    assert residuals(frame, LOSS, ACC).empty
+    assert predictor_ranking(frame, ACC).empty
