@@ -13,9 +13,11 @@ from pages import _state
 
 st.set_page_config(page_title="Checkpoint divergence", page_icon=":material/query_stats:", layout="wide")
 
-MAIN_VIEW = "pages/runs.py"
+MAIN_VIEW = "pages/divergence.py"
 PAGES = [
-    st.Page(MAIN_VIEW, title="Runs", icon=":material/folder_open:", url_path="runs"),
+    st.Page("pages/divergence.py", title="Divergence", icon=":material/call_split:", url_path="divergence"),
+    st.Page("pages/compare.py", title="Compare runs", icon=":material/compare_arrows:", url_path="compare"),
+    st.Page("pages/runs.py", title="Runs", icon=":material/folder_open:", url_path="runs"),
     st.Page("pages/evaluate.py", title="Evaluate", icon=":material/play_arrow:", url_path="evaluate"),
     st.Page("pages/jobs.py", title="Jobs", icon=":material/pending:", url_path="jobs"),
 ]

@@ -847,3 +847,24 @@ def predictor_ranking(
             ascending = [True, False, True] if len(keys) == 3 else [False, True]
             parts.append(pd.DataFrame(chunk).sort_values(keys, ascending=ascending, na_position="last"))
     return pd.concat(parts, ignore_index=True)[RANKING_COLUMNS]
+
+
+# --- choosing sensible defaults for the views -------------------------------------------------------
+
+_LOSS_PREFERENCE = ("eval/loss", "train/loss")
+
+
+def loss_metrics(names: Sequence[str]) -> list[str]:
+    """Metrics that are a loss (logged losses and held-out losses), the preferred first."""
+    names = list(dict.fromkeys(names))
+    losses = [n for n in names if n in _LOSS_PREFERENCE or n.endswith(("/heldout_loss", "/loss"))]
+    return sorted(
+        losses, key=lambda n: (n not in _LOSS_PREFERENCE, _LOSS_PREFERENCE.index(n) if n in _LOSS_PREFERENCE else 0, n)
+    )
+
+
+def downstream_metrics(names: Sequence[str]) -> list[str]:
+    """Metrics that are a downstream score: lm-eval results (``task/metric,filter``) and logged accuracies."""
+    names = list(dict.fromkeys(names))
+    scores = [n for n in names if ("," in n and "/" in n and "stderr" not in n) or n.endswith("/accuracy")]
+    return sorted(scores, key=lambda n: ("," not in n, n))

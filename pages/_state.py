@@ -145,3 +145,29 @@ def job_units(job_id: int) -> pd.DataFrame:
 def store() -> Store:
     """A store handle for the few writes a page makes (queueing and cancelling jobs)."""
     return _store()
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _long_table(db: str, gen: int, runs: tuple[str, ...]) -> pd.DataFrame:
+    return Store(db, lock_timeout=10.0).long_table(list(runs))
+
+
+def long_table(runs: tuple[str, ...]) -> pd.DataFrame:
+    """Logged series and computed results of ``runs``: run, step, tokens, metric, value, stderr."""
+    db = str(db_path())
+    return guarded(lambda: _long_table(db, generation(), tuple(sorted(runs))))
+
+
+@st.cache_data(max_entries=32, show_spinner="Ranking predictors…")
+def predictor_ranking(frame: pd.DataFrame, downstream: str, loss: str | None, x: str) -> pd.DataFrame:
+    from analysis.divergence import predictor_ranking as rank
+
+    return rank(frame, downstream, loss_metric=loss, x=x)
+
+
+def metric_picker(where, label: str, options: list[str], preferred: list[str], key: str) -> str | None:
+    """A selectbox (in container ``where``) bound to the URL; defaults to the first preferred option present."""
+    if not options:
+        return None
+    default = next((m for m in preferred if m in options), options[0])
+    return where.selectbox(label, options, index=options.index(default), key=key, bind="query-params")

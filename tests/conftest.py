@@ -43,3 +43,24 @@ def populated_db(db: Path) -> Path:
     store.register_run(synthetic_run("alpha"))
     store.register_run(synthetic_run("beta", offset=0.4))
     return db
+
+
+@pytest.fixture
+def divergence_db(db: Path) -> Path:
+    """Two runs with the same loss curve; in "grok" the score rises late, while the loss is flat."""
+    from analysis.store import ResultRow
+
+    store = Store(db)
+    steps = [1, 10, 20, 40, 60, 80, 100, 120]
+    for name, late_gain in (("grok", 0.8), ("stuck", 0.0)):
+        log_steps = np.arange(1, 121)
+        loss = 2.0 * np.exp(-log_steps / 5.0) + 0.5  # flat (within 0.2%) from step 40 on
+        log = pd.DataFrame({"step": log_steps, "tokens": log_steps * 512, "metric": "train/loss", "value": loss})
+        ckpts = [Checkpoint(s, f"/runs/{name}/step_{s}", s * 512, f"fp-{name}-{s}") for s in steps]
+        store.register_run(Run(name, f"/runs/{name}", ckpts, log))
+        rows = []
+        for s in steps:
+            score = 0.1 + (late_gain * min(1.0, max(0.0, (s - 40) / 60)) if s > 40 else 0.0)
+            rows.append(ResultRow(name, s, "toy/acc,none", score, f"fp-{name}-{s}", stderr=0.02, n=400))
+        store.write_results(rows)
+    return db

@@ -31,19 +31,22 @@ def figure_of(chart) -> dict:
     return decode(spec)
 
 
-def open_app(db: Path, monkeypatch: pytest.MonkeyPatch, **query: str) -> AppTest:
+def open_app(db: Path, monkeypatch: pytest.MonkeyPatch, page: str | None = "pages/runs.py", **query: str) -> AppTest:
+    """Run the app (landing on ``page``) against the cache file ``db``, with URL query parameters."""
     monkeypatch.setenv("CDD_DB", str(db))
     at = AppTest.from_file(APP, default_timeout=60)
     for key, value in query.items():
         at.query_params[key] = value
-    return at.run()
+    at.run()
+    return at.switch_page(page).run() if page else at
 
 
 def test_runs_page_shows_both_runs_and_their_loss_curves(populated_db: Path, monkeypatch) -> None:
+    landing = open_app(populated_db, monkeypatch, page=None)
+    assert landing.multiselect(key="runs").value == ["alpha", "beta"]  # the sidebar picks every run
     at = open_app(populated_db, monkeypatch)
     assert not at.exception and not at.error
     assert at.title[0].value == "Runs"
-    assert at.multiselect(key="runs").value == ["alpha", "beta"]
     charts = at.get("plotly_chart")
     assert len(charts) == 1
     fig = figure_of(charts[0])
@@ -152,3 +155,37 @@ def test_app_never_shows_a_lock_error_while_another_process_writes(populated_db:
     finally:
         writer.wait(timeout=60)
     assert writer.returncode == 0
+
+
+def test_divergence_page_finds_the_planted_window(divergence_db: Path, monkeypatch) -> None:
+    at = open_app(divergence_db, monkeypatch, page=None)  # the landing page is the Divergence view
+    assert not at.exception and not at.error
+    assert at.title[0].value == "Divergence"
+    assert at.selectbox(key="loss").value == "train/loss"
+    assert at.selectbox(key="score").value == "toy/acc,none"
+    windows = at.dataframe[0].value
+    grok = windows[windows["run"] == "grok"]
+    assert len(grok) == 1 and grok.iloc[0]["kind"] == "grokking"
+    assert (grok.iloc[0]["start"], grok.iloc[0]["end"]) == (40, 100)
+    assert "stuck" not in set(windows["run"])
+    fig = figure_of(at.get("plotly_chart")[0])
+    assert len(fig["layout"]["shapes"]) >= 2  # the window shaded on both rows
+    assert len(at.get("plotly_chart")) == 3  # curves, trajectory, ranking
+
+
+def test_compare_page_shows_the_gap_at_matched_loss(divergence_db: Path, monkeypatch) -> None:
+    at = open_app(divergence_db, monkeypatch, page="pages/compare.py", ref="grok")
+    assert not at.exception and not at.error
+    matched = at.dataframe[0].value
+    stuck = matched[matched["run"] == "stuck"]
+    assert len(stuck) >= 3
+    # At the lowest common loss, "grok" is ahead by the planted late gain.
+    lowest = stuck.loc[stuck["loss_level"].idxmin()]
+    assert lowest["gap"] == pytest.approx(-0.8, abs=0.05)
+
+
+def test_divergence_without_scores_says_what_to_run(populated_db: Path, monkeypatch) -> None:
+    at = open_app(populated_db, monkeypatch, page=None)
+    assert not at.exception
+    assert "no a downstream score" not in at.warning[0].value
+    assert "python -m analysis eval" in at.code[0].value

@@ -1,0 +1,66 @@
+"""Divergence: loss and a downstream score on one x-axis, the windows where they part ways, and why."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis import divergence as dv
+from analysis.charts import loss_downstream_figure, ranking_heatmap, trajectory_figure
+from pages import _state
+
+sel = _state.selection()
+st.title("Divergence")
+if not sel.runs:
+    _state.no_runs_message() if not len(_state.runs_table()) else st.info("Pick runs in the sidebar.")
+    st.stop()
+
+frame = _state.long_table(sel.runs)
+names = sorted(frame["metric"].unique()) if len(frame) else []
+losses, scores = dv.loss_metrics(names), dv.downstream_metrics(names)
+if not losses or not scores:
+    missing = "loss (training log or heldout_loss)" if not losses else "downstream score"
+    st.warning(f"The selected runs have no {missing} yet: evaluate some checkpoints first.")
+    st.code(f"python -m analysis eval --run {sel.runs[0]} --tasks modarith_em,modarith_mc --metrics heldout_loss")
+    st.page_link("pages/evaluate.py", label="Open the Evaluate page", icon=":material/play_arrow:")
+    st.stop()
+
+c1, c2, c3, c4, c5 = st.columns([3, 3, 2, 2, 2])
+loss = _state.metric_picker(c1, "Loss", losses, losses, "loss")
+score = _state.metric_picker(c2, "Downstream", scores, scores, "score")
+smoothing = c3.slider("Smoothing", 0.0, 0.99, 0.0, 0.01, key="smooth", bind="query-params")
+tol = c4.number_input("Flat loss within (relative)", 0.0, 1.0, 0.02, 0.01, key="tol", bind="query-params")
+z = c5.number_input("Significance (z)", 0.5, 10.0, 3.0, 0.5, key="z", bind="query-params")
+log_x = c3.toggle("Log x", value=True, key="logx", bind="query-params")
+
+try:
+    windows = dv.divergence_windows(frame, loss, score, loss_tol=tol, z=z, x=sel.x)
+    aligned = dv.align(frame, loss, score, x=sel.x)
+    corr = dv.correlations(aligned, loss, [score])
+except ValueError as err:
+    st.error(str(err))
+    st.stop()
+
+fig = loss_downstream_figure(
+    frame, loss, score, x=sel.x, smoothing=smoothing, log_x=log_x, colors=sel.colors, style=sel.style, windows=windows
+)
+st.plotly_chart(fig, width="stretch", key="divergence")
+
+left, right = st.columns(2)
+with left:
+    st.subheader("Windows")
+    if len(windows):
+        st.dataframe(windows.round(4), hide_index=True, width="stretch")
+    else:
+        st.caption(f"No window where the loss is flat within {tol:.0%} while {score} moves by more than {z} stderr.")
+    st.subheader("Loss vs downstream correlation")
+    st.dataframe(corr.round(3), hide_index=True, width="stretch")
+with right:
+    st.plotly_chart(trajectory_figure(aligned, colors=sel.colors, style=sel.style), width="stretch", key="trajectory")
+
+st.subheader("Which signal predicts the downstream score?")
+ranking = _state.predictor_ranking(frame, score, loss, sel.x)
+if len(ranking):
+    st.plotly_chart(ranking_heatmap(ranking, style=sel.style), width="stretch", key="ranking")
+    st.dataframe(ranking.round(3), hide_index=True, width="stretch")
+else:
+    st.caption("Too few checkpoints with both a signal and a downstream score to rank anything.")
