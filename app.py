@@ -17,6 +17,8 @@ MAIN_VIEW = "pages/divergence.py"
 PAGES = [
     st.Page("pages/divergence.py", title="Divergence", icon=":material/call_split:", url_path="divergence"),
     st.Page("pages/compare.py", title="Compare runs", icon=":material/compare_arrows:", url_path="compare"),
+    st.Page("pages/geometry.py", title="Geometry", icon=":material/landscape:", url_path="geometry"),
+    st.Page("pages/pathways.py", title="Pathways", icon=":material/alt_route:", url_path="pathways"),
     st.Page("pages/runs.py", title="Runs", icon=":material/folder_open:", url_path="runs"),
     st.Page("pages/evaluate.py", title="Evaluate", icon=":material/play_arrow:", url_path="evaluate"),
     st.Page("pages/jobs.py", title="Jobs", icon=":material/pending:", url_path="jobs"),

@@ -55,6 +55,20 @@ def _register(store: Store, run, *, trust_remote_code: bool = False) -> int:
     return 0
 
 
+def _demo_data_files() -> None:
+    """The demo's task data and probe sets, written from the demo split when missing."""
+    from analysis.demo import DEMO_RUNS, write_task_files
+    from analysis.evals.probes import write_modarith_probes
+    from analysis.evals.tasks import DEFAULT_DATA_DIR
+    from analysis.jobs.spec import DEFAULT_PROBES
+
+    tasks = DEFAULT_DATA_DIR / "modarith"
+    if not (tasks / "heldout.jsonl").is_file() or not (tasks / "train.jsonl").is_file():
+        write_task_files(tasks, DEMO_RUNS["grokking"])
+    if not (DEFAULT_PROBES / "heldout.jsonl").is_file():
+        write_modarith_probes(DEFAULT_PROBES)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from analysis.demo import build_demo
     from analysis.runs.load import load_run
@@ -63,6 +77,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     root = Path(args.root)
     print(f"building the demo runs in {root} (cached: a finished run is not retrained)", file=sys.stderr)
     folders = build_demo(root, scale=args.scale, progress=_progress_bar("training"))
+    _demo_data_files()
     code = 0
     for folder in folders:
         code |= _register(store, load_run(folder))

@@ -171,3 +171,36 @@ def metric_picker(where, label: str, options: list[str], preferred: list[str], k
         return None
     default = next((m for m in preferred if m in options), options[0])
     return where.selectbox(label, options, index=options.index(default), key=key, bind="query-params")
+
+
+def signal_view(title: str, family: tuple[str, ...], what: str) -> None:
+    """A page of internal signals (one metric family) over training and against a downstream score."""
+    from analysis import divergence as dv
+    from analysis.charts import curves_figure, metric_vs_figure
+
+    sel = selection()
+    st.title(title)
+    if not sel.runs:
+        st.info("Pick runs in the sidebar.")
+        st.stop()
+    frame = long_table(sel.runs)
+    names = sorted(frame["metric"].unique()) if len(frame) else []
+    signals = [m for m in names if m in family]
+    if not signals:
+        st.warning(f"No {what} cached for these runs yet.")
+        st.code(f"python -m analysis eval --run {sel.runs[0]} --metrics {','.join(family[:3])}")
+        st.page_link("pages/evaluate.py", label="Open the Evaluate page", icon=":material/play_arrow:")
+        st.stop()
+    c1, c2, c3 = st.columns([3, 3, 2])
+    signal = metric_picker(c1, "Signal", signals, signals, "signal")
+    scores = dv.downstream_metrics(names)
+    score = metric_picker(c2, "Downstream", scores, scores, "score")
+    log_x = c3.toggle("Log x", value=True, key="logx", bind="query-params")
+    log_y = c3.toggle("Log y", value=False, key="logy", bind="query-params")
+    curve = curves_figure(frame, signal, x=sel.x, log_x=log_x, log_y=log_y, colors=sel.colors, style=sel.style)
+    st.plotly_chart(curve, width="stretch", key="signal_curve")
+    if score:
+        fig = metric_vs_figure(frame, signal, score, x=sel.x, log_metric=log_y, colors=sel.colors, style=sel.style)
+        st.plotly_chart(fig, width="stretch", key="signal_vs")
+    table = frame[frame["metric"].isin(signals)].pivot_table(index=["run", "step"], columns="metric", values="value")
+    st.dataframe(table.reset_index(), hide_index=True, width="stretch")

@@ -189,3 +189,24 @@ def test_divergence_without_scores_says_what_to_run(populated_db: Path, monkeypa
     assert not at.exception
     assert "no a downstream score" not in at.warning[0].value
     assert "python -m analysis eval" in at.code[0].value
+
+
+@pytest.mark.parametrize(
+    ("page", "metric"), [("pages/geometry.py", "hessian_trace"), ("pages/pathways.py", "pathway_distance")]
+)
+def test_signal_pages_chart_cached_metrics_against_downstream(divergence_db: Path, monkeypatch, page, metric) -> None:
+    from analysis.store import ResultRow, Store
+
+    store = Store(divergence_db)
+    empty = open_app(divergence_db, monkeypatch, page=page)
+    assert not empty.exception and "No " in empty.warning[0].value  # says what to run
+    rows = [ResultRow("grok", s, metric, 100.0 / s, f"fp-grok-{s}", stderr=1.0, n=8) for s in (10, 40, 80, 120)]
+    store.write_results(rows)
+    at = open_app(divergence_db, monkeypatch, page=page)
+    assert not at.exception and not at.error
+    assert at.selectbox(key="signal").value == metric
+    charts = at.get("plotly_chart")
+    assert len(charts) == 2
+    curve = figure_of(charts[0])
+    grok = next(t for t in curve["data"] if t.get("name") == "grok")
+    assert grok["x"] == [10, 40, 80, 120] and grok["y"][0] == pytest.approx(10.0)
