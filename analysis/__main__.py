@@ -25,6 +25,8 @@ def _progress_bar(desc: str) -> Callable[[int, int], None]:
     bar: dict = {}
 
     def update(done: int, total: int) -> None:
+        if bar.get("closed"):
+            return
         if "bar" not in bar:
             bar["bar"] = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
         b = bar["bar"]
@@ -33,7 +35,7 @@ def _progress_bar(desc: str) -> Callable[[int, int], None]:
         b.refresh()
         if done >= total:
             b.close()
-            bar.clear()
+            bar["closed"] = True
 
     return update
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from bench import eval_sweep, hvp
+from bench import eval_sweep, hvp, pathways
 
 if __name__ == "__main__":
     hvp.main([])
     eval_sweep.main([])
+    pathways.main([])

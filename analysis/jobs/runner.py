@@ -75,17 +75,35 @@ def _dtype(name: str | None) -> torch.dtype | None:
 
 
 def _probe_batches(probe, spec: JobSpec) -> list[dict[str, torch.Tensor]]:
-    """The fixed probe batches every checkpoint of the run is measured on."""
+    """The fixed probe batches every checkpoint of the run is measured on.
+
+    At most ``batch_size * metric_batches`` samples in all, shared round-robin among the
+    domains (sorted by name) so that every domain is represented (while there are no more
+    domains than samples allowed); a domain with fewer samples than its share leaves the
+    rest to the others. Each domain gives its first samples in probe order. Batches never
+    mix domains, and each carries ``domain_id`` (B,) long: the domain's index in sorted
+    name order (0..D-1), which ``gradient_alignment`` reads and other metrics ignore.
+    """
     from analysis.evals.heldout import right_pad
 
-    seqs = [list(s) for domain in sorted(probe.domains) for s in probe.domains[domain]]
-    seqs = seqs[: spec.batch_size * spec.metric_batches]
-    if not seqs:
-        raise ValueError(f"{spec.data}: no usable probe samples (each needs at least 2 tokens)")
+    names = sorted(probe.domains)
+    sizes = [len(probe.domains[name]) for name in names]
+    take = [0] * len(names)
+    left = spec.batch_size * spec.metric_batches
+    while left > 0 and any(t < n for t, n in zip(take, sizes, strict=True)):
+        for i, n in enumerate(sizes):
+            if left > 0 and take[i] < n:
+                take[i] += 1
+                left -= 1
     batches = []
-    for i in range(0, len(seqs), spec.batch_size):
-        ids, mask = right_pad(seqs[i : i + spec.batch_size])
-        batches.append({"input_ids": ids, "attention_mask": mask})
+    for index, (name, count) in enumerate(zip(names, take, strict=True)):
+        seqs = [list(s) for s in probe.domains[name][:count]]
+        for i in range(0, count, spec.batch_size):
+            ids, mask = right_pad(seqs[i : i + spec.batch_size])
+            domain = torch.full((ids.shape[0],), index, dtype=torch.long)
+            batches.append({"input_ids": ids, "attention_mask": mask, "domain_id": domain})
+    if not batches:
+        raise ValueError(f"{spec.data}: no usable probe samples (each needs at least 2 tokens)")
     return batches
 
 

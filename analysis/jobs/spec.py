@@ -163,6 +163,7 @@ def plan_items(spec: JobSpec) -> list[Item]:
                 "data_digest": file_digest(data),
                 "max_samples": spec.max_samples,
                 "batches": spec.metric_batches,
+                "probe_batching": "per_domain",
                 "batch_size": spec.batch_size,
                 "seed": spec.seed,
                 "version": metric_spec.version,

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from analysis.metrics import flatness, pathways
+from analysis.metrics import alignment, flatness, pathways
 from analysis.metrics.common import Batch, MetricResult
 
 MetricFn = Callable[..., MetricResult]
@@ -271,6 +271,18 @@ def _register_builtins() -> None:
     ]
     for name, cls, fn, better, text in moe:
         register(MetricSpec(name, "1", "pathways", better, True, cls, fn, text))
+    register(
+        MetricSpec(
+            "gradient_alignment",
+            "1",
+            "alignment",
+            True,
+            False,
+            alignment.GradientAlignmentConfig,
+            alignment.gradient_alignment,
+            "mean cosine between domains' loss gradients; diagonal = same-domain half-split ceiling",
+        )
+    )
 
 
 _register_builtins()
