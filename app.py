@@ -11,21 +11,12 @@ import streamlit as st
 
 from pages import _state
 
-st.set_page_config(page_title="Checkpoint divergence", page_icon=":material/query_stats:", layout="wide")
+st.set_page_config(**_state.PAGE_CONFIG)
 
-MAIN_VIEW = "pages/divergence.py"
-PAGES = [
-    st.Page("pages/divergence.py", title="Divergence", icon=":material/call_split:", url_path="divergence"),
-    st.Page("pages/compare.py", title="Compare runs", icon=":material/compare_arrows:", url_path="compare"),
-    st.Page("pages/geometry.py", title="Geometry", icon=":material/landscape:", url_path="geometry"),
-    st.Page("pages/pathways.py", title="Pathways", icon=":material/alt_route:", url_path="pathways"),
-    st.Page("pages/runs.py", title="Runs", icon=":material/folder_open:", url_path="runs"),
-    st.Page("pages/evaluate.py", title="Evaluate", icon=":material/play_arrow:", url_path="evaluate"),
-    st.Page("pages/jobs.py", title="Jobs", icon=":material/pending:", url_path="jobs"),
-]
+PAGES = [st.Page(script, title=title, icon=icon, url_path=path) for script, title, icon, path in _state.PAGES]
 # Streamlit serves the default page at / instead of at its own path, so / gets a hidden
 # copy of the main view and every listed page keeps a stable path of its own.
-HOME = st.Page(MAIN_VIEW, title="Home", url_path="home", default=True, visibility="hidden")
+HOME = st.Page(_state.PAGES[0][0], title="Home", url_path="home", default=True, visibility="hidden")
 
 navigation = st.navigation([HOME, *PAGES])
 _state.sidebar()

@@ -43,8 +43,8 @@ from analysis.models import EOS, build_word_tokenizer, tiny_moe_config
 
 MARKER = "COMPLETE"
 # Bump when the split or the training code changes what a config produces: a finished run of an
-# older version then no longer counts as complete and is rebuilt.
-DEMO_VERSION = 2
+# older version then no longer counts as complete and is rebuilt. Markers without one are version 1.
+DEMO_VERSION = 1
 TASK_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks" / "modarith"
 OPS: dict[str, Callable[[int, int, int], int]] = {
     "+": lambda a, b, p: (a + b) % p,
@@ -72,7 +72,7 @@ class DemoConfig:
     seed: int = 0  # model init, train/held-out split and batch order
     p: int = 97  # the modulus, a prime: numbers are the tokens 0..p-1
     op: str = "+"  # "+", "-" or "*"
-    train_fraction: float = 0.7  # share of the p*p pairs trained on; the rest is held out
+    train_fraction: float = 0.7  # share of the unordered pairs {a, b} trained on; at most EVAL_TRAIN_FRACTION
     steps: int = 500  # optimizer updates
     batch_size: int = 512  # sequences per update, drawn without replacement within an epoch
     lr: float = 1e-3  # AdamW peak learning rate, reached after a linear warmup and then held
@@ -83,7 +83,7 @@ class DemoConfig:
     eval_every: int = 10  # steps between held-out evaluations (checkpoint steps are always evaluated)
     eval_samples: int = 1024  # held-out pairs scored at those evaluations (the first N: fixed)
     n_checkpoints: int = 16  # log-spaced checkpoint steps; the last step is always one of them
-    # The model: an OLMoE small enough to train on two CPU cores in about a minute.
+    # The model: an OLMoE (1.7M parameters) that trains 500 steps on one CPU core in about 3 minutes.
     hidden_size: int = 128
     num_layers: int = 2
     num_experts: int = 8
@@ -169,12 +169,9 @@ def split_pairs(p: int, train_fraction: float, seed: int) -> tuple[list[tuple[in
     unordered pairs trained on.
 
     The unordered pairs are shuffled once and the train set is a prefix of that order, so a smaller
-    ``train_fraction`` with the same seed trains on a subset and holds out a superset. Each side lists
-    one seeded orientation of every unordered pair in that order, then the other orientations in the
-    same order. So the first N pairs of any side are a fair sample, and the first N train pairs
-    (N up to the smaller set's number of unordered pairs) are trained on by every demo run, whatever
-    its fraction. Uses Python's ``random.Random``, whose shuffle is stable across platforms and
-    versions, because the bundled task files depend on it.
+    ``train_fraction`` with the same seed trains on a subset and holds out a superset. Each side is
+    then shuffled (the first N pairs are a fair sample). Uses Python's ``random.Random``, whose
+    shuffle is stable across platforms and versions, because the bundled task files depend on it.
     """
     if not _is_prime(p):
         raise ValueError(f"split_pairs: p={p} must be a prime")
@@ -183,14 +180,14 @@ def split_pairs(p: int, train_fraction: float, seed: int) -> tuple[list[tuple[in
     rng = random.Random(seed)
     unordered = [(a, b) for a in range(p) for b in range(a, p)]
     rng.shuffle(unordered)
-    # One coin per unordered pair, drawn in the shuffled order: the same for every train_fraction.
-    flips = [rng.random() < 0.5 for _ in unordered]
-    first = [(b, a) if flip else (a, b) for (a, b), flip in zip(unordered, flips, strict=True)]
-    second = [(a, b) if flip else (b, a) for (a, b), flip in zip(unordered, flips, strict=True)]
-    n = _n_train_unordered(p, train_fraction)
-    train = first[:n] + [pair for pair in second[:n] if pair[0] != pair[1]]
-    heldout = first[n:] + [pair for pair in second[n:] if pair[0] != pair[1]]
-    return train, heldout
+    n_train = _n_train_unordered(p, train_fraction)
+    sides = []
+    for group in (unordered[:n_train], unordered[n_train:]):
+        pairs = [pair for a, b in group for pair in ({(a, b), (b, a)} if a != b else {(a, b)})]
+        pairs.sort()  # sets have no stable order; sort, then shuffle under the seed
+        rng.shuffle(pairs)
+        sides.append(pairs)
+    return sides[0], sides[1]
 
 
 def eval_pairs(cfg: DemoConfig) -> list[tuple[int, int]]:
@@ -211,9 +208,10 @@ def task_records(pairs: list[tuple[int, int]], p: int, op: str = "+") -> list[di
 def write_task_files(folder: Path, cfg: DemoConfig) -> tuple[Path, Path]:
     """Write ``train.jsonl`` and ``heldout.jsonl`` of ``cfg``'s split into ``folder``.
 
-    ``data/tasks/modarith/`` is this with ``DEMO_RUNS["grokking"]``: its held-out pairs are the ones
-    every demo run is scored on, and the first records of its ``train.jsonl`` are trained on by both
-    runs (the splits are nested). Returns the two paths.
+    ``data/tasks/modarith/`` is this with ``DEMO_RUNS["grokking"]``, whose held-out pairs no demo
+    run trains on (the splits are nested) and whose first ``eval_samples`` held-out pairs are the ones
+    behind ``eval/*``. Its ``train.jsonl`` is the grokking run's training set; the memorizing run's is
+    the subset ``split_pairs(p, 0.3, seed)[0]``. Returns the two paths.
     """
     folder.mkdir(parents=True, exist_ok=True)
     train, heldout = split_pairs(cfg.p, cfg.train_fraction, cfg.seed)
@@ -370,9 +368,17 @@ def _marker_text(cfg: DemoConfig) -> str:
 
 
 def is_complete(run_dir: Path, cfg: DemoConfig) -> bool:
-    """True when ``run_dir`` holds a finished build of exactly ``cfg``."""
-    marker = run_dir / MARKER
-    return marker.is_file() and marker.read_text() == _marker_text(cfg)
+    """True when ``run_dir`` holds a finished build of exactly ``cfg`` by this version of the demo."""
+    marker = Path(run_dir) / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        built = json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    if not isinstance(built, dict):
+        return False
+    return built.pop("demo_version", 1) == DEMO_VERSION and built == json.loads(json.dumps(asdict(cfg)))
 
 
 def train_run(

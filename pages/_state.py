@@ -19,6 +19,18 @@ import streamlit as st
 from analysis.charts import ChartStyle, run_colors
 from analysis.store import DEFAULT_DB, Store, StoreLockedError
 
+# Every view: (script, title, icon, URL path). app.py builds the navigation from this list.
+PAGES = [
+    ("pages/divergence.py", "Divergence", ":material/call_split:", "divergence"),
+    ("pages/compare.py", "Compare runs", ":material/compare_arrows:", "compare"),
+    ("pages/geometry.py", "Geometry", ":material/landscape:", "geometry"),
+    ("pages/pathways.py", "Pathways", ":material/alt_route:", "pathways"),
+    ("pages/runs.py", "Runs", ":material/folder_open:", "runs"),
+    ("pages/evaluate.py", "Evaluate", ":material/play_arrow:", "evaluate"),
+    ("pages/jobs.py", "Jobs", ":material/pending:", "jobs"),
+]
+PAGE_CONFIG = {"page_title": "Checkpoint divergence", "page_icon": ":material/query_stats:", "layout": "wide"}
+
 
 def db_path() -> Path:
     """The cache file: ``-- --db PATH`` after ``streamlit run app.py``, else $CDD_DB, else the default."""
@@ -91,6 +103,9 @@ def sidebar() -> None:
     table = runs_table()
     names = list(table["name"]) if len(table) else []
     with st.sidebar:
+        for script, title, icon, _ in PAGES:
+            st.page_link(script, label=title, icon=icon)
+        st.divider()
         st.caption(f"cache: `{db_path()}`")
         chosen = st.multiselect(
             "Runs", names, default=names[:4], key="runs", bind="query-params", placeholder="pick runs"
@@ -109,7 +124,10 @@ def sidebar() -> None:
 def selection() -> Selection:
     """The sidebar's choices (drawn by app.py before the page runs)."""
     sel = st.session_state.get("_selection")
-    if sel is None:  # a page run on its own, e.g. in a test
+    if sel is None:
+        # The page runs without app.py: Streamlit serves a deep link (/divergence?...) straight from
+        # the pages/ folder. Give it the same page setup and sidebar.
+        st.set_page_config(**PAGE_CONFIG)
         sidebar()
         sel = st.session_state["_selection"]
     return sel

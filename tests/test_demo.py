@@ -6,6 +6,7 @@ into another folder checks determinism.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -85,12 +86,9 @@ def test_split_pairs_is_nested_across_fractions():
     train, heldout = demo.split_pairs(97, 0.7, seed=0)
     assert set(small_train) < set(train)
     assert set(heldout) < set(big_heldout)
-    # The first records of the bigger train side are trained on at the smaller fraction too,
-    # and they are a fair sample: both orientations and all operands occur.
-    n_shared = round(0.3 * 97 * 98 / 2)
-    assert train[:n_shared] == small_train[:n_shared]
-    assert 0.4 < sum(a < b for a, b in train[:n_shared]) / n_shared < 0.6
-    assert {a for a, _ in train[:500]} == set(range(97))
+    # Each side is shuffled: its first records are a fair sample, not one corner of the table.
+    assert 0.4 < sum(a < b for a, b in heldout[:1000]) / 1000 < 0.6
+    assert {a for a, _ in heldout[:1000]} == set(range(97))
 
 
 def test_eval_pairs_are_held_out_by_every_demo_run():
@@ -185,10 +183,12 @@ def test_metrics_log(built):
         ckpt_steps = set(demo.checkpoint_steps(cfg.steps, cfg.n_checkpoints))
         assert ckpt_steps <= {r["step"] for r in evals}
         assert all(0 <= r["eval/accuracy"] <= 1 and math.isfinite(r["eval/loss"]) for r in evals)
-        # 25 steps are enough to leave the uniform prediction (ln 97 = 4.57) behind.
+        # In 25 steps the loss drops from its random-init value (~4.7) to about uniform guessing
+        # (ln 97 = 4.57); the real fit starts only after ~250 steps.
         first = sum(r["train/loss"] for r in rows[:5]) / 5
         last = sum(r["train/loss"] for r in rows[-5:]) / 5
-        assert last < first - 0.02
+        assert last < first - 0.05
+        assert last < math.log(cfg.p) + 0.1
 
 
 def test_checkpoints_load_with_default_experts_and_give_the_same_logits(built):
@@ -285,4 +285,16 @@ def test_a_marker_from_another_demo_version_counts_as_incomplete(tmp_path, monke
     (tmp_path / demo.MARKER).write_text(demo._marker_text(cfg))
     assert demo.is_complete(tmp_path, cfg)
     monkeypatch.setattr(demo, "DEMO_VERSION", demo.DEMO_VERSION + 1)
+    assert not demo.is_complete(tmp_path, cfg)
+
+
+def test_unreadable_or_unversioned_markers(tmp_path, monkeypatch):
+    cfg = demo.DemoConfig(steps=1, warmup_steps=0)
+    (tmp_path / demo.MARKER).write_text("half written {")
+    assert not demo.is_complete(tmp_path, cfg)
+    # Markers written before the demo had versions hold the bare config: version 1.
+    (tmp_path / demo.MARKER).write_text(json.dumps(dataclasses.asdict(cfg)))
+    monkeypatch.setattr(demo, "DEMO_VERSION", 1)
+    assert demo.is_complete(tmp_path, cfg)
+    monkeypatch.setattr(demo, "DEMO_VERSION", 2)
     assert not demo.is_complete(tmp_path, cfg)
