@@ -260,6 +260,24 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from analysis.report import ReportOptions, build_report, export, format_of
+
+    fmt = format_of(args.out, args.format)  # a bad suffix fails before any work
+    options = ReportOptions(loss_metric=args.loss, downstream_metric=args.downstream, x=args.x)
+    report = build_report(Store(args.db), args.run, options)
+    done = export(report, args.out, fmt)
+    for item in report.missing:
+        print(
+            f"missing: {item.what}" + (f" (compute it with `{item.command}`)" if item.command else ""), file=sys.stderr
+        )
+    for note in done.notes:
+        print(f"note: {note}", file=sys.stderr)
+    size = done.path.stat().st_size / 1e6
+    print(f"wrote {done.path} ({done.format}, {len(report.figures)} figures, {size:.1f} MB)")
+    return 0
+
+
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -337,6 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=["json", "text"], default="json")
     p.set_defaults(func=cmd_metric)
+
+    p = sub.add_parser("report", parents=[common], help="export a report: HTML, PDF, Markdown, CSV or Parquet")
+    p.add_argument(
+        "--run", action="append", required=True, help="run name (repeat for several; the first is the reference)"
+    )
+    p.add_argument("--out", required=True, help="output file: .html, .pdf, .md, .zip, .csv or .parquet")
+    p.add_argument("--format", choices=["html", "pdf", "md", "zip", "csv", "parquet"], help="default: from --out")
+    p.add_argument("--loss", help="loss metric (default: as the Divergence page, eval/loss then train/loss)")
+    p.add_argument("--downstream", help="downstream metric (default: the first lm-eval score)")
+    p.add_argument("--x", choices=["step", "tokens"], default="step", help="x-axis (default step)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("migrate", parents=[common], help="create or upgrade the cache schema")
     p.set_defaults(func=cmd_migrate)

@@ -25,6 +25,7 @@ PAGES = [
     ("pages/compare.py", "Compare runs", ":material/compare_arrows:", "compare"),
     ("pages/geometry.py", "Geometry", ":material/landscape:", "geometry"),
     ("pages/pathways.py", "Pathways", ":material/alt_route:", "pathways"),
+    ("pages/report.py", "Report", ":material/description:", "report"),
     ("pages/runs.py", "Runs", ":material/folder_open:", "runs"),
     ("pages/evaluate.py", "Evaluate", ":material/play_arrow:", "evaluate"),
     ("pages/jobs.py", "Jobs", ":material/pending:", "jobs"),
@@ -174,6 +175,20 @@ def long_table(runs: tuple[str, ...]) -> pd.DataFrame:
     """Logged series and computed results of ``runs``: run, step, tokens, metric, value, stderr."""
     db = str(db_path())
     return guarded(lambda: _long_table(db, generation(), tuple(sorted(runs))))
+
+
+@st.cache_data(max_entries=8, show_spinner="Building the report…")
+def _report(db: str, gen: int, runs: tuple[str, ...], loss: str | None, score: str | None, x: str):
+    from analysis.report import ReportOptions, build_report
+
+    options = ReportOptions(loss_metric=loss, downstream_metric=score, x=x)
+    return build_report(Store(db, lock_timeout=10.0), list(runs), options)
+
+
+def report(runs: tuple[str, ...], loss: str | None, score: str | None, x: str):
+    """The exported report of ``runs`` (an ``analysis.report.Report``), rebuilt when the cache changes."""
+    db = str(db_path())
+    return guarded(lambda: _report(db, generation(), tuple(runs), loss, score, x))
 
 
 @st.cache_data(max_entries=32, show_spinner="Ranking predictors…")

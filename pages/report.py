@@ -1,0 +1,69 @@
+"""Report: the selected runs' figures, numbers and provenance as one file to send (HTML, PDF, Markdown, data)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+import streamlit as st
+
+from analysis import divergence as dv
+from analysis import report as rp
+from pages import _state
+
+sel = _state.selection()
+st.title("Report")
+if not sel.runs:
+    _state.no_runs_message() if not len(_state.runs_table()) else st.info("Pick runs in the sidebar.")
+    st.stop()
+
+frame = _state.long_table(sel.runs)
+names = sorted(frame["metric"].unique()) if len(frame) else []
+losses, scores = dv.loss_metrics(names), dv.downstream_metrics(names)
+c1, c2 = st.columns(2)
+loss = _state.metric_picker(c1, "Loss", losses, losses, "loss")
+score = _state.metric_picker(c2, "Downstream", scores, scores, "score")
+report = _state.report(sel.runs, loss, score, sel.x)
+
+st.caption(
+    f"{len(report.sections)} sections, {len(report.figures)} figures, "
+    f"{sum(len(s.tables) for s in report.sections)} tables, {len(report.data)} values with their provenance. "
+    "The file carries the same figures and numbers as the pages and opens without this tool or a network."
+)
+for section in report.sections:
+    parts = [f"{len(section.figures)} figure(s)"] if section.figures else []
+    parts += [f"{len(section.tables)} table(s)"] if section.tables else []
+    status = ":material/check_circle:" if not section.missing else ":material/error:"
+    st.markdown(f"{status} **{section.title}**: {', '.join(parts) or 'nothing to show'}")
+    if section.key == "matched" and len(section.text) > 1:
+        st.caption(section.text[1])  # the largest gap at matched loss
+    for item in section.missing:
+        st.warning(f"Missing: {item.what}." + (f" Compute it with `{item.command}`" if item.command else ""))
+
+st.subheader("Download")
+base = "report-" + re.sub(r"[^A-Za-z0-9_-]+", "_", "-".join(sel.runs))[:80]
+browser = rp.find_chromium()
+DOWNLOADS = [  # (format, label, suffix, MIME type, icon, help)
+    ("html", "HTML", "html", "text/html", ":material/html:", "One self-contained page; figures stay interactive."),
+    ("pdf", "PDF", "pdf", "application/pdf", ":material/picture_as_pdf:", "Printed by Chromium, a page per section."),
+    ("md", "Markdown (zip)", "zip", "application/zip", ":material/folder_zip:", "report.md, PNG figures, data."),
+    ("csv", "CSV", "csv", "text/csv", ":material/table:", "Every value with its provenance, one row each."),
+    ("parquet", "Parquet", "parquet", "application/octet-stream", ":material/table:", "The same table as Parquet."),
+]
+for column, (fmt, label, suffix, mime, icon, tip) in zip(st.columns(len(DOWNLOADS)), DOWNLOADS, strict=True):
+    if fmt == "pdf" and not browser:
+        continue
+    column.download_button(
+        label, lambda fmt=fmt: rp.export_bytes(report, fmt), f"{base}.{suffix}", mime, key=f"dl_{fmt}",
+        on_click="ignore", icon=icon, help=tip,
+    )  # fmt: skip
+if not browser:
+    st.info(
+        f"PDF export and the Markdown figures need Chromium, which is not installed here: `{rp.INSTALL_CHROMIUM}`. "
+        "HTML, CSV and Parquet work without it."
+    )
+
+runs = " ".join(f"--run {shlex.quote(r)}" for r in sel.runs)
+flags = (f" --loss {shlex.quote(loss)}" if loss else "") + (f" --downstream {shlex.quote(score)}" if score else "")
+st.caption("The same report from the command line:")
+st.code(f"python -m analysis report {runs}{flags} --x {sel.x} --out report.pdf --db {shlex.quote(str(sel.db))}")
