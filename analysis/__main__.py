@@ -217,9 +217,10 @@ def cmd_import_evals(args: argparse.Namespace) -> int:
     files = sorted(Path(args.path).rglob("*.json")) if Path(args.path).is_dir() else [Path(args.path)]
     if not files:
         raise ValueError(f"{args.path}: no .json result files found; point at an lm-eval output file or folder")
+    # Every file is read before anything is written: one bad file imports nothing.
+    parsed = [parse_results_file(file, step=args.step) for file in files]
     written = 0
-    for file in files:
-        imported = parse_results_file(file, step=args.step)
+    for file, imported in zip(files, parsed, strict=True):
         for problem in imported.problems:
             print(f"warning: {file}: {problem}", file=sys.stderr)
         if imported.step not in by_step:

@@ -12,6 +12,11 @@ from pathlib import Path
 
 import torch
 
+from analysis.runs.local import check_weights_only
+
+# A checkpoint folder holds its tokenizer in files named like these.
+TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "spiece", "sentencepiece")
+
 # Special tokens of the word-level tokenizers built here.
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 
@@ -127,6 +132,15 @@ def load_model(
     weights = [*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin"), *folder.glob("model*.bin")]
     if not weights:
         raise ValueError(f"{folder}: no *.safetensors or *.bin weights; save the checkpoint with save_pretrained")
+    for file in weights:
+        if file.name.endswith(".bin"):
+            check_weights_only(file)  # refuse pickled code before transformers opens the file
+    if not any(p.name.startswith(TOKENIZER_FILES) for p in folder.iterdir()):
+        # Without these, AutoTokenizer may build some other tokenizer and every text would be misread.
+        raise ValueError(
+            f"{folder}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...); "
+            "save the tokenizer there with tokenizer.save_pretrained"
+        )
     kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": dtype if dtype is not None else "auto"}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -26,7 +26,7 @@ import os
 import random
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,7 +207,10 @@ class Store:
     def _connect(self, *, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
         """Open the file, retrying with jittered backoff while another process holds it."""
         if not read_only:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ValueError(f"{self.path}: cannot create its folder ({err.strerror}); pass another --db") from None
         deadline = time.monotonic() + self.lock_timeout
         delay = 0.005
         while True:
@@ -216,6 +219,11 @@ class Store:
                 break
             except duckdb.Error as err:
                 if not _is_lock_error(err):
+                    if "permission denied" in str(err).lower():
+                        raise ValueError(
+                            f"{self.path}: cannot open the cache for writing (permission denied); "
+                            "make the file and its folder writable, or pass another --db"
+                        ) from None
                     raise ValueError(
                         f"{self.path}: cannot open the cache ({str(err).splitlines()[0]}); "
                         "move the file aside to start a fresh cache"
@@ -236,15 +244,27 @@ class Store:
     def _write(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """One write transaction on a migrated database; bumps the generation counter."""
         with self._connect(read_only=False) as con:
-            self._migrate(con)
-            con.execute("BEGIN TRANSACTION")
             try:
-                yield con
-                con.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
+                self._migrate(con)
+                con.execute("BEGIN TRANSACTION")
+                try:
+                    yield con
+                    con.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+                    con.execute("COMMIT")
+                except BaseException:
+                    with suppress(duckdb.Error):  # after a failed COMMIT there is nothing left to roll back
+                        con.execute("ROLLBACK")
+                    raise
+            except (duckdb.IOException, duckdb.TransactionException, duckdb.FatalException) as err:
+                # Disk full, a file size limit, a folder that refuses the .wal file. The transaction is
+                # atomic: the file keeps its last committed state (tests/test_faults.py).
+                if isinstance(err, duckdb.TransactionException) and "commit" not in str(err).lower():
+                    raise
+                reason = str(err).splitlines()[0]
+                raise ValueError(
+                    f"{self.path}: cannot write the cache ({reason}); "
+                    "free disk space or make the file and its folder writable, then run the command again"
+                ) from None
 
     def _read(self, sql: str, params: Iterable = ()) -> pd.DataFrame:
         """Run one query read-only; an absent cache file reads as empty."""

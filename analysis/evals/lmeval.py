@@ -24,6 +24,7 @@ import torch
 
 from analysis.evals.heldout import model_device
 from analysis.evals.tasks import resolve_tasks, task_manager
+from analysis.runs.base import MAX_STEP
 
 # Result keys that describe a task rather than measure it.
 _META_KEYS = {"alias", "name", "sample_len", " ", "group", "task"}
@@ -213,14 +214,16 @@ def _number(value: Any) -> float | None:
     """A finite float, or None for anything else (strings, "N/A", bools, NaN, inf)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # a JSON integer too big for a float
+        return None
     return value if math.isfinite(value) else None
 
 
 def _int_or_none(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    return int(value)
+    value = _number(value)
+    return None if value is None else int(value)
 
 
 def _split_metric(key: str) -> tuple[str, str]:
@@ -373,6 +376,8 @@ def parse_results_file(path: str | Path, step: int | None = None) -> ImportedEva
         ) from None
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text; pass a results JSON written by lm-eval") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply for lm-eval results; pass an lm-eval results file") from None
     if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
         raise ValueError(
             f"{path}: no 'results' object; an lm-eval results file has {{\"results\": {{task: {{metric: value}}}}}}"
@@ -398,6 +403,8 @@ def parse_results_file(path: str | Path, step: int | None = None) -> ImportedEva
             f"{path}: cannot tell the checkpoint step (no revision=stepN in config.model_args, no stepN in the path); "
             "pass the step explicitly"
         )
+    if not 0 <= found[0] <= MAX_STEP:
+        raise ValueError(f"{path}: step {found[0]} (from the {found[1]}) is not in 0..2**53; pass the real step")
     legacy_shot = _int_or_none(config.get("num_fewshot"))
     rows, problems = rows_from_results(data, source=str(path), n_shot_default=legacy_shot)
     if not rows:

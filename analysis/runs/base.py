@@ -9,6 +9,10 @@ import pandas as pd
 # Columns of a run's training log in long form: one row per (step, metric).
 LOG_COLUMNS = ["step", "tokens", "metric", "value"]
 
+# The largest step or token count accepted anywhere: logs hold them as float64, exact up to 2**53,
+# and the cache as BIGINT. No real run comes near it; a bigger number is a corrupt or foreign file.
+MAX_STEP = 2**53
+
 
 def empty_log() -> pd.DataFrame:
     """A log frame with no rows and the right columns and dtypes."""

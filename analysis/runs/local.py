@@ -26,7 +26,7 @@ import struct
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from analysis.runs.base import Checkpoint
+from analysis.runs.base import MAX_STEP, Checkpoint
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -170,6 +170,43 @@ def read_safetensors_header(path: str | Path) -> bytes:
         raise ValueError(f"{path}: {err}; copy or save it again") from None
 
 
+def _pickle_problem(path: Path) -> str | None:
+    """Why a pickled ``.bin`` is refused, or None when it holds only tensors; nothing in it is run.
+
+    torch's weights-only unpickler (what transformers loads ``.bin`` with) reads the pickle and
+    rejects anything outside its allowlist without calling it. With mmap only the pickle is read,
+    not the tensors.
+    """
+    import pickle
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about the pickle protocol of files it then rejects
+        try:
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):
+                    raise
+                torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+        except pickle.UnpicklingError as err:
+            called = re.search(r"GLOBAL (\S+)", str(err))
+            what = f"it would call {called.group(1)}" if called else "it is not a plain pickle of tensors"
+            return f"refused: the weights-only loader rejects it ({what}); convert a trusted copy to safetensors"
+        except (RuntimeError, EOFError) as err:
+            return f"unreadable ({str(err).strip().splitlines()[0]}); copy or save it again"
+    return None
+
+
+def check_weights_only(path: str | Path) -> None:
+    """Raise ValueError (one line naming the file) unless a ``.bin`` weights file holds only tensors."""
+    problem = _pickle_problem(Path(path))
+    if problem is not None:
+        raise ValueError(f"{path}: {problem}")
+
+
 def _model_files(path: Path) -> list[Path]:
     """The files a checkpoint's fingerprint covers: weights, config and tokenizer files."""
     if path.is_file():
@@ -229,6 +266,8 @@ def _check_weights(files: list[Path]) -> str | None:
                 _header_bytes(file)
             except ValueError as err:
                 return f"{file.name}: {err}; skipped (copy or save it again)"
+        elif (problem := _pickle_problem(file)) is not None:
+            return f"{file.name}: {problem}; skipped"
     return None
 
 
@@ -266,6 +305,9 @@ def _candidates(root: Path, problems: list[str]) -> list[tuple[int, int | None, 
         parsed = parse_step_name(child.name)
         if parsed is None:
             continue
+        if max(parsed[0], parsed[1] or 0) > MAX_STEP:
+            problems.append(f"{child}: step or token count above 2**53; skipped (rename it with the real step)")
+            continue
         if child.is_dir() and not child.name.lower().endswith(WEIGHT_SUFFIXES):
             found.append((*parsed, child))
         elif child.is_file() and is_weights_file(child):
@@ -296,6 +338,8 @@ def discover_checkpoints(root: str | Path) -> tuple[list[Checkpoint], list[str]]
     candidates = _candidates(root, problems)
     if not candidates and (root / "config.json").exists():
         step, tokens = parse_step_name(root.name) or (0, None)
+        if max(step, tokens or 0) > MAX_STEP:
+            raise ValueError(f"{root}: step or token count above 2**53 in its name; rename it with the real step")
         candidates = [(step, tokens, root)]
     if not candidates:
         return [], problems or [

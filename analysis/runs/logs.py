@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.runs.base import Checkpoint, empty_log
+from analysis.runs.base import MAX_STEP, Checkpoint, empty_log
 from analysis.runs.local import parse_step_name
 
 # Column names that hold the training step, most specific first.
@@ -127,6 +127,7 @@ def _normalise(long: pd.DataFrame) -> pd.DataFrame:
     if long.empty:
         return empty_log()
     tokens = pd.to_numeric(long["tokens"], errors="coerce").astype("float64")
+    tokens = tokens.where(tokens.abs() <= MAX_STEP)  # a count beyond any real run is unknown, not an overflow
     steps = long["step"].astype("int64")
     by_step = tokens[np.isfinite(tokens)].groupby(steps[np.isfinite(tokens)]).last()
     tokens = tokens.where(np.isfinite(tokens), steps.map(by_step))
@@ -153,9 +154,9 @@ def _normalise(long: pd.DataFrame) -> pd.DataFrame:
 def _finish(long: pd.DataFrame, path: Path, problems: list[str]) -> LogResult:
     """Drop rows without a whole-number step or with a non-finite value (reporting them), then normalise."""
     steps = pd.to_numeric(long["step"], errors="coerce").astype("float64")
-    good_step = np.isfinite(steps) & (steps == np.round(steps))
+    good_step = np.isfinite(steps) & (steps == np.round(steps)) & (steps.abs() <= MAX_STEP)
     if (~good_step).any():
-        problems.append(f"{path}: skipped {int((~good_step).sum())} values without a whole-number step")
+        problems.append(f"{path}: skipped {int((~good_step).sum())} values without a whole-number step up to 2**53")
     long = long[good_step].assign(step=steps[good_step])
     values = long["value"].astype("float64")
     finite = np.isfinite(values)
@@ -220,6 +221,14 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _as_float(value: int | float) -> float:
+    """A JSON number as a float; an integer too big for one becomes infinite (and is then dropped)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def _from_records(
     records: list[dict], path: Path, problems: list[str], skip: frozenset[str] = frozenset()
 ) -> LogResult:
@@ -240,10 +249,10 @@ def _from_records(
             name = names.get(key)
             if name is None or not _is_number(value):
                 continue
-            steps.append(flat[step_key])
-            tokens.append(flat[token_key] if token_key else math.nan)
+            steps.append(_as_float(flat[step_key]))
+            tokens.append(_as_float(flat[token_key]) if token_key else math.nan)
             metrics.append(name)
-            values.append(float(value))
+            values.append(_as_float(value))
     if not found_step:
         raise ValueError(
             f"{path}: no step field (looked for {', '.join(STEP_KEYS)}); log the training step as 'step' in every entry"
@@ -270,7 +279,7 @@ def _read_json_lines(path: Path, text: str) -> LogResult:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deep to be a log
             record = None
         if not isinstance(record, dict):
             broken += 1
@@ -299,7 +308,7 @@ def _read_json(path: Path) -> LogResult:
     text = _read_text(path)
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return _read_json_lines(path, text)  # a .json file written one object per line
     if path.name == "trainer_state.json" or (isinstance(data, dict) and "log_history" in data):
         return _read_trainer_state(path, data)
