@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,8 @@ PAGES = [
     ("pages/evaluate.py", "Evaluate", ":material/play_arrow:", "evaluate"),
     ("pages/jobs.py", "Jobs", ":material/pending:", "jobs"),
 ]
-PAGE_CONFIG = {"page_title": "Checkpoint divergence", "page_icon": ":material/query_stats:", "layout": "wide"}
+# An emoji favicon is drawn in the page (a data: URL); a :material/...: one is fetched from fonts.gstatic.com.
+PAGE_CONFIG = {"page_title": "Checkpoint divergence", "page_icon": "📉", "layout": "wide"}
 
 
 def db_path() -> Path:
@@ -237,3 +239,15 @@ def signal_view(title: str, family: tuple[str, ...], what: str) -> None:
         st.plotly_chart(fig, width="stretch", key="signal_vs")
     table = frame[frame["metric"].isin(signals)].pivot_table(index=["run", "step"], columns="metric", values="value")
     st.dataframe(table.reset_index(), hide_index=True, width="stretch")
+
+
+# Characters that markdown (and Streamlit's labels, captions and st.markdown) give a meaning to.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$])")
+
+
+def md_text(text: object) -> str:
+    """``text`` for a markdown string, label or caption, shown as typed: never a link, image or HTML.
+
+    Run names, paths, task names and error messages come from folders and files a user was handed.
+    """
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", str(text))

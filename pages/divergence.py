@@ -51,7 +51,8 @@ with left:
     if len(windows):
         st.dataframe(windows.round(4), hide_index=True, width="stretch")
     else:
-        st.caption(f"No window where the loss is flat within {tol:.0%} while {score} moves by more than {z} stderr.")
+        what = _state.md_text(score)
+        st.caption(f"No window where the loss is flat within {tol:.0%} while {what} moves by more than {z} stderr.")
     st.subheader("Loss vs downstream correlation")
     st.dataframe(corr.round(3), hide_index=True, width="stretch")
 with right:

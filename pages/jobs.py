@@ -28,7 +28,7 @@ def queue() -> None:
         done = job.items_done / job.items_total if job.items_total else 0.0
         with st.container(border=True):
             head = st.columns([6, 2, 2])
-            head[0].markdown(f"**Job {job.id}** · run `{job.run}` · {what}")
+            head[0].markdown(f"**Job {job.id}** · run {_state.md_text(job.run)} · {_state.md_text(what)}")
             head[1].markdown(f"`{job.status}`")
             if job.status in ("queued", "running") and head[2].button("Cancel", key=f"cancel-{job.id}"):
                 _state.store().set_job(int(job.id), "cancelled", "cancelled from the dashboard")
@@ -41,7 +41,7 @@ def queue() -> None:
                 st.error(f"{job.units_failed} checkpoint(s) failed")
                 st.dataframe(units[units["status"] == "failed"][["unit", "message"]], hide_index=True)
             if job.message:
-                st.caption(job.message)
+                st.caption(_state.md_text(job.message))
 
 
 queue()

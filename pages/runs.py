@@ -15,10 +15,15 @@ if not len(table):
     st.stop()
 
 st.dataframe(
-    table[["name", "checkpoints", "first_step", "last_step", "log_metrics", "results", "source"]],
+    table[["name", "checkpoints", "first_step", "last_step", "log_metrics", "results", "trust_remote_code", "source"]],
     hide_index=True,
     width="stretch",
 )
+trusted = sorted(table.loc[table["trust_remote_code"], "name"])
+if trusted:
+    # Names go in as data (st.text), never as markdown: a run name is whatever its folder was called.
+    st.warning("These runs execute their checkpoints' own Python code when loaded (added with --trust-remote-code):")
+    st.text(", ".join(trusted))
 if not sel.runs:
     st.info("Pick one or more runs in the sidebar to see their curves.")
     st.stop()
@@ -42,5 +47,5 @@ else:
 st.subheader("Checkpoints")
 for run in sel.runs:
     ckpts = _state.checkpoints(run)
-    with st.expander(f"{run}: {len(ckpts)} checkpoints", expanded=len(sel.runs) == 1):
+    with st.expander(f"{_state.md_text(run)}: {len(ckpts)} checkpoints", expanded=len(sel.runs) == 1):
         st.dataframe(ckpts, hide_index=True, width="stretch")
