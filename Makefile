@@ -36,8 +36,12 @@ system-deps:
 demo: setup
 	$(BIN)/python -m analysis demo --db $(DB)
 
+# The demo's evaluations are queued by `demo`; a background worker computes them while the dashboard
+# is open (the pages fill in as each checkpoint lands; the Jobs page shows progress). It stops with make.
 run: demo
 	@echo "dashboard: http://$(HOST):$(PORT)  (Ctrl-C to stop)"
+	@$(BIN)/python -m analysis worker --db $(DB) --once > $(VENV)/worker.log 2>&1 & worker=$$!; \
+	trap 'kill $$worker 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/streamlit run app.py --server.address $(HOST) --server.port $(PORT) --server.headless true \
 		--server.fileWatcherType none --browser.gatherUsageStats false -- --db $(DB)
 

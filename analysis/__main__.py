@@ -72,17 +72,45 @@ def _demo_data_files() -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from analysis.demo import build_demo
+    from analysis.demo import DEMO_RUNS, build_demo, is_complete
     from analysis.runs.load import load_run
 
     store = Store(args.db)
     root = Path(args.root)
     print(f"building the demo runs in {root} (cached: a finished run is not retrained)", file=sys.stderr)
+    retrained = {name for name, cfg in DEMO_RUNS.items() if not is_complete(root / name, cfg.scaled(args.scale))}
     folders = build_demo(root, scale=args.scale, progress=_progress_bar("training"))
     _demo_data_files()
+    known = set(store.runs().get("name", []))
     code = 0
     for folder in folders:
+        if folder.name in retrained and folder.name in known:
+            store.delete_run(folder.name)  # a retrained run is a new run: nothing of the old one applies
         code |= _register(store, load_run(folder))
+    if code or args.no_eval:
+        return code
+    from analysis.demo import demo_eval_spec
+    from analysis.jobs import run_job, submit
+    from analysis.jobs.runner import missing_units
+
+    for folder in folders:
+        spec = demo_eval_spec(folder.name)
+        todo = missing_units(store, spec)
+        if not todo:
+            print(f"{folder.name}: every demo evaluation is cached", file=sys.stderr)
+            continue
+        job_id = submit(store, spec)
+        if not args.wait:
+            print(
+                f"{folder.name}: queued job {job_id} ({todo} checkpoints to evaluate); "
+                f"`python -m analysis worker --db {args.db} --once` runs it (`make run` starts one)"
+            )
+            continue
+        report = run_job(store, job_id, progress=_unit_bar())
+        print(report.summary())
+        for failure in report.failed or []:
+            print(f"failed: {failure}", file=sys.stderr)
+        code |= 1 if report.failed else 0
     return code
 
 
@@ -295,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[common], help="train the two embedded demo runs and register them")
     p.add_argument("--root", default=str(DEMO_ROOT), help=f"where the demo checkpoints go (default {DEMO_ROOT})")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the training steps (for quick tries)")
+    p.add_argument("--no-eval", action="store_true", help="train and register only; queue no evaluation")
+    p.add_argument("--wait", action="store_true", help="run the demo evaluation here instead of queueing it")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("add-run", parents=[common], help="register a local checkpoint folder or hf://ORG/MODEL")

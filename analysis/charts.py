@@ -7,7 +7,7 @@ run names, so a run has the same colour on every page and in every report.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -602,4 +602,114 @@ def ranking_heatmap(
     )
     fig.update_yaxes(type="category", autorange="reversed", showgrid=False)
     fig.update_xaxes(type="category", showgrid=False, side="bottom")
+    return fig
+
+
+# --- per-sample views ------------------------------------------------------------------------------------
+
+SAMPLE_COLORS = {0.0: "#D55E00", 1.0: "#0072B2"}  # wrong / right, colour-blind safe
+
+
+def sample_heatmap(
+    right: pd.DataFrame, order: list[str] | None = None, *, style: ChartStyle | None = None, title: str = ""
+) -> go.Figure:
+    """Samples (rows) x checkpoints (columns), right in blue and wrong in vermillion, gaps blank.
+
+    ``right`` is :func:`analysis.samples.correctness`'s table; ``order`` the sample ids top to
+    bottom (e.g. by the step they were learnt). Columns are evenly spaced and labelled by step,
+    so log-spaced checkpoints stay readable.
+    """
+    style = style or ChartStyle()
+    if right.empty:
+        return empty_figure("no per-sample results", style)
+    table = right.loc[order] if order is not None else right
+    steps = [str(s) for s in table.columns]
+    fig = go.Figure(
+        go.Heatmap(
+            z=table.to_numpy(dtype=float),
+            x=steps,
+            y=[str(s) for s in table.index],
+            zmin=0,
+            zmax=1,
+            colorscale=[
+                [0, SAMPLE_COLORS[0.0]],
+                [0.5, SAMPLE_COLORS[0.0]],
+                [0.5, SAMPLE_COLORS[1.0]],
+                [1, SAMPLE_COLORS[1.0]],
+            ],
+            showscale=False,
+            hovertemplate="sample %{y}<br>step %{x}<br>%{customdata}<extra></extra>",
+            customdata=np.where(table.to_numpy(dtype=float) >= 0.5, "right", "wrong"),
+        )
+    )
+    height = max(style.height, min(1200, 60 + 4 * len(table)))
+    _layout(
+        fig, replace(style, height=height), title=title, x_title="checkpoint step", y_title="sample",
+        log_x=False, log_y=False,
+    )  # fmt: skip
+    fig.update_xaxes(type="category", showgrid=False)
+    fig.update_yaxes(type="category", showticklabels=len(table) <= 60, autorange="reversed", showgrid=False)
+    fig.update_layout(hovermode="closest", showlegend=False)
+    return fig
+
+
+def learnt_figure(
+    per_step: pd.DataFrame, n_samples: int, *, style: ChartStyle | None = None, title: str = ""
+) -> go.Figure:
+    """Bars: samples learnt for good at each checkpoint; line: the share learnt so far."""
+    style = style or ChartStyle()
+    if per_step.empty:
+        return empty_figure("no checkpoints", style)
+    steps = [str(s) for s in per_step["step"]]
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=steps, y=per_step["learnt"], name="learnt at this checkpoint", marker_color=PALETTE[0]))
+    share = per_step["cumulative"] / max(n_samples, 1)
+    fig.add_trace(
+        go.Scatter(
+            x=steps, y=share, name="share learnt so far", yaxis="y2", mode="lines+markers",
+            line={"color": PALETTE[1], "width": style.line_width},
+        )
+    )  # fmt: skip
+    _layout(fig, style, title=title, x_title="checkpoint step", y_title="samples", log_x=False, log_y=False)
+    fig.update_xaxes(type="category")
+    fig.update_layout(yaxis2={"title": "share", "overlaying": "y", "side": "right", "range": [0, 1.05]})
+    return fig
+
+
+def group_trends_figure(
+    trends: pd.DataFrame,
+    metric: str,
+    *,
+    log_x: bool = False,
+    style: ChartStyle | None = None,
+    title: str = "",
+    marks: dict[str, float] | None = None,
+) -> go.Figure:
+    """One line per memorisation group (columns step, group, metric, value, stderr), with +-1 stderr bands.
+
+    ``marks`` puts a dotted vertical line at each group's memorisation step, in the group's colour.
+    """
+    style = style or ChartStyle()
+    data = trends[trends["metric"] == metric].sort_values("step")
+    if data.empty:
+        return empty_figure(f"no {metric} values for the groups", style)
+    fig = go.Figure()
+    groups = list(dict.fromkeys(data["group"]))
+    for i, group in enumerate(groups):
+        color = PALETTE[i % len(PALETTE)] if group != "never memorised" else "#7f7f7f"
+        rows = data[data["group"] == group]
+        xs, ys = rows["step"].to_numpy(dtype=float), rows["value"].to_numpy(dtype=float)
+        err = rows["stderr"].to_numpy(dtype=float)
+        if np.isfinite(err).any():
+            fig.add_trace(_band(xs, ys, np.nan_to_num(err), color, group))
+        hover = f"{group}<br>step %{{x}}<br>%{{y:.4g}} (n=%{{customdata}})<extra></extra>"
+        fig.add_trace(
+            go.Scatter(
+                x=xs, y=ys, name=group, mode="lines+markers", line={"color": color, "width": style.line_width},
+                customdata=rows["n"], hovertemplate=hover,
+            )
+        )  # fmt: skip
+        if marks and group in marks:
+            fig.add_vline(x=marks[group], line={"color": color, "dash": "dot", "width": 1})
+    _layout(fig, style, title=title, x_title="step", y_title=metric, log_x=log_x, log_y=False)
     return fig

@@ -82,7 +82,10 @@ class DemoConfig:
     beta2: float = 0.98  # as in the grokking literature: faster second-moment adaptation
     eval_every: int = 10  # steps between held-out evaluations (checkpoint steps are always evaluated)
     eval_samples: int = 1024  # held-out pairs scored at those evaluations (the first N: fixed)
-    n_checkpoints: int = 16  # log-spaced checkpoint steps; the last step is always one of them
+    n_checkpoints: int = 12  # log-spaced checkpoint steps; the last step is always one of them
+    # Plus one checkpoint every ``dense_every`` steps over the second half, where the runs memorise
+    # and generalise (0: log-spaced only). Memorisation groups need several checkpoints there.
+    dense_every: int = 25
     # The model: an OLMoE (1.7M parameters) that trains 500 steps on one CPU core in about 3 minutes.
     hidden_size: int = 128
     num_layers: int = 2
@@ -105,6 +108,8 @@ class DemoConfig:
         for name in ("steps", "batch_size", "eval_every", "eval_samples", "n_checkpoints", "hidden_size", "num_layers"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
+        if self.dense_every < 0:
+            problems.append(f"dense_every={self.dense_every} must be >= 0")
         if not 0 <= self.warmup_steps <= self.steps:
             problems.append(f"warmup_steps={self.warmup_steps} must be in [0, steps]")
         if self.lr <= 0:
@@ -119,6 +124,14 @@ class DemoConfig:
             problems.append(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
         if problems:
             raise ValueError("DemoConfig: " + "; ".join(problems))
+
+    def checkpoint_steps(self) -> list[int]:
+        """The steps saved as checkpoints: log-spaced, plus every ``dense_every`` steps over the second half."""
+        steps = set(checkpoint_steps(self.steps, self.n_checkpoints))
+        if self.dense_every:
+            half = self.steps // 2
+            steps = {s for s in steps if s < half} | set(range(half, self.steps + 1, self.dense_every)) | {self.steps}
+        return sorted(steps)
 
     def scaled(self, scale: float) -> DemoConfig:
         """The same run with ``steps`` (and warmup, checkpoint count) multiplied by ``scale``.
@@ -135,6 +148,7 @@ class DemoConfig:
             steps=steps,
             warmup_steps=min(steps, round(self.warmup_steps * scale)),
             n_checkpoints=max(4, round(self.n_checkpoints * min(scale, 1.0))),
+            dense_every=0 if scale < 1 else self.dense_every,
             eval_samples=max(64, round(self.eval_samples * min(scale, 1.0))),
         )
 
@@ -154,6 +168,45 @@ DEMO_RUNS: dict[str, DemoConfig] = {
         train_fraction=0.3,
     ),
 }
+
+
+# What `python -m analysis demo` computes on every demo checkpoint, so each page has data on first
+# open: the bundled tasks, held-out loss, per-sample memorisation rows (the answer token only: the
+# operands are random and unpredictable), and every internal metric. The top eigenvalue uses Lanczos
+# (a few seconds per checkpoint on a CPU instead of most of a minute by power iteration).
+DEMO_EVAL = {
+    "tasks": ("modarith_mc", "modarith_em"),
+    "metrics": (
+        "heldout_loss",
+        "memorisation",
+        "hessian_trace",
+        "hessian_top_eigenvalue",
+        "fisher_trace",
+        "adaptive_sharpness",
+        "perturbation_sensitivity",
+        "sam_sharpness",
+        "pathway_distance",
+        "pathway_distance_chars",
+        "pathway_consistency",
+        "pathway_consistency_normalized",
+        "routing_entropy",
+        "expert_load",
+        "gradient_alignment",
+    ),
+    "metric_params": {
+        "memorisation": {"answer_tokens": "1"},
+        "hessian_top_eigenvalue": {"method": "lanczos", "max_iter": "40", "tol": "1e-3"},
+    },
+    "limit": 100,  # documents per task
+}
+
+
+def demo_eval_spec(run: str, *, device: str = "auto", **overrides):
+    """The evaluation job of one demo run (see DEMO_EVAL); ``overrides`` replace JobSpec fields."""
+    from analysis.jobs.spec import JobSpec
+
+    settings = {**DEMO_EVAL, **overrides}
+    return JobSpec(run=run, device=device, **settings)
 
 
 # ----------------------------------------------------------------------------- data
@@ -408,7 +461,7 @@ def train_run(
     train_pairs, _ = split_pairs(cfg.p, cfg.train_fraction, cfg.seed)
     train_ids = encode_pairs(train_pairs, cfg.p, cfg.op, tokenizer).to(device)  # (N_train, T)
     heldout_ids = encode_pairs(eval_pairs(cfg), cfg.p, cfg.op, tokenizer).to(device)  # (N_eval, T)
-    save_at = set(checkpoint_steps(cfg.steps, cfg.n_checkpoints))
+    save_at = set(cfg.checkpoint_steps())
 
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)

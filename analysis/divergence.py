@@ -17,6 +17,7 @@ the aligned frame ``align`` returns, and gives back a plain data frame. Conventi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from numbers import Integral
 
@@ -34,6 +35,7 @@ CORRELATION_COLUMNS = [
 ]  # fmt: skip
 WINDOW_COLUMNS = [
     "run", "kind", "start", "end", "n_points", "loss_change", "loss_range", "downstream_change", "z_score",
+    "stderr_source",
 ]  # fmt: skip
 MATCHED_COLUMNS = ["loss_level", "run", "downstream", "stderr", "reference", "gap", "gap_stderr"]
 RESIDUAL_COLUMNS = [
@@ -444,10 +446,15 @@ def _trim(
     kind: str, a: int, b: int, score: np.ndarray, se: np.ndarray, *, z: float, min_points: int
 ) -> tuple[int, int]:
     """Shrink a merged window to the move itself: from the lowest score to the first highest one after it
-    (grokking), or from the highest to the first lowest after it (inverse). Kept only if still significant."""
+    (grokking), or from the highest to the first lowest after it (inverse). Kept only if still significant.
+
+    "Highest" and "lowest" are up to each point's stderr, so noise on a plateau does not drag the end of
+    the window to the plateau's luckiest point."""
     s = score[a : b + 1] if kind == "grokking" else -score[a : b + 1]
-    end = int(np.argmax(s))  # first occurrence of the peak
-    start = int(end - np.argmin(s[: end + 1][::-1]))  # last occurrence of the trough before it
+    band = se[a : b + 1]
+    end = int(np.argmax(s >= s.max() - band))  # first point within a stderr of the peak
+    head = s[: end + 1]
+    start = int(end - np.argmax((head <= head.min() + band[: end + 1])[::-1]))  # last one near the trough
     ta, tb = a + start, a + end
     moved = s[end] - s[start]
     if tb - ta + 1 >= max(2, min_points) and moved > 0 and moved > z * np.sqrt(se[ta] ** 2 + se[tb] ** 2):
@@ -468,6 +475,7 @@ def divergence_windows(
     x: str = "step",
     n_params: int | float | Mapping[str, float] | None = None,
     log_interp: bool = True,
+    missing_stderr: str = "scatter",
 ) -> pd.DataFrame:
     """Spans of checkpoints where loss and downstream part ways, per run.
 
@@ -478,7 +486,10 @@ def divergence_windows(
       when ``relative`` (default: 2% of the loss at the span's start) and ``loss_tol`` itself otherwise;
     - **loss improves**: loss_i - loss_j > tol (it fell by more than what counts as flat);
     - **significant move**: |score_j - score_i| > ``z`` * sqrt(se_i^2 + se_j^2), the stderrs of the two
-      endpoint scores combined (a missing stderr counts as 0, so then any move qualifies and z_score is inf).
+      endpoint scores combined. A score logged without a stderr (a training log's ``eval/accuracy``) gets
+      one from the series itself with ``missing_stderr="scatter"`` (default, see :func:`scatter_stderr`),
+      so checkpoint-to-checkpoint jitter is not read as a move; with ``"zero"`` it counts as 0, so any
+      move qualifies (z_score inf). Column ``stderr_source`` says which: reported, scatter or none.
 
     ``grokking`` spans have flat loss and a significant rise; ``inverse`` spans have improving loss and a
     significant fall. Every qualifying span of at least ``min_points`` points is found; spans of one kind
@@ -497,28 +508,55 @@ def divergence_windows(
         raise ValueError(f"z={z} must be >= 0")
     if min_points < 2:
         raise ValueError(f"min_points={min_points}: a window needs at least 2 points")
+    if missing_stderr not in ("scatter", "zero"):
+        raise ValueError(f"missing_stderr={missing_stderr!r}: use 'scatter' or 'zero'")
     points = align(frame, loss_metric, downstream_metric, x=x, n_params=n_params, log_interp=log_interp)
     rows = []
     for run, group in points.groupby("run", sort=True):
         group = _finite_pairs(group).sort_values("x")
         if len(group) < min_points:
             continue
-        se = np.nan_to_num(group["right_stderr"].to_numpy(dtype=float), nan=0.0)
+        score = group["right"].to_numpy(dtype=float)
+        se = np.abs(group["right_stderr"].to_numpy(dtype=float))
+        source = "reported"
+        if np.isnan(se).any():
+            fill = scatter_stderr(score) if missing_stderr == "scatter" else 0.0
+            source = "scatter" if fill > 0 else "none"
+            if not np.isnan(se).all():
+                source = f"reported+{source}"
+            se = np.where(np.isnan(se), fill, se)
         found = _windows_of_run(
             group["x"].to_numpy(dtype=float),
             group["left"].to_numpy(dtype=float),
-            group["right"].to_numpy(dtype=float),
-            np.abs(se),
+            score,
+            se,
             loss_tol=loss_tol,
             relative=relative,
             z=z,
             min_points=min_points,
             trim=trim,
         )
-        rows.extend({"run": run, **w} for w in found)
+        rows.extend({"run": run, **w, "stderr_source": source} for w in found)
     if not rows:
         return _empty(WINDOW_COLUMNS)
     return pd.DataFrame(rows).sort_values(["run", "start", "kind"], ignore_index=True)[WINDOW_COLUMNS]
+
+
+def scatter_stderr(values: np.ndarray) -> float:
+    """Per-point noise of a series from its own checkpoint-to-checkpoint jitter.
+
+    sigma = 1.4826 * MAD(first differences) / sqrt(2): a difference of two independent points has
+    twice a point's variance, and the median absolute deviation ignores the few large differences
+    of a real move, so a sharp rise does not inflate its own noise estimate. 0 for fewer than
+    three points or a series without jitter.
+    """
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if len(values) < 3:
+        return 0.0
+    diffs = np.diff(values)
+    mad = float(np.median(np.abs(diffs - np.median(diffs))))
+    return 1.4826 * mad / math.sqrt(2)
 
 
 # -- matched loss -------------------------------------------------------------------------------------------

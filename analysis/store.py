@@ -534,6 +534,11 @@ class Store:
             [run, metric],
         )
 
+    def sample_metrics(self, run: str) -> list[str]:
+        """The metrics of a run that have per-sample records, sorted."""
+        frame = self._read("SELECT DISTINCT metric FROM sample_results WHERE run = ? ORDER BY metric", [run])
+        return list(frame["metric"]) if len(frame) else []
+
     def long_table(self, runs: list[str] | str) -> pd.DataFrame:
         """Everything known about runs as one long table: run, step, tokens, metric, value, stderr.
 

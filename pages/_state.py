@@ -26,6 +26,7 @@ PAGES = [
     ("pages/compare.py", "Compare runs", ":material/compare_arrows:", "compare"),
     ("pages/geometry.py", "Geometry", ":material/landscape:", "geometry"),
     ("pages/pathways.py", "Pathways", ":material/alt_route:", "pathways"),
+    ("pages/samples.py", "Samples", ":material/checklist:", "samples"),
     ("pages/report.py", "Report", ":material/description:", "report"),
     ("pages/runs.py", "Runs", ":material/folder_open:", "runs"),
     ("pages/evaluate.py", "Evaluate", ":material/play_arrow:", "evaluate"),
@@ -179,6 +180,28 @@ def long_table(runs: tuple[str, ...]) -> pd.DataFrame:
     return guarded(lambda: _long_table(db, generation(), tuple(sorted(runs))))
 
 
+@st.cache_data(max_entries=32, show_spinner=False)
+def _sample_metrics(db: str, gen: int, run: str) -> list[str]:
+    return Store(db, lock_timeout=10.0).sample_metrics(run)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _sample_results(db: str, gen: int, run: str, metric: str) -> pd.DataFrame:
+    return Store(db, lock_timeout=10.0).sample_results(run, metric)
+
+
+def sample_metrics(run: str) -> list[str]:
+    """Metrics of ``run`` with per-sample records (lm-eval samples, memorisation rows)."""
+    db = str(db_path())
+    return guarded(lambda: _sample_metrics(db, generation(), run))
+
+
+def sample_results(run: str, metric: str) -> pd.DataFrame:
+    """Per-sample rows of one metric over a run's checkpoints: step, params_hash, sample_id, value, record."""
+    db = str(db_path())
+    return guarded(lambda: _sample_results(db, generation(), run, metric))
+
+
 @st.cache_data(max_entries=8, show_spinner="Building the report…")
 def _report(db: str, gen: int, runs: tuple[str, ...], loss: str | None, score: str | None, x: str):
     from analysis.report import ReportOptions, build_report
@@ -225,7 +248,7 @@ def signal_view(title: str, family: tuple[str, ...], what: str) -> None:
         st.warning(f"No {what} cached for these runs yet.")
         st.code(f"python -m analysis eval --run {sel.runs[0]} --metrics {','.join(family[:3])}")
         st.page_link("pages/evaluate.py", label="Open the Evaluate page", icon=":material/play_arrow:")
-        st.stop()
+        return
     c1, c2, c3 = st.columns([3, 3, 2])
     signal = metric_picker(c1, "Signal", signals, signals, "signal")
     scores = dv.downstream_metrics(names)

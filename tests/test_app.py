@@ -210,3 +210,59 @@ def test_signal_pages_chart_cached_metrics_against_downstream(divergence_db: Pat
     curve = figure_of(charts[0])
     grok = next(t for t in curve["data"] if t.get("name") == "grok")
     assert grok["x"] == [10, 40, 80, 120] and grok["y"][0] == pytest.approx(10.0)
+
+
+def _write_samples(db: Path, run: str, metric: str, table: dict[int, list[float]], records=None) -> None:
+    from analysis.store import SampleRow, Store
+
+    rows = [
+        SampleRow(run, step, metric, "h", str(i), v, (records or {}).get((step, i), {"prompt": f"q{i}", "target": "1"}))
+        for step, values in table.items()
+        for i, v in enumerate(values)
+    ]
+    Store(db).write_results([], rows)
+
+
+def test_samples_page_shows_which_items_flipped_and_when(divergence_db: Path, monkeypatch) -> None:
+    empty = open_app(divergence_db, monkeypatch, page="pages/samples.py")
+    assert not empty.exception and "no per-sample" in empty.warning[0].value
+    # Item 0 learnt at 40, item 1 always right, item 2 forgotten at 80, item 3 never right.
+    _write_samples(
+        divergence_db, "grok", "toy/acc,none",
+        {10: [0, 1, 1, 0], 20: [0, 1, 1, 0], 40: [1, 1, 1, 0], 80: [1, 1, 0, 0]},
+    )  # fmt: skip
+    at = open_app(divergence_db, monkeypatch, page="pages/samples.py", sample_run="grok")
+    assert not at.exception and not at.error
+    assert at.title[0].value == "Samples"
+    assert {m.label: m.value for m in at.metric} == {
+        "learnt": "1", "unstable": "0", "forgotten": "1", "always right": "1", "never right": "1",
+    }  # fmt: skip
+    table = at.dataframe[0].value.set_index("sample_id")
+    assert set(table.index) == {"0", "2"}  # learnt, unstable and forgotten by default
+    assert table.loc["0", "learnt_at"] == 40 and table.loc["2", "status"] == "forgotten"
+    charts = at.get("plotly_chart")
+    assert len(charts) == 2
+    heat = figure_of(charts[1])["data"][0]
+    assert heat["y"] == ["0", "2"] and heat["x"] == ["10", "20", "40", "80"]
+    assert np.reshape(heat["z"], (2, 4)).tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]  # 2-D arrays arrive flat
+    # The URL picks the status filter.
+    every = open_app(divergence_db, monkeypatch, page="pages/samples.py", sample_run="grok", status="never right")
+    assert list(every.dataframe[0].value["sample_id"]) == ["3"]
+
+
+def test_pathways_page_charts_metrics_inside_memorised_groups(divergence_db: Path, monkeypatch) -> None:
+    losses = {10: [3.0, 3.0, 3.0], 40: [0.01, 3.0, 3.0], 80: [0.01, 0.02, 3.0], 120: [0.01, 0.02, 3.0]}
+    records = {
+        (s, i): {"pathway": ["1-2", "1,3-2", "4-5,6"][i], "consistency": 0.1 * i, "consistency_normalized": 0.5}
+        for s in losses
+        for i in range(3)
+    }
+    _write_samples(divergence_db, "grok", "train/sample_loss", losses, records)
+    at = open_app(divergence_db, monkeypatch, page="pages/pathways.py", group_run="grok", group_metric="sample_loss")
+    assert not at.exception and not at.error
+    assert "2 of 3 train samples memorised" in at.caption[0].value
+    fig = figure_of(at.get("plotly_chart")[-1])
+    lines = {t["name"]: t["y"] for t in fig["data"] if t.get("mode") == "lines+markers"}
+    assert set(lines) == {"memorised 40", "memorised 80", "never memorised"}
+    assert lines["never memorised"] == [3.0, 3.0, 3.0, 3.0]
+    assert lines["memorised 80"] == pytest.approx([3.0, 3.0, 0.02, 0.02])

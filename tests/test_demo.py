@@ -108,6 +108,18 @@ def test_checkpoint_steps_are_log_spaced_and_end_at_the_last_step():
     assert demo.checkpoint_steps(30, 4) == [1, 3, 10, 30]
 
 
+def test_demo_checkpoints_are_dense_over_the_second_half():
+    cfg = demo.DemoConfig(steps=500, n_checkpoints=12, dense_every=25)
+    steps = cfg.checkpoint_steps()
+    late = [s for s in steps if s >= 250]
+    assert late == list(range(250, 501, 25))  # where the demo runs memorise and generalise
+    assert [s for s in steps if s < 250] == [s for s in demo.checkpoint_steps(500, 12) if s < 250]
+    assert demo.DemoConfig(steps=500, n_checkpoints=12, dense_every=0).checkpoint_steps() == demo.checkpoint_steps(
+        500, 12
+    )
+    assert cfg.scaled(0.05).dense_every == 0
+
+
 def test_encode_pairs_matches_the_tokenizer():
     tok = demo.build_word_tokenizer(demo.vocabulary(97))
     ids = demo.encode_pairs([(12, 40), (96, 5)], 97, "+", tok)
@@ -152,7 +164,7 @@ def test_build_layout(built):
     assert [d.name for d in run_dirs] == list(demo.DEMO_RUNS)
     for run_dir in run_dirs:
         cfg = demo.DEMO_RUNS[run_dir.name].scaled(SCALE)
-        steps = demo.checkpoint_steps(cfg.steps, cfg.n_checkpoints)
+        steps = cfg.checkpoint_steps()
         assert sorted(p.name for p in run_dir.glob("step_*")) == sorted(f"step_{s}" for s in steps)
         for s in steps:
             folder = run_dir / f"step_{s}"
@@ -180,7 +192,7 @@ def test_metrics_log(built):
             assert math.isfinite(r["train/loss"]) and 0 <= r["train/accuracy"] <= 1
             assert 0 < r["train/learning_rate"] <= cfg.lr
         evals = [r for r in rows if "eval/accuracy" in r]
-        ckpt_steps = set(demo.checkpoint_steps(cfg.steps, cfg.n_checkpoints))
+        ckpt_steps = set(cfg.checkpoint_steps())
         assert ckpt_steps <= {r["step"] for r in evals}
         assert all(0 <= r["eval/accuracy"] <= 1 and math.isfinite(r["eval/loss"]) for r in evals)
         # In 25 steps the loss drops from its random-init value (~4.7) to about uniform guessing
@@ -220,9 +232,9 @@ def test_same_seed_gives_identical_weights(built, tmp_path):
     _, run_dirs = built
     cfg = demo.DEMO_RUNS["grokking"].scaled(SCALE)
     threads = json.loads((run_dirs[0] / "run.json").read_text())["torch_threads"]
-    built_steps = demo.checkpoint_steps(cfg.steps, cfg.n_checkpoints)  # [1, 3, 9, 25]
+    built_steps = cfg.checkpoint_steps()  # [1, 3, 9, 25]
     short = replace(cfg, steps=built_steps[-2])
-    shared = sorted(set(built_steps) & set(demo.checkpoint_steps(short.steps, short.n_checkpoints)))
+    shared = sorted(set(built_steps) & set(short.checkpoint_steps()))
     assert len(shared) >= 2
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

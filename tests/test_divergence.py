@@ -209,6 +209,24 @@ def test_planted_inverse_window_found_with_its_bounds():
     assert wide["start"] < 1000 and wide["end"] > 3000
 
 
+def test_logged_score_without_stderr_gets_its_noise_from_the_series():
+    """Logged accuracy has no stderr: jitter on a flat loss is no move; the planted rise is."""
+    rng = np.random.default_rng(7)
+    steps = np.arange(100, 5001, 100)  # 50 logged points
+    loss = np.interp(steps, [0, 1000, 5000], [4.0, 2.0, 2.0])  # flat from 1000 on
+    acc = np.interp(steps, [0, 3000, 3500, 5000], [0.01, 0.01, 0.9, 0.9]) + 0.01 * rng.standard_normal(len(steps))
+    frame = pd.concat([series("log", steps, LOSS, loss), series("log", steps, ACC, acc)], ignore_index=True)
+    found = divergence_windows(frame, LOSS, ACC, z=3.0)
+    assert len(found) == 1 and found.iloc[0]["kind"] == "grokking"
+    assert 2500 <= found.iloc[0]["start"] <= 3100 and 3400 <= found.iloc[0]["end"] <= 3700
+    assert found.iloc[0]["stderr_source"] == "scatter" and np.isfinite(found.iloc[0]["z_score"])
+    # Counting a missing stderr as zero turns the jitter into windows of its own.
+    assert len(divergence_windows(frame, LOSS, ACC, z=3.0, missing_stderr="zero")) > 1
+    # The estimate recovers the planted jitter: sigma 0.01.
+    assert dv.scatter_stderr(acc) == pytest.approx(0.01, rel=0.35)
+    assert dv.scatter_stderr(np.array([0.5, 0.5])) == 0.0
+
+
 def test_merge_spans():
     assert dv._merge_spans([(4, 6), (0, 2), (2, 3), (8, 9), (5, 7)]) == [(0, 3), (4, 7), (8, 9)]
 

@@ -15,9 +15,10 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -68,6 +69,19 @@ def submit(store: Store, spec: JobSpec) -> int:
         resolve_tasks(list(spec.tasks))  # unknown names fail here ("did you mean"), before anything is queued
     items = plan_items(spec)  # validates metric names and probe data
     return store.create_job(spec.run, spec.to_dict(), [(str(s), len(items)) for s in steps])
+
+
+def missing_units(store: Store, spec: JobSpec) -> int:
+    """How many checkpoints of ``spec`` still lack something it asks for (0: all cached). Loads nothing."""
+    items = plan_items(spec)
+    ckpts = store.checkpoints(spec.run)
+    if spec.steps is not None:
+        ckpts = ckpts[ckpts["step"].isin(spec.steps)]
+    missing = 0
+    for step, fp in zip(ckpts["step"], ckpts["fingerprint"], strict=True):
+        keys = store.cached_keys(spec.run, int(step), fp)
+        missing += any(not it.is_cached(keys) for it in items)
+    return missing
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -155,13 +169,48 @@ def _compute_item(item: Item, model, tokenizer, spec: JobSpec, ctx: dict, run: s
         pairs = bundled_proxy_items(item.name)[: spec.limit or None]
         for name, res in proxy_metrics(model, tokenizer, pairs, batch_size=spec.batch_size).items():
             rows.append(row(f"{item.name}/{name}", res.value, res.stderr, res.n, "1"))
+    elif item.kind == "samples":
+        from analysis.memorisation import sample_records
+        from analysis.metrics.pathways import routing_profile
+
+        for domain, seqs in sorted(ctx["probe"].domains.items()):
+            batches = _plain_batches(seqs, spec.batch_size)
+            profile = routing_profile(model, batches, device=ctx["device"], keep_nll=True)
+            records = sample_records(
+                profile, threshold=item.params["threshold"], answer_tokens=item.params["answer_tokens"]
+            )
+            metric = f"{domain}/sample_loss"
+            for i, record in enumerate(records):
+                samples.append(SampleRow(run, step, metric, item.params_hash, str(i), record["loss"], record))
+            losses = np.array([r["loss"] for r in records])
+            stderr = float(losses.std(ddof=1) / np.sqrt(len(losses))) if len(losses) > 1 else None
+            rows.append(row(metric, float(losses.mean()), stderr, len(losses), item.params["version"]))
     else:
-        from analysis.metrics.registry import compute
+        from analysis.metrics.registry import compute, compute_from_profile, get_metric
 
         config = item.params["config"]
-        res = compute(item.name, model, ctx["batches"], config, device=ctx["device"], seed=spec.seed)
+        if get_metric(item.name).from_profile is not None:
+            # Routing metrics share one forward pass per checkpoint.
+            if "routing" not in ctx:
+                from analysis.metrics.pathways import routing_profile
+
+                ctx["routing"] = routing_profile(model, ctx["batches"], device=ctx["device"])
+            res = compute_from_profile(item.name, ctx["routing"], config, seed=spec.seed)
+        else:
+            res = compute(item.name, model, ctx["batches"], config, device=ctx["device"], seed=spec.seed)
         rows.append(row(item.name, res.value, res.stderr, res.n, item.params["version"]))
     return rows, samples
+
+
+def _plain_batches(seqs, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches of ``seqs`` in order (sample i of the output is seqs[i])."""
+    from analysis.evals.heldout import right_pad
+
+    batches = []
+    for i in range(0, len(seqs), batch_size):
+        ids, mask = right_pad([list(s) for s in seqs[i : i + batch_size]])
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
 
 
 def _load(path: str, spec: JobSpec, trust_remote_code: bool):
@@ -172,6 +221,68 @@ def _load(path: str, spec: JobSpec, trust_remote_code: bool):
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"cdd-load-{os.getpid()}"
     folder = as_model_folder(path, scratch)
     return load_model(folder, device=spec.device, dtype=_dtype(spec.dtype), trust_remote_code=trust_remote_code)
+
+
+@dataclass
+class UnitOutput:
+    """What computing one checkpoint unit gave: rows to write, or why the checkpoint failed."""
+
+    rows: list[ResultRow] = field(default_factory=list)
+    samples: list[SampleRow] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # items that failed (the others still count)
+    error: str | None = None  # the whole unit failed (the checkpoint did not load, out of memory)
+    seconds: float = 0.0
+
+
+def compute_unit(
+    spec: JobSpec,
+    todo: list[Item],
+    path: str,
+    fingerprint: str,
+    step: int,
+    trust_remote_code: bool = False,
+    versions: dict | None = None,
+    *,
+    done: int = 0,
+    on_item: Callable[[int, str], None] | None = None,
+) -> UnitOutput:
+    """Load one checkpoint and compute ``todo`` on it. Writes nothing: the caller stores the output.
+
+    Pure with respect to the cache, so any process (this one, a pool, a Ray task) can run it
+    while a single writer commits the results.
+    """
+    started = time.monotonic()
+    out = UnitOutput()
+    versions = versions if versions is not None else library_versions()
+    model = None
+    try:
+        model, tokenizer = _load(path, spec, trust_remote_code)
+        ctx = {"versions": versions, "device": next(model.parameters()).device}
+        if any(it.kind in ("heldout", "metric", "samples") for it in todo):
+            from analysis.evals.heldout import load_probe_set
+
+            data = next(it.params["data"] for it in todo if "data" in it.params)
+            ctx["probe"] = load_probe_set(data, tokenizer, spec.max_length, max_samples=spec.max_samples)
+            ctx["batches"] = _probe_batches(ctx["probe"], spec)
+        for item in todo:
+            if on_item:
+                on_item(done, item.label)
+            try:
+                rows, samples = _compute_item(item, model, tokenizer, spec, ctx, spec.run, step, fingerprint)
+                out.rows += rows
+                out.samples += samples
+            except (ValueError, KeyError, RuntimeError, torch.OutOfMemoryError) as err:
+                out.problems.append(f"{item.label}: {_first_line(err)}")
+            done += 1
+    except (ValueError, OSError, RuntimeError, torch.OutOfMemoryError) as err:
+        out.error = _first_line(err)
+    finally:
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    out.seconds = time.monotonic() - started
+    return out
 
 
 def run_job(store: Store, job_id: int, *, progress: Progress | None = None, stop: Callable[[], bool] | None = None):
@@ -215,44 +326,23 @@ def run_job(store: Store, job_id: int, *, progress: Progress | None = None, stop
                 progress(index, n_units, unit.unit, len(items), len(items), "cached")
             continue
         store.set_unit(UnitUpdate(job_id, unit.unit, "running", len(items) - len(todo), len(items)))
-        started = time.monotonic()
-        rows: list[ResultRow] = []
-        samples: list[SampleRow] = []
-        problems: list[str] = []
-        model = None
-        try:
-            model, tokenizer = _load(path, spec, trust)
-            ctx = {"versions": versions, "device": next(model.parameters()).device}
-            if any(it.kind in ("heldout", "metric") for it in todo):
-                from analysis.evals.heldout import load_probe_set
 
-                data = next(it.params["data"] for it in todo if "data" in it.params)
-                ctx["probe"] = load_probe_set(data, tokenizer, spec.max_length, max_samples=spec.max_samples)
-                ctx["batches"] = _probe_batches(ctx["probe"], spec)
-            done = len(items) - len(todo)
-            for item in todo:
-                if progress:
-                    progress(index, n_units, unit.unit, done, len(items), item.label)
-                try:
-                    item_rows, item_samples = _compute_item(item, model, tokenizer, spec, ctx, spec.run, step, fp)
-                    rows += item_rows
-                    samples += item_samples
-                except (ValueError, KeyError, RuntimeError, torch.OutOfMemoryError) as err:
-                    problems.append(f"{item.label}: {_first_line(err)}")
-                done += 1
-            status = "failed" if problems and not rows else "done"
-            message = "; ".join(problems) or f"{time.monotonic() - started:.1f} s"
-            store.write_results(rows, samples, unit=UnitUpdate(job_id, unit.unit, status, done, len(items), message))
-            report.computed += len(todo) - len(problems)
-            if problems:
-                report.failed += [f"step {step}: {p}" for p in problems]
-        except (ValueError, OSError, RuntimeError, torch.OutOfMemoryError) as err:
-            _fail(store, job_id, unit.unit, len(items), _first_line(err), report)
-        finally:
-            del model
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        def item_progress(done: int, label: str, index: int = index, name: str = unit.unit) -> None:
+            if progress:
+                progress(index, n_units, name, done, len(items), label)
+
+        out = compute_unit(
+            spec, todo, path, fp, step, trust, versions, done=len(items) - len(todo), on_item=item_progress
+        )
+        if out.error is not None:
+            _fail(store, job_id, unit.unit, len(items), out.error, report)
+        else:
+            status = "failed" if out.problems and not out.rows else "done"
+            message = "; ".join(out.problems) or f"{out.seconds:.1f} s"
+            update = UnitUpdate(job_id, unit.unit, status, len(items), len(items), message)
+            store.write_results(out.rows, out.samples, unit=update)
+            report.computed += len(todo) - len(out.problems)
+            report.failed += [f"step {step}: {p}" for p in out.problems]
         if progress:
             progress(index + 1, n_units, unit.unit, len(items), len(items), "done")
     final = "cancelled" if report.cancelled else ("failed" if report.failed and not report.computed else "done")

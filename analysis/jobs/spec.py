@@ -18,6 +18,10 @@ from analysis.store import params_hash
 # Evaluations that are not lm-eval tasks or registry metrics.
 HELDOUT = "heldout_loss"
 PROXY = "proxy"
+# Per-sample loss and expert pathway of every probe sample, stored per checkpoint, from which the
+# memorisation groups and the pathway metrics inside them are read (analysis/memorisation.py).
+MEMORISATION = "memorisation"
+MEMORISATION_DEFAULTS = {"answer_tokens": 0, "threshold": 0.7}  # 0: score every predicted token
 
 DEFAULT_PROBES = Path("data/probes/modarith")
 
@@ -88,7 +92,7 @@ class JobSpec:
 class Item:
     """One thing computed on a checkpoint. ``params`` are everything that shapes its result."""
 
-    kind: str  # "lm_eval" | "heldout" | "proxy" | "metric"
+    kind: str  # "lm_eval" | "heldout" | "proxy" | "samples" | "metric"
     name: str
     params: dict
 
@@ -109,6 +113,8 @@ class Item:
             return scope == self.name and not leaf.startswith(("proxy_", "heldout_"))
         if self.kind == "proxy":
             return scope == self.name and leaf.startswith("proxy_")
+        if self.kind == "samples":
+            return leaf == "sample_loss"
         return leaf.startswith("heldout_")  # heldout: one row set per domain of the probe data
 
     def is_cached(self, keys: set[tuple[str, str]]) -> bool:
@@ -146,6 +152,15 @@ def plan_items(spec: JobSpec) -> list[Item]:
         if metric == HELDOUT:
             params = {**probe, "data_digest": file_digest(data), "max_samples": spec.max_samples}
             items.append(Item("heldout", Path(data).name, params))
+        elif metric == MEMORISATION:
+            params = {
+                **probe,
+                "data_digest": file_digest(data),
+                "max_samples": spec.max_samples,
+                "version": "1",
+                **_memorisation_params(spec.metric_params.get(MEMORISATION, {})),
+            }
+            items.append(Item("samples", MEMORISATION, params))
         elif metric == PROXY:
             from analysis.evals.tasks import BUNDLED_TASKS
 
@@ -171,3 +186,21 @@ def plan_items(spec: JobSpec) -> list[Item]:
             }
             items.append(Item("metric", metric, params))
     return items
+
+
+def _memorisation_params(given: dict) -> dict:
+    """``answer_tokens`` (score only the last K tokens of each sample; 0 = all) and the pathway ``threshold``."""
+    unknown = sorted(set(given) - set(MEMORISATION_DEFAULTS))
+    if unknown:
+        raise ValueError(f"memorisation has no setting {unknown[0]!r}; it takes {', '.join(MEMORISATION_DEFAULTS)}")
+    out = dict(MEMORISATION_DEFAULTS)
+    try:
+        if "answer_tokens" in given:
+            out["answer_tokens"] = int(given["answer_tokens"])
+        if "threshold" in given:
+            out["threshold"] = float(given["threshold"])
+    except (TypeError, ValueError):
+        raise ValueError(f"memorisation settings must be numbers, got {given}") from None
+    if out["answer_tokens"] < 0 or not 0 < out["threshold"] <= 1:
+        raise ValueError("memorisation: answer_tokens must be >= 0 and threshold in (0, 1]")
+    return out

@@ -100,6 +100,11 @@ def capture_routing(model: nn.Module, batch: Batch) -> list[torch.Tensor]:
     layer with padding positions included; they are reshaped and masked here. The batch
     is moved to the model's device. Raises ValueError for a model without a router.
     """
+    return _routing_forward(model, batch)[0]
+
+
+def _routing_forward(model: nn.Module, batch: Batch) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """:func:`capture_routing`'s weights and the same forward pass's token logits (B, T, V), or None."""
     if _num_experts(model) is None:
         raise _not_moe(model)
     batch = to_device(batch, _device_of(model))
@@ -121,7 +126,15 @@ def capture_routing(model: nn.Module, batch: Batch) -> list[torch.Tensor]:
             )
         probs = torch.softmax(layer_logits.float(), dim=-1).view(b, t, -1)  # (B, T, E)
         weights.append(probs * mask[..., None].to(probs.dtype))
-    return weights
+    return weights, getattr(out, "logits", None)
+
+
+def _token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """NLL of each predicted token (B, T-1), float64, NaN where the target is padding."""
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none"
+    ).double()  # (B, T-1)
+    return torch.where(mask[:, 1:].bool(), nll, torch.full_like(nll, math.nan))
 
 
 def router_weights(model: nn.Module, n_layers: int, n_experts: int) -> list[torch.Tensor]:
@@ -161,6 +174,7 @@ class RoutingProfile:
     top_k: int
     routers: tuple[np.ndarray, ...] | None  # per layer (E, H), float64; None where not found
     model_type: str
+    token_nll: np.ndarray | None = None  # (N, T-1) NLL of each predicted token, NaN on padding (keep_nll)
 
     @property
     def n_samples(self) -> int:
@@ -168,13 +182,14 @@ class RoutingProfile:
 
 
 def routing_profile(
-    model: nn.Module, batches: Sequence[Batch], *, device: torch.device | str = "cpu"
+    model: nn.Module, batches: Sequence[Batch], *, device: torch.device | str = "cpu", keep_nll: bool = False
 ) -> RoutingProfile:
     """Run the model once over ``batches`` and keep per-sample routing statistics.
 
     Sample i of the profile is the i-th row over the batches in order, so indices line
-    up with per-sample losses (memorisation groups). Raises ValueError for a dense model
-    or a sample without any real token.
+    up with per-sample losses (memorisation groups). With ``keep_nll`` the same forward
+    pass also gives each sample's per-token loss. Raises ValueError for a dense model or a
+    sample without any real token.
     """
     check_batches(batches)
     if _num_experts(model) is None:
@@ -182,14 +197,18 @@ def routing_profile(
     top_k = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"{_model_type(model)} config has no num_experts_per_tok; expert_load needs the router's k")
-    weights, entropies, counts, topk = [], [], [], []
+    weights, entropies, counts, topk, nlls = [], [], [], [], []
     with working_model(model, device, upcast=False) as work, torch.no_grad():
         for batch in batches:
             mask = batch.get("attention_mask")
             if mask is None:
                 mask = torch.ones_like(batch["input_ids"])
             mask = mask.to(device)
-            layers = capture_routing(work, batch)  # L x (B, T, E)
+            layers, logits = _routing_forward(work, batch)  # L x (B, T, E), (B, T, V)
+            if keep_nll:
+                if logits is None:
+                    raise ValueError(f"{_model_type(model)} returned no token logits; per-sample loss needs them")
+                nlls.append(_token_nll(logits, batch["input_ids"].to(mask.device), mask).cpu())
             probs = torch.stack(layers, dim=1).double()  # (B, L, T, E)
             n_experts = probs.shape[-1]
             real = mask.bool()[:, None, :, None]  # (B, 1, T, 1)
@@ -220,7 +239,19 @@ def routing_profile(
         top_k=top_k,
         routers=routers,
         model_type=_model_type(model),
+        token_nll=_pad_rows(nlls) if keep_nll else None,
     )
+
+
+def _pad_rows(parts: list[torch.Tensor]) -> np.ndarray:
+    """Stack (B_i, T_i) float tensors into (sum B_i, max T_i), NaN-padded on the right."""
+    width = max(p.shape[1] for p in parts)
+    out = np.full((sum(p.shape[0] for p in parts), width), np.nan)
+    row = 0
+    for part in parts:
+        out[row : row + part.shape[0], : part.shape[1]] = part.numpy()
+        row += part.shape[0]
+    return out
 
 
 # --- pathways ----------------------------------------------------------------------------------
@@ -675,6 +706,22 @@ def expert_load(
 ) -> MetricResult:
     """Expert load balance over all real tokens of ``batches``."""
     return group_expert_load(routing_profile(model, batches, device=device), seed=seed)
+
+
+# Each routing metric as a function of a RoutingProfile: a job reads the routing once per
+# checkpoint and scores every routing metric from it (and each memorisation group too).
+FROM_PROFILE = {
+    "pathway_distance": lambda profile, config, seed: group_pathway_distance(profile, None, config, seed=seed),
+    "pathway_distance_chars": lambda profile, config, seed: group_pathway_distance(
+        profile, None, config, seed=seed, chars=True
+    ),
+    "pathway_consistency": lambda profile, config, seed: group_pathway_consistency(profile, seed=seed),
+    "pathway_consistency_normalized": lambda profile, config, seed: group_pathway_consistency(
+        profile, normalized=True, seed=seed
+    ),
+    "routing_entropy": lambda profile, config, seed: group_routing_entropy(profile, seed=seed),
+    "expert_load": lambda profile, config, seed: group_expert_load(profile, seed=seed),
+}
 
 
 # --- memorisation ---------------------------------------------------------------------------------------

@@ -43,6 +43,9 @@ class MetricSpec:
     config_cls: type
     fn: MetricFn
     description: str = ""
+    # For routing metrics: the same value from a RoutingProfile, (profile, config, seed) -> MetricResult,
+    # so several routing metrics on one checkpoint share one forward pass.
+    from_profile: Callable[..., MetricResult] | None = None
 
 
 _REGISTRY: dict[str, MetricSpec] = {}
@@ -196,6 +199,17 @@ def compute(
     return dataclasses.replace(result, extra={**result.extra, "version": spec.version})
 
 
+def compute_from_profile(name: str, profile: pathways.RoutingProfile, config: Any = None, *, seed: int = 0):
+    """A routing metric scored on an already captured :class:`RoutingProfile` (no forward pass)."""
+    spec = get_metric(name)
+    if spec.from_profile is None:
+        raise ValueError(f"metric {name!r} is not a routing metric; it needs the model, use compute()")
+    if config is None or isinstance(config, Mapping):
+        config = make_config(name, config or {})
+    result = spec.from_profile(profile, config, seed)
+    return dataclasses.replace(result, extra={**result.extra, "version": spec.version})
+
+
 # --- the built-in metrics ---------------------------------------------------------------------------------
 
 
@@ -270,7 +284,7 @@ def _register_builtins() -> None:
         ),
     ]
     for name, cls, fn, better, text in moe:
-        register(MetricSpec(name, "1", "pathways", better, True, cls, fn, text))
+        register(MetricSpec(name, "1", "pathways", better, True, cls, fn, text, pathways.FROM_PROFILE[name]))
     register(
         MetricSpec(
             "gradient_alignment",

@@ -1,0 +1,117 @@
+"""Per-sample results of one evaluation across checkpoints: which items flipped from wrong to right, and when.
+
+Input is the store's sample rows of one run and metric (columns step, params_hash, sample_id,
+value, record). A sample is *right* at a checkpoint when its value is >= ``threshold`` (0.5:
+accuracy and exact match are 0/1). From the right/wrong sequence over the checkpoints each
+sample gets:
+
+- ``learnt_at``: the first checkpoint from which it is right at every later checkpoint (NaN if
+  it is wrong at the last one);
+- ``flips``: how many times it changed between right and wrong;
+- ``status``: ``learnt`` (wrong at first, right from ``learnt_at`` on, one flip), ``unstable``
+  (right at the end after more than one flip), ``forgotten`` (right at some point, wrong at the
+  end), ``always right``, ``never right``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+STATUSES = ("learnt", "unstable", "forgotten", "always right", "never right")
+SUMMARY_COLUMNS = ["sample_id", "status", "learnt_at", "flips", "first", "last", "prompt", "target", "response"]
+
+
+def pick_params(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows of one parameter set: the one measured at the most checkpoints (ties: the newest)."""
+    if rows.empty:
+        return rows
+    counts = rows.groupby("params_hash", sort=False)["step"].nunique()
+    return rows[rows["params_hash"] == counts.idxmax()]
+
+
+def correctness(rows: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
+    """Samples x checkpoints table of right (1.0) / wrong (0.0), NaN where a checkpoint lacks the sample.
+
+    Rows are ordered by natural sample id, columns by step.
+    """
+    if rows.empty:
+        raise ValueError("no per-sample rows; run an evaluation with per-sample logging (the default) first")
+    rows = pick_params(rows)
+    value = pd.to_numeric(rows["value"], errors="coerce")
+    table = (
+        rows.assign(right=np.where(value.isna(), np.nan, (value >= threshold).astype(float)))
+        .pivot_table(index="sample_id", columns="step", values="right", aggfunc="last")
+        .sort_index(axis=1)
+    )
+    order = sorted(table.index, key=lambda s: (0, int(s), "") if str(s).isdigit() else (1, 0, str(s)))
+    return table.loc[order]
+
+
+def flip_summary(rows: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
+    """One row per sample: status, learnt_at, flips, first/last state, and its prompt, target and last response."""
+    table = correctness(rows, threshold)
+    steps = np.asarray(table.columns, dtype=float)
+    right = table.to_numpy()
+    out = []
+    for sid, seq in zip(table.index, right, strict=True):
+        known = ~np.isnan(seq)
+        vals, at = seq[known] >= 0.5, steps[known]
+        if not len(vals):
+            continue
+        flips = int(np.count_nonzero(vals[1:] != vals[:-1]))
+        learnt_at = np.nan
+        if vals[-1]:
+            wrong = np.flatnonzero(~vals)
+            learnt_at = float(at[wrong[-1] + 1]) if len(wrong) else float(at[0])
+        if vals.all():
+            status = "always right"
+        elif not vals.any():
+            status = "never right"
+        elif not vals[-1]:
+            status = "forgotten"
+        elif flips == 1:
+            status = "learnt"
+        else:
+            status = "unstable"
+        out.append((sid, status, learnt_at, flips, bool(vals[0]), bool(vals[-1])))
+    summary = pd.DataFrame(out, columns=SUMMARY_COLUMNS[:6])
+    texts = _last_texts(pick_params(rows))
+    summary = summary.merge(texts, on="sample_id", how="left")
+    return summary[SUMMARY_COLUMNS]
+
+
+def learnt_per_step(summary: pd.DataFrame, steps) -> pd.DataFrame:
+    """How many samples were learnt for good at each checkpoint (status learnt or unstable), and cumulatively."""
+    done = summary[summary["status"].isin(["learnt", "unstable"])]
+    counts = done["learnt_at"].value_counts()
+    frame = pd.DataFrame({"step": sorted(steps)})
+    frame["learnt"] = frame["step"].map(counts).fillna(0).astype(int)
+    frame["cumulative"] = frame["learnt"].cumsum()
+    return frame
+
+
+def _last_texts(rows: pd.DataFrame) -> pd.DataFrame:
+    """Prompt, target and the response at the last checkpoint of each sample (records as JSON or dicts)."""
+    last = rows.sort_values("step").groupby("sample_id", sort=False).tail(1)
+    records = [_record(r) for r in last["record"]]
+    return pd.DataFrame(
+        {
+            "sample_id": last["sample_id"].to_numpy(),
+            "prompt": [str(r.get("prompt", "")) for r in records],
+            "target": [str(r.get("target", "")) for r in records],
+            "response": [str(r.get("response", "")) for r in records],
+        }
+    )
+
+
+def _record(value) -> dict:
+    if isinstance(value, dict):
+        return value
+    try:
+        parsed = json.loads(value) if isinstance(value, str) else {}
+    except json.JSONDecodeError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
