@@ -52,8 +52,9 @@ except ValueError as err:
 
 memorised = int((table.first_step != mem.NEVER).sum())
 st.caption(
-    f"{memorised} of {len(table.sample_ids)} {_state.md_text(domain)} samples memorised (loss <= {eps:g} from some checkpoint on, "
-    f"within {delta:g} of their final loss). Dotted lines: where each group's memorisation begins."
+    f"{memorised} of {len(table.sample_ids)} {_state.md_text(domain)} samples memorised "
+    f"(loss <= {eps:g} from some checkpoint on, within {delta:g} of their final loss). "
+    "Dotted lines: where each group's memorisation begins."
 )
 marks = {name: float(table.first_step[idx].min()) for name, idx in groups.items() if name != "never memorised"}
 fig = group_trends_figure(

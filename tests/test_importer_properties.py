@@ -170,9 +170,13 @@ def test_result_files_round_trip(tmp_path: Path, results: dict, step: int, legac
             entry[key] = value
             if key == metric and metric in ("alias", "sample_len"):
                 continue
-            if isinstance(value, float | int) and not isinstance(value, bool) and abs(value) <= 1.7e308:
-                if math.isfinite(value):
-                    expected[f"{task}/{metric},none"] = float(value)
+            if (
+                isinstance(value, float | int)
+                and not isinstance(value, bool)
+                and abs(value) <= 1.7e308
+                and math.isfinite(value)
+            ):
+                expected[f"{task}/{metric},none"] = float(value)
         data["results"][task] = entry
     path = tmp_path / "results.json"
     path.write_text(json.dumps(data))
