@@ -218,6 +218,7 @@ def _band(xs: np.ndarray, ys: np.ndarray, err: np.ndarray, color: str, run: str)
         y=np.concatenate([ys + err, (ys - err)[::-1]]),
         fill="toself",
         fillcolor=_rgba(color, 0.18),
+        mode="lines",  # Plotly adds markers to short traces by default: none on a band's outline
         line={"width": 0},
         hoverinfo="skip",
         showlegend=False,
