@@ -269,6 +269,22 @@ def cmd_import_evals(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from analysis.exchange import export_parquet
+
+    manifest = export_parquet(Store(args.db), args.out, runs=args.run)
+    counts = ", ".join(f"{table} {n}" for table, n in manifest["rows"].items())
+    print(f"exported to {args.out}: {counts}")
+    return 0
+
+
+def cmd_import_cache(args: argparse.Namespace) -> int:
+    from analysis.exchange import import_parquet
+
+    print(import_parquet(Store(args.db), args.folder).summary())
+    return 0
+
+
 def cmd_metric(args: argparse.Namespace) -> int:
     from analysis.jobs.metric_once import compute_once
 
@@ -376,6 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--step", type=int, help="the checkpoint step when neither model_args nor the file name says")
     p.set_defaults(func=cmd_import_evals)
+
+    p = sub.add_parser("export", parents=[common], help="write the cache's tables as Parquet for import-cache")
+    p.add_argument("--out", required=True, help="folder for the Parquet files and manifest.json")
+    p.add_argument("--run", action="append", help="only this run (repeat for several; default: all)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-cache", parents=[common], help="merge a folder written by export into the cache")
+    p.add_argument("folder", help="a folder written by `python -m analysis export`")
+    p.set_defaults(func=cmd_import_cache)
 
     p = sub.add_parser("metric", parents=[common], help="compute one metric on one checkpoint, print it, cache nothing")
     p.add_argument("name", help="metric name (heldout_loss, hessian_trace, ...)")

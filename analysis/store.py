@@ -266,6 +266,25 @@ class Store:
                     "free disk space or make the file and its folder writable, then run the command again"
                 ) from None
 
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One write transaction for whole-table merges (analysis/exchange.py): all or nothing."""
+        with self._write() as con:
+            yield con
+
+    @contextmanager
+    def snapshot(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection on an up-to-date cache, for ``COPY ... TO`` (analysis/exchange.py)."""
+        if not self.path.exists():
+            raise ValueError(f"{self.path}: no cache file; pass the right --db")
+        with self._connect(read_only=True) as con:
+            version = self._schema_version(con)
+            if version != SCHEMA_VERSION:
+                raise ValueError(
+                    f"{self.path}: schema {version}, this tool uses {SCHEMA_VERSION}; run `python -m analysis migrate`"
+                )
+            yield con
+
     def _read(self, sql: str, params: Iterable = ()) -> pd.DataFrame:
         """Run one query read-only; an absent cache file reads as empty."""
         if not self.path.exists():
