@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from bench import eval_sweep, hvp, load, pathways
+from bench import eval_sweep, hvp, load, pathways, render
 
 if __name__ == "__main__":
     hvp.main([])
     eval_sweep.main([])
     pathways.main([])
+    render.main([])
     load.main([])
