@@ -207,7 +207,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.queue:
         print(f"queued job {job_id}; run `python -m analysis worker --db {args.db}` to execute it")
         return 0
-    report = run_job(store, job_id, progress=_unit_bar())
+    if args.executor == "ray":
+        from analysis.jobs.ray_executor import run_job_ray
+
+        report = run_job_ray(store, job_id, args.ray_address, args.ray_gpus_per_unit, progress=_unit_bar())
+    else:
+        report = run_job(store, job_id, progress=_unit_bar())
     print(report.summary())
     for failure in report.failed or []:
         print(f"failed: {failure}", file=sys.stderr)
@@ -377,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's own")
     p.add_argument("--param", action="append", help="METRIC.KEY=VALUE, e.g. hessian_trace.n_probes=16")
     p.add_argument("--queue", action="store_true", help="only queue the job for `worker`")
+    p.add_argument("--executor", choices=["local", "ray"], default="local", help="where units run (default local)")
+    p.add_argument("--ray-address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray instance)")
+    p.add_argument("--ray-gpus-per-unit", type=float, default=0, help="GPUs each Ray task reserves (default 0)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("worker", parents=[common], help="run queued jobs (the single writer)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench import eval_sweep, hvp, load, pathways, render
+from bench import eval_sweep, hvp, load, pathways, ray_sweep, render
 
 if __name__ == "__main__":
     hvp.main([])
@@ -10,3 +10,4 @@ if __name__ == "__main__":
     pathways.main([])
     render.main([])
     load.main([])
+    ray_sweep.main([])

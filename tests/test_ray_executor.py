@@ -1,0 +1,70 @@
+"""The Ray executor on local Ray with the tiny OLMoE checkpoints of tests/test_jobs.py: same values, same statuses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from analysis.jobs import run_job, submit
+from analysis.jobs.ray_executor import run_job_ray
+from analysis.runs.load import load_run
+from analysis.store import Store
+from tests.test_jobs import run_dir, spec  # noqa: F401  (run_dir is a fixture)
+
+
+def _table(path: Path, table: str, key: str) -> pd.DataFrame:
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return con.execute(f"SELECT * EXCLUDE (created_at) FROM {table} ORDER BY {key}").df()
+    except duckdb.BinderException:
+        return con.execute(f"SELECT * FROM {table} ORDER BY {key}").df()
+    finally:
+        con.close()
+
+
+def test_ray_stores_exactly_what_the_local_executor_stores(tmp_path: Path, run_dir: Path) -> None:  # noqa: F811
+    local, remote = Store(tmp_path / "local.duckdb"), Store(tmp_path / "ray.duckdb")
+    for store in (local, remote):
+        store.register_run(load_run(run_dir))
+    request = spec(run_dir, steps=(10, 20, 40))
+    want = run_job(local, submit(local, request))
+    # One unit already done before Ray starts: the Ray run reports it cached and computes only the others.
+    first = submit(remote, spec(run_dir, steps=(10,)))
+    run_job(remote, first)
+    job = submit(remote, request)
+    seen: list[tuple[int, int, str]] = []
+    got = run_job_ray(remote, job, progress=lambda u, n, name, *_: seen.append((u, n, name)))
+    assert not got.failed and not want.failed and got.computed > 0
+    assert got.computed + got.cached == want.computed + want.cached
+    assert sorted(name for _, _, name in seen) == ["20", "40"] and seen[-1][:2] == (3, 3)
+    for table, key in (
+        ("results", "run, step, metric, params_hash"),
+        ("sample_results", "run, step, metric, params_hash, sample_id"),
+    ):
+        ours, theirs = _table(local.path, table, key), _table(remote.path, table, key)
+        assert len(ours) > 0
+        pd.testing.assert_frame_equal(ours, theirs, check_exact=True, obj=table)
+    units = remote.job_units(job)
+    assert list(units["status"]) == ["done"] * 3 and units["message"].str.contains("ray|cached").all()
+    assert remote.jobs().set_index("id").loc[job, "status"] == "done"
+
+
+def test_a_checkpoint_that_fails_on_ray_marks_only_its_unit_failed(tmp_path: Path, run_dir: Path) -> None:  # noqa: F811
+    import shutil
+
+    from analysis.runs.base import Run
+
+    broken = tmp_path / "tiny"
+    shutil.copytree(run_dir, broken)
+    store = Store(tmp_path / "cache.duckdb")
+    run = load_run(broken)
+    store.register_run(Run("tiny", run.source, run.checkpoints, run.log))
+    for weights in (broken / "step_20").glob("*.safetensors"):
+        weights.write_bytes(b"garbage")  # after registration: the fingerprint no longer matters here
+    report = run_job_ray(store, submit(store, spec(run_dir, steps=(10, 20), tasks=())))
+    units = store.job_units(report.job_id).set_index("unit")
+    assert units.loc["10", "status"] == "done" and units.loc["20", "status"] == "failed"
+    assert len(report.failed) == 1 and report.failed[0].startswith("step 20")
+    assert set(store.results("tiny")["step"]) == {10}
