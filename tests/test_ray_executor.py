@@ -68,3 +68,47 @@ def test_a_checkpoint_that_fails_on_ray_marks_only_its_unit_failed(tmp_path: Pat
     assert units.loc["10", "status"] == "done" and units.loc["20", "status"] == "failed"
     assert len(report.failed) == 1 and report.failed[0].startswith("step 20")
     assert set(store.results("tiny")["step"]) == {10}
+
+
+def test_sigkill_of_a_ray_task_mid_unit_leaves_nothing_of_it_and_resume_finishes(tmp_path: Path, run_dir: Path):  # noqa: F811
+    import os
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    store = Store(tmp_path / "cache.duckdb")
+    store.register_run(load_run(run_dir))
+    slow = spec(
+        run_dir, steps=(10, 20), tasks=(), metrics=("hessian_trace",),
+        metric_params={"hessian_trace": {"n_probes": "400"}},
+    )  # fmt: skip
+    job = submit(store, slow)
+    killed: list[int] = []
+
+    def kill_one_task() -> None:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not killed:
+            found = subprocess.run(["pgrep", "-f", "ray::compute_unit"], capture_output=True, text=True).stdout.split()
+            if found:
+                time.sleep(0.5)  # mid-unit: the task has started computing
+                os.kill(int(found[0]), signal.SIGKILL)
+                killed.append(int(found[0]))
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_one_task)
+    killer.start()
+    report = run_job_ray(store, job)
+    killer.join()
+    assert killed, "no Ray task process was seen to kill"
+    units = store.job_units(job).set_index("unit")
+    failed = units[units["status"] == "failed"]
+    assert len(failed) == 1 and failed["message"].str.contains("Ray task failed").all()
+    assert len(report.failed) == 1
+    done = {int(u) for u in units[units["status"] == "done"].index}
+    assert set(store.results("tiny")["step"]) == done  # nothing of the killed unit is visible
+    # Resume: the same job again computes just the killed unit.
+    again = run_job_ray(store, job)
+    assert not again.failed and again.computed == 1 and again.cached == len(done)
+    assert set(store.results("tiny")["step"]) == {10, 20}
+    assert list(store.job_units(job)["status"]) == ["done", "done"]
