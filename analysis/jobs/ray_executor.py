@@ -9,13 +9,22 @@ executor's. Ray is imported only here: the rest of the project runs without it.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from analysis.jobs.runner import JobReport, Progress, _cancelled, _fail, _first_line, compute_unit
-from analysis.jobs.spec import JobSpec, plan_items
-from analysis.store import Store, UnitUpdate, library_versions
+from analysis.jobs.runner import (
+    JobReport,
+    Progress,
+    _cancelled,
+    _fail,
+    _first_line,
+    compute_unit,
+    finish_job,
+    load_job,
+    prepare_unit,
+    record_unit,
+)
+from analysis.store import Store, UnitUpdate
 
 PACKAGE = Path(__file__).resolve().parent.parent  # analysis/, shipped to a remote cluster's workers
 
@@ -51,45 +60,25 @@ def run_job_ray(
     """Run (or resume) a queued job with one Ray task per checkpoint unit; returns a JobReport."""
     import ray
 
-    jobs = store.jobs(limit=1_000_000)
-    match = jobs[jobs["id"] == job_id]
-    if not len(match):
-        raise ValueError(f"no job {job_id} in {store.path}; list jobs with `python -m analysis jobs`")
-    spec = JobSpec.from_dict(json.loads(match["spec"].iloc[0]))
+    plan = load_job(store, job_id)
+    items = plan.items
     report = JobReport(job_id, failed=[])
-    items = plan_items(spec)
-    units = store.job_units(job_id)
-    ckpts = store.checkpoints(spec.run).set_index("step")
-    runs = store.runs()
-    trust = bool(runs.loc[runs["name"] == spec.run, "trust_remote_code"].any())
-    versions = library_versions()
-    n_units = len(units)
+    n_units = len(plan.units)
     started = _init(address)
     remote = ray.remote(num_gpus=num_gpus_per_unit, max_retries=0)(compute_unit)
     store.set_job(job_id, "running", worker_pid=os.getpid())
     pending: dict = {}  # ObjectRef -> (unit name, step, items to compute)
     finished = 0
     try:
-        for unit in units.itertuples():
-            report.units += 1
-            if unit.status == "done":
-                report.cached += unit.total
+        for unit in plan.units.itertuples():
+            prepared = prepare_unit(store, job_id, plan, unit, report)
+            if prepared is None or not prepared[3]:
                 finished += 1
                 continue
-            step = int(unit.unit)
-            if step not in ckpts.index:
-                _fail(store, job_id, unit.unit, len(items), "checkpoint no longer registered", report)
-                finished += 1
-                continue
-            path, fp = ckpts.loc[step, "path"], ckpts.loc[step, "fingerprint"]
-            todo = [it for it in items if not it.is_cached(store.cached_keys(spec.run, step, fp))]
-            report.cached += len(items) - len(todo)
-            if not todo:
-                store.set_unit(UnitUpdate(job_id, unit.unit, "done", len(items), len(items), "cached"))
-                finished += 1
-                continue
-            store.set_unit(UnitUpdate(job_id, unit.unit, "running", len(items) - len(todo), len(items)))
-            ref = remote.remote(spec, todo, path, fp, step, trust, versions, done=len(items) - len(todo))
+            step, path, fp, todo = prepared
+            ref = remote.remote(
+                plan.spec, todo, path, fp, step, plan.trust_remote_code, plan.versions, done=len(items) - len(todo)
+            )
             pending[ref] = (unit.unit, step, todo)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
@@ -105,15 +94,7 @@ def run_job_ray(
             except ray.exceptions.RayError as err:  # the worker died, or the task could not run at all
                 _fail(store, job_id, name, len(items), f"Ray task failed: {_first_line(err)}", report)
             else:
-                if out.error is not None:
-                    _fail(store, job_id, name, len(items), out.error, report)
-                else:
-                    status = "failed" if out.problems and not out.rows else "done"
-                    message = "; ".join(out.problems) or f"{out.seconds:.1f} s (ray)"
-                    update = UnitUpdate(job_id, name, status, len(items), len(items), message)
-                    store.write_results(out.rows, out.samples, unit=update)
-                    report.computed += len(todo) - len(out.problems)
-                    report.failed += [f"step {step}: {p}" for p in out.problems]
+                record_unit(store, job_id, name, step, len(items), len(todo), out, report, where=" (ray)")
             finished += 1
             if progress:
                 progress(finished, n_units, name, len(items), len(items), "done")
@@ -123,6 +104,4 @@ def run_job_ray(
             store.set_unit(UnitUpdate(job_id, name, "queued", 0, len(items), "interrupted"))
         if started:
             ray.shutdown()
-    final = "cancelled" if report.cancelled else ("failed" if report.failed and not report.computed else "done")
-    store.set_job(job_id, final, report.summary())
-    return report
+    return finish_job(store, job_id, report)

@@ -285,69 +285,115 @@ def compute_unit(
     return out
 
 
-def run_job(store: Store, job_id: int, *, progress: Progress | None = None, stop: Callable[[], bool] | None = None):
-    """Run (or resume) a queued job to the end; returns a JobReport."""
+@dataclass
+class JobPlan:
+    """A queued job read back from the cache: what every executor needs before computing units."""
+
+    spec: JobSpec
+    items: list[Item]
+    units: pd.DataFrame  # unit, status, total, ...
+    ckpts: pd.DataFrame  # indexed by step: path, fingerprint
+    trust_remote_code: bool
+    versions: dict
+
+
+def load_job(store: Store, job_id: int) -> JobPlan:
+    """Read job ``job_id`` and the checkpoints it covers; ValueError for an unknown id."""
     jobs = store.jobs(limit=1_000_000)
     match = jobs[jobs["id"] == job_id]
     if not len(match):
         raise ValueError(f"no job {job_id} in {store.path}; list jobs with `python -m analysis jobs`")
     spec = JobSpec.from_dict(json.loads(match["spec"].iloc[0]))
+    runs = store.runs()
+    return JobPlan(
+        spec=spec,
+        items=plan_items(spec),
+        units=store.job_units(job_id),
+        ckpts=store.checkpoints(spec.run).set_index("step"),
+        trust_remote_code=bool(runs.loc[runs["name"] == spec.run, "trust_remote_code"].any()),
+        versions=library_versions(),
+    )
+
+
+def prepare_unit(store: Store, job_id: int, plan: JobPlan, unit, report: JobReport):
+    """What one unit still has to compute: (step, path, fingerprint, todo), or None when nothing.
+
+    A finished unit counts as cached; a unit whose checkpoint is gone fails; a unit whose items
+    are all cached is marked done (todo is then empty). Otherwise the unit is marked running.
+    """
+    n_items = len(plan.items)
+    report.units += 1
+    if unit.status == "done":
+        report.cached += unit.total
+        return None
+    step = int(unit.unit)
+    if step not in plan.ckpts.index:
+        _fail(store, job_id, unit.unit, n_items, "checkpoint no longer registered", report)
+        return None
+    path, fp = plan.ckpts.loc[step, "path"], plan.ckpts.loc[step, "fingerprint"]
+    keys = store.cached_keys(plan.spec.run, step, fp)
+    todo = [it for it in plan.items if not it.is_cached(keys)]
+    report.cached += n_items - len(todo)
+    if not todo:
+        store.set_unit(UnitUpdate(job_id, unit.unit, "done", n_items, n_items, "cached"))
+    else:
+        store.set_unit(UnitUpdate(job_id, unit.unit, "running", n_items - len(todo), n_items))
+    return step, path, fp, todo
+
+
+def record_unit(
+    store: Store, job_id: int, unit: str, step: int, n_items: int, n_todo: int, out: UnitOutput, report: JobReport,
+    where: str = "",
+) -> None:  # fmt: skip
+    """Write one computed unit: its rows and its status in one transaction, or the reason it failed."""
+    if out.error is not None:
+        _fail(store, job_id, unit, n_items, out.error, report)
+        return
+    status = "failed" if out.problems and not out.rows else "done"
+    message = "; ".join(out.problems) or f"{out.seconds:.1f} s{where}"
+    store.write_results(out.rows, out.samples, unit=UnitUpdate(job_id, unit, status, n_items, n_items, message))
+    report.computed += n_todo - len(out.problems)
+    report.failed += [f"step {step}: {p}" for p in out.problems]
+
+
+def finish_job(store: Store, job_id: int, report: JobReport) -> JobReport:
+    final = "cancelled" if report.cancelled else ("failed" if report.failed and not report.computed else "done")
+    store.set_job(job_id, final, report.summary())
+    return report
+
+
+def run_job(store: Store, job_id: int, *, progress: Progress | None = None, stop: Callable[[], bool] | None = None):
+    """Run (or resume) a queued job to the end; returns a JobReport."""
+    plan = load_job(store, job_id)
+    spec, items = plan.spec, plan.items
     report = JobReport(job_id, failed=[])
     store.set_job(job_id, "running", worker_pid=os.getpid())
-    items = plan_items(spec)
-    units = store.job_units(job_id)
-    ckpts = store.checkpoints(spec.run).set_index("step")
-    runs = store.runs()
-    trust = bool(runs.loc[runs["name"] == spec.run, "trust_remote_code"].any())
-    versions = library_versions()
-    n_units = len(units)
-    for index, unit in enumerate(units.itertuples()):
-        if stop is not None and stop():
+    n_units = len(plan.units)
+    for index, unit in enumerate(plan.units.itertuples()):
+        if (stop is not None and stop()) or _cancelled(store, job_id):
             report.cancelled = True
             break
-        if _cancelled(store, job_id):
-            report.cancelled = True
-            break
-        report.units += 1
-        if unit.status == "done":
-            report.cached += unit.total
+        prepared = prepare_unit(store, job_id, plan, unit, report)
+        if prepared is None:
             continue
-        step = int(unit.unit)
-        if step not in ckpts.index:
-            _fail(store, job_id, unit.unit, len(items), "checkpoint no longer registered", report)
-            continue
-        path, fp = ckpts.loc[step, "path"], ckpts.loc[step, "fingerprint"]
-        keys = store.cached_keys(spec.run, step, fp)
-        todo = [it for it in items if not it.is_cached(keys)]
-        report.cached += len(items) - len(todo)
+        step, path, fp, todo = prepared
         if not todo:
-            store.set_unit(UnitUpdate(job_id, unit.unit, "done", len(items), len(items), "cached"))
             if progress:
                 progress(index, n_units, unit.unit, len(items), len(items), "cached")
             continue
-        store.set_unit(UnitUpdate(job_id, unit.unit, "running", len(items) - len(todo), len(items)))
 
         def item_progress(done: int, label: str, index: int = index, name: str = unit.unit) -> None:
             if progress:
                 progress(index, n_units, name, done, len(items), label)
 
         out = compute_unit(
-            spec, todo, path, fp, step, trust, versions, done=len(items) - len(todo), on_item=item_progress
-        )
-        if out.error is not None:
-            _fail(store, job_id, unit.unit, len(items), out.error, report)
-        else:
-            status = "failed" if out.problems and not out.rows else "done"
-            message = "; ".join(out.problems) or f"{out.seconds:.1f} s"
-            update = UnitUpdate(job_id, unit.unit, status, len(items), len(items), message)
-            store.write_results(out.rows, out.samples, unit=update)
-            report.computed += len(todo) - len(out.problems)
-            report.failed += [f"step {step}: {p}" for p in out.problems]
+            spec, todo, path, fp, step, plan.trust_remote_code, plan.versions,
+            done=len(items) - len(todo), on_item=item_progress,
+        )  # fmt: skip
+        record_unit(store, job_id, unit.unit, step, len(items), len(todo), out, report)
         if progress:
             progress(index + 1, n_units, unit.unit, len(items), len(items), "done")
-    final = "cancelled" if report.cancelled else ("failed" if report.failed and not report.computed else "done")
-    store.set_job(job_id, final, report.summary())
-    return report
+    return finish_job(store, job_id, report)
 
 
 def _first_line(err: BaseException) -> str:
