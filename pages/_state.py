@@ -137,6 +137,18 @@ def selection() -> Selection:
     return sel
 
 
+def require_runs(sel: Selection) -> None:
+    """Stop the page with what to do when no run is selected (or none is registered at all)."""
+    if not sel.runs:
+        no_runs_message() if not len(runs_table()) else st.info("Pick runs in the sidebar.")
+        st.stop()
+
+
+def metric_names(frame: pd.DataFrame) -> list[str]:
+    """The metrics present in a long table, sorted."""
+    return sorted(frame["metric"].unique()) if len(frame) else []
+
+
 def no_runs_message() -> None:
     st.info(
         "No runs in this cache yet. Build the embedded demo with `python -m analysis demo`, "
@@ -242,7 +254,7 @@ def signal_view(title: str, family: tuple[str, ...], what: str) -> None:
         st.info("Pick runs in the sidebar.")
         st.stop()
     frame = long_table(sel.runs)
-    names = sorted(frame["metric"].unique()) if len(frame) else []
+    names = metric_names(frame)
     signals = [m for m in names if m in family]
     if not signals:
         st.warning(f"No {what} cached for these runs yet.")

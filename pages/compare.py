@@ -15,7 +15,7 @@ if len(sel.runs) < 2:
     st.stop()
 
 frame = _state.long_table(sel.runs)
-names = sorted(frame["metric"].unique()) if len(frame) else []
+names = _state.metric_names(frame)
 losses, scores = dv.loss_metrics(names), dv.downstream_metrics(names)
 if not losses or not scores:
     st.warning("These runs need a loss and a downstream score; evaluate their checkpoints first.")

@@ -13,12 +13,10 @@ from pages import _state
 
 sel = _state.selection()
 st.title("Report")
-if not sel.runs:
-    _state.no_runs_message() if not len(_state.runs_table()) else st.info("Pick runs in the sidebar.")
-    st.stop()
+_state.require_runs(sel)
 
 frame = _state.long_table(sel.runs)
-names = sorted(frame["metric"].unique()) if len(frame) else []
+names = _state.metric_names(frame)
 losses, scores = dv.loss_metrics(names), dv.downstream_metrics(names)
 c1, c2 = st.columns(2)
 loss = _state.metric_picker(c1, "Loss", losses, losses, "loss")

@@ -11,9 +11,7 @@ from pages import _state
 
 sel = _state.selection()
 st.title("Samples")
-if not sel.runs:
-    _state.no_runs_message() if not len(_state.runs_table()) else st.info("Pick runs in the sidebar.")
-    st.stop()
+_state.require_runs(sel)
 
 c1, c2, c3 = st.columns([2, 3, 3])
 run = c1.selectbox("Run", sel.runs, key="sample_run", bind="query-params")
