@@ -234,7 +234,7 @@ class Store:
                         "stop the other process or use another --db"
                     ) from None
                 time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 0.2)
+                delay = min(delay * 2, 0.05)  # short: a busy writer leaves only brief gaps
         try:
             yield con
         finally:

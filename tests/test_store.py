@@ -187,19 +187,26 @@ print(i, flush=True)
 
 def test_reader_and_writer_processes_never_see_a_lock_error(populated_db: Path) -> None:
     writer = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(populated_db), str(ROOT), "4"], stdout=subprocess.PIPE, text=True
+        # A worker writes once per checkpoint unit, seconds apart; 20 writes a second is far busier.
+        [sys.executable, "-c", WRITER, str(populated_db), str(ROOT), "4", "0.05"],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert writer.stdout.readline().strip() == "ready"
     reads = 0
     seen = set()
+    slowest = 0.0
     while writer.poll() is None:
+        start = time.monotonic()
         frame = Store(populated_db).results("alpha", ["counter"])
+        slowest = max(slowest, time.monotonic() - start)
         seen.update(frame["value"].tolist())
         reads += 1
         time.sleep(0.01)  # a dashboard rereads on interaction, not in a hot loop
     writes = int(writer.communicate(timeout=60)[0])
     assert writer.returncode == 0
     assert writes > 5 and reads > 5
+    assert slowest < 3.0, f"a read waited {slowest:.2f} s for the writer"
     assert len(seen) >= 2  # the reader saw the writer's progress, not a frozen snapshot
     final = Store(populated_db).results("alpha", ["counter"])["value"].tolist()
     assert final == [float(writes - 1)]
