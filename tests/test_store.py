@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from analysis.runs.base import Checkpoint
@@ -105,6 +107,28 @@ def test_nan_results_are_stored_as_missing_and_samples_round_trip(populated_db: 
     assert got["value"].isna().all() and got["stderr"].isna().all()
     samples = store.sample_results("beta", "task/acc,none")
     assert samples["sample_id"].tolist() == ["7"] and '"52"' in samples["record"].iloc[0]
+
+
+def test_a_unit_written_in_bulk_keeps_every_field_and_the_last_of_a_repeated_key(populated_db: Path) -> None:
+    store = Store(populated_db)
+    rows = [
+        ResultRow("alpha", 10, "task/acc", 0.25, "fp-alpha-10", stderr=0.01, n=40, params={"shots": 0}),
+        ResultRow("alpha", 10, "task/acc", 0.50, "fp-alpha-10", stderr=None, n=None, params={"shots": 5}),
+        ResultRow("alpha", 30, "task/acc", 0.10, "fp-alpha-30", code_version="abc", lib_versions={"torch": "x"}),
+        ResultRow("alpha", 30, "task/acc", 0.75, "fp-alpha-30", code_version="abc", lib_versions={"torch": "x"}),
+    ]
+    assert store.write_results(rows) == 4
+    got = store.results("alpha", ["task/acc"]).sort_values(["step", "params"]).reset_index(drop=True)
+    assert got["step"].tolist() == [10, 10, 30]
+    assert got["value"].tolist() == [0.25, 0.50, 0.75]  # step 30 was given twice: the later value is kept
+    assert got.loc[0, "stderr"] == 0.01 and got.loc[0, "n"] == 40
+    assert pd.isna(got.loc[1, "stderr"]) and pd.isna(got.loc[1, "n"])
+    assert json.loads(got.loc[1, "params"]) == {"shots": 5} and got.loc[2, "code_version"] == "abc"
+    assert json.loads(got.loc[2, "lib_versions"]) == {"torch": "x"}
+    # A later unit replaces a key in place rather than adding a second row.
+    store.write_results([ResultRow("alpha", 10, "task/acc", 0.9, "fp-alpha-10", params={"shots": 0})])
+    again = store.results("alpha", ["task/acc"])
+    assert len(again) == 3 and 0.9 in again["value"].tolist() and 0.25 not in again["value"].tolist()
 
 
 def test_long_table_has_logs_and_results_with_tokens(populated_db: Path) -> None:
