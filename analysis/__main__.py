@@ -240,6 +240,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_import_evals(args: argparse.Namespace) -> int:
     from analysis.evals.lmeval import parse_results_file
+    from analysis.runs.base import Checkpoint
     from analysis.store import ResultRow, library_versions
 
     store = Store(args.db)
@@ -250,26 +251,29 @@ def cmd_import_evals(args: argparse.Namespace) -> int:
     files = sorted(Path(args.path).rglob("*.json")) if Path(args.path).is_dir() else [Path(args.path)]
     if not files:
         raise ValueError(f"{args.path}: no .json result files found; point at an lm-eval output file or folder")
-    # Every file is read before anything is written: one bad file imports nothing.
+    # Every file is read before anything is written, and everything is written in one transaction:
+    # one bad file, or a kill midway, imports nothing.
     parsed = [parse_results_file(file, step=args.step) for file in files]
-    written = 0
+    rows: list[ResultRow] = []
+    new_checkpoints: list[tuple[str, Checkpoint]] = []
     for file, imported in zip(files, parsed, strict=True):
         for problem in imported.problems:
             print(f"warning: {file}: {problem}", file=sys.stderr)
         if imported.step not in by_step:
             # Results of a checkpoint that is not on this machine: register it as a remote one.
-            store.add_checkpoint(args.run, imported.step, f"imported:{file}", f"imported:{imported.model_args}")
-            by_step[imported.step] = f"imported:{imported.model_args}"
+            fingerprint = f"imported:{imported.model_args}"
+            new_checkpoints.append((args.run, Checkpoint(imported.step, f"imported:{file}", fingerprint=fingerprint)))
+            by_step[imported.step] = fingerprint
         params = {"imported_from": str(file.resolve()), "model_args": imported.model_args}
-        rows = [
+        rows += [
             ResultRow(
                 args.run, imported.step, f"{r.task}/{r.metric}", r.value, by_step[imported.step], r.stderr, r.n,
                 params, f"{r.task_version or ''};n_shot={r.n_shot}", library_versions(),
             )
             for r in imported.rows
         ]  # fmt: skip
-        written += store.write_results(rows)
-        print(f"{file}: step {imported.step} (from {imported.step_source}), {len(rows)} values")
+        print(f"{file}: step {imported.step} (from {imported.step_source}), {len(imported.rows)} values")
+    written = store.write_results(rows, new_checkpoints=new_checkpoints)
     print(f"imported {written} values into run {args.run!r}")
     return 0
 

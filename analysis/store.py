@@ -33,7 +33,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from analysis.runs.base import Run
+from analysis.runs.base import Checkpoint, Run
 
 DEFAULT_DB = Path("data/cache.duckdb")
 
@@ -393,15 +393,6 @@ class Store:
                 n_log = 0
         return RegisterReport(run.name, len(run.checkpoints), new, changed, n_log)
 
-    def add_checkpoint(self, run: str, step: int, path: str, fingerprint: str, tokens: int | None = None) -> None:
-        """Register one checkpoint that has no local folder (e.g. imported evaluation results)."""
-        with self._write() as con:
-            con.execute(
-                """INSERT INTO checkpoints (run, step, tokens, path, fingerprint) VALUES (?, ?, ?, ?, ?)
-                   ON CONFLICT (run, step) DO NOTHING""",
-                [run, step, tokens, path, fingerprint],
-            )
-
     def delete_run(self, name: str) -> None:
         """Remove a run and everything cached for it."""
         with self._write() as con:
@@ -444,20 +435,33 @@ class Store:
     # -- results -------------------------------------------------------------------
 
     def write_results(
-        self, rows: list[ResultRow], samples: list[SampleRow] = (), *, unit: UnitUpdate | None = None
+        self,
+        rows: list[ResultRow],
+        samples: list[SampleRow] = (),
+        *,
+        unit: UnitUpdate | None = None,
+        new_checkpoints: list[tuple[str, Checkpoint]] = (),
     ) -> int:
         """Write a unit's results (typically one checkpoint's) atomically; returns rows written.
 
         ``unit``, when given, records the job unit's new status in the same transaction,
         so a unit is never marked done without its results, nor the reverse. A row for a
         checkpoint the store does not know, or whose fingerprint no longer matches, is
-        refused: it would describe weights that are not registered.
+        refused: it would describe weights that are not registered. ``new_checkpoints``
+        (run, checkpoint) pairs are registered first, in the same transaction, where the
+        run has none at that step yet: imported results of checkpoints with no local folder.
         """
-        if not rows and not samples and unit is None:
+        if not rows and not samples and unit is None and not new_checkpoints:
             return 0
         with self._write() as con:
             if unit is not None:
                 self._set_unit(con, unit)
+            for run, ckpt in new_checkpoints:
+                con.execute(
+                    """INSERT INTO checkpoints (run, step, tokens, path, fingerprint) VALUES (?, ?, ?, ?, ?)
+                       ON CONFLICT (run, step) DO NOTHING""",
+                    [run, ckpt.step, ckpt.tokens, ckpt.path, ckpt.fingerprint],
+                )
             current = {
                 (run, step): fp
                 for run, step, fp in con.execute(

@@ -303,6 +303,25 @@ def test_results_of_a_task_nobody_knows_are_imported_under_its_own_name(case_dir
     assert rows == [[10, "my_private_task/acc,none", 0.25, 0.01]]
 
 
+def test_a_folder_of_results_is_imported_in_one_transaction(case_dir: Path, populated_db: Path) -> None:
+    folder = case_dir / "evals"
+    folder.mkdir()
+    for step in (10, 77, 500):  # 10 is registered; 77 and 500 are checkpoints this machine never had
+        data = {"results": {"piqa": {"acc,none": step / 1000, "acc_stderr,none": 0.01}},
+                "config": {"model_args": f"pretrained=/m,revision=step{step}"}}  # fmt: skip
+        (folder / f"step{step}.json").write_text(json.dumps(data))
+    store = Store(populated_db)
+    before = store.generation()
+    code, out, err = cli("import-evals", str(folder), "--run", "alpha", "--db", str(populated_db))
+    assert (code, err) == (0, "") and "imported 3 values" in out
+    assert store.generation() == before + 1  # one commit: a kill midway would leave none of the three
+    steps = store.checkpoints("alpha").set_index("step")
+    assert steps.loc[77, "fingerprint"] == "imported:pretrained=/m,revision=step77"
+    assert steps.loc[10, "fingerprint"] == "fp-alpha-10"  # a known checkpoint keeps its own fingerprint
+    got = store.results("alpha", ["piqa/acc,none"])
+    assert dict(zip(got["step"], got["value"], strict=True)) == {10: 0.01, 77: 0.077, 500: 0.5}
+
+
 def test_unicode_run_folder_round_trips_through_the_cli(case_dir: Path, good_checkpoint: Path, db: Path) -> None:
     run = case_dir / "run ü 1"
     _copy(good_checkpoint, run / "step_10")
