@@ -296,7 +296,7 @@ step_lists = st.lists(st.integers(min_value=0, max_value=10**12), min_size=1, ma
 finite = st.floats(allow_nan=False, allow_infinity=False)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=step_lists, data=st.data())
 def test_csv_round_trip_property(tmp_path: Path, steps: list[int], data: st.DataObject) -> None:
     losses = data.draw(st.lists(finite, min_size=len(steps), max_size=len(steps)))

@@ -232,6 +232,11 @@ def _split_metric(key: str) -> tuple[str, str]:
     return metric, (filt or "none")
 
 
+def _printable(text: str) -> str:
+    """``text`` with control characters written as escapes (``\\n``, ``\\x00``), so it stays on one line."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 def rows_from_results(results: dict[str, Any], *, source: str, n_shot_default: int | None = None):
     """Turn an lm-eval results dict (either schema) into EvalRows; return ``(rows, problems)``.
 
@@ -282,7 +287,8 @@ def rows_from_results(results: dict[str, Any], *, source: str, n_shot_default: i
                     higher_is_better=hib if isinstance(hib, bool) else None,
                 )
             )
-    return rows, problems
+    # Task and metric names come from the file: a newline in one must not break a one-line message.
+    return rows, [_printable(p) for p in problems]
 
 
 def samples_from_results(results: dict[str, Any]) -> list[SampleRecord]:
