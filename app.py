@@ -19,5 +19,6 @@ PAGES = [st.Page(script, title=title, icon=icon, url_path=path) for script, titl
 HOME = st.Page(_state.PAGES[0][0], title="Home", url_path="home", default=True, visibility="hidden")
 
 navigation = st.navigation([HOME, *PAGES])
-_state.sidebar()
-navigation.run()
+with _state.one_generation_per_run():
+    _state.sidebar()
+    navigation.run()

@@ -305,8 +305,10 @@ def loss_downstream_figure(
                 1,
             )
             shown.add(run)
-    # Labels of windows that may overlap take turns at the rectangle's corners.
+    # Labels of windows that may overlap take turns at the rectangle's corners. The shapes are set in
+    # one layout update: ``add_vrect`` re-validates the whole layout per call (~3 ms each, bench/render.py).
     corners = ["top left", "top right", "bottom left", "bottom right"]
+    shapes = []
     for i, w in enumerate((windows if windows is not None else pd.DataFrame()).itertuples(index=False)):
         start, end = float(w.start), float(w.end)
         if log_x and min(start, end) <= 0:
@@ -318,8 +320,12 @@ def loss_downstream_figure(
             "textposition": corners[i % 4],
             "font": {"size": style.font_size - 2, "color": KIND_COLORS.get(kind, "#555555")},
         }
-        fig.add_vrect(x0=start, x1=end, row=1, col=1, fillcolor=fill, line_width=0, layer="below", label=label)
-        fig.add_vrect(x0=start, x1=end, row=2, col=1, fillcolor=fill, line_width=0, layer="below")
+        for xref, yref in (("x", "y domain"), ("x2", "y2 domain")):
+            shape = {"type": "rect", "xref": xref, "yref": yref, "x0": start, "x1": end, "y0": 0, "y1": 1,
+                     "fillcolor": fill, "line": {"width": 0}, "layer": "below"}  # fmt: skip
+            shapes.append(shape | ({"label": label} if xref == "x" else {}))
+    if shapes:
+        fig.update_layout(shapes=shapes)
     _layout(
         fig,
         style,

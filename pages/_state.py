@@ -11,6 +11,8 @@ import argparse
 import os
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,8 +61,31 @@ def _store() -> Store:
     return Store(db_path(), lock_timeout=10.0)
 
 
+_GENERATION = "_generation_of_this_run"
+
+
+@contextmanager
+def one_generation_per_run() -> Iterator[None]:
+    """Within this block (app.py wraps each script run in it) the write generation is read once.
+
+    Every cached read of the run is then keyed by the same generation, so a page never mixes two
+    states of the cache, and the file is opened once for it rather than once per read (~50 ms each).
+    """
+    st.session_state[_GENERATION] = None
+    try:
+        yield
+    finally:
+        st.session_state.pop(_GENERATION, None)
+
+
 def generation() -> int:
-    return _store().generation()
+    """The cache's write generation: the key of every cached read."""
+    if st.session_state.get(_GENERATION) is not None:
+        return st.session_state[_GENERATION]
+    gen = guarded(lambda: _store().generation())
+    if _GENERATION in st.session_state:
+        st.session_state[_GENERATION] = gen
+    return gen
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -229,10 +254,32 @@ def report(runs: tuple[str, ...], loss: str | None, score: str | None, x: str):
 
 
 @st.cache_data(max_entries=32, show_spinner="Ranking predictors…")
-def predictor_ranking(frame: pd.DataFrame, downstream: str, loss: str | None, x: str) -> pd.DataFrame:
+def _predictor_ranking(db: str, gen: int, runs: tuple[str, ...], downstream: str, loss: str | None, x: str):
     from analysis.divergence import predictor_ranking as rank
 
-    return rank(frame, downstream, loss_metric=loss, x=x)
+    return rank(_long_table(db, gen, runs), downstream, loss_metric=loss, x=x)
+
+
+def predictor_ranking(runs: tuple[str, ...], downstream: str, loss: str | None, x: str) -> pd.DataFrame:
+    """Every signal of ``runs`` ranked by how well it predicts ``downstream`` (``divergence.predictor_ranking``)."""
+    db = str(db_path())
+    return guarded(lambda: _predictor_ranking(db, generation(), tuple(sorted(runs)), downstream, loss, x))
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _divergence(db: str, gen: int, runs: tuple[str, ...], loss: str, score: str, tol: float, z: float, x: str):
+    from analysis import divergence as dv
+
+    frame = _long_table(db, gen, runs)
+    windows = dv.divergence_windows(frame, loss, score, loss_tol=tol, z=z, x=x)
+    aligned = dv.align(frame, loss, score, x=x)
+    return windows, aligned, dv.correlations(aligned, loss, [score])
+
+
+def divergence(runs: tuple[str, ...], loss: str, score: str, tol: float, z: float, x: str):
+    """(windows, aligned checkpoints, correlations) of ``loss`` against ``score``; errors stop the page."""
+    db = str(db_path())
+    return guarded(lambda: _divergence(db, generation(), tuple(sorted(runs)), loss, score, tol, z, x))
 
 
 def metric_picker(where, label: str, options: list[str], preferred: list[str], key: str) -> str | None:

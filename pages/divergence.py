@@ -30,13 +30,7 @@ tol = c4.number_input("Flat loss within (relative)", 0.0, 1.0, 0.02, 0.01, key="
 z = c5.number_input("Significance (z)", 0.5, 10.0, 3.0, 0.5, key="z", bind="query-params")
 log_x = c3.toggle("Log x", value=True, key="logx", bind="query-params")
 
-try:
-    windows = dv.divergence_windows(frame, loss, score, loss_tol=tol, z=z, x=sel.x)
-    aligned = dv.align(frame, loss, score, x=sel.x)
-    corr = dv.correlations(aligned, loss, [score])
-except ValueError as err:
-    st.error(str(err))
-    st.stop()
+windows, aligned, corr = _state.divergence(sel.runs, loss, score, tol, z, sel.x)
 
 fig = loss_downstream_figure(
     frame, loss, score, x=sel.x, smoothing=smoothing, log_x=log_x, colors=sel.colors, style=sel.style, windows=windows
@@ -57,7 +51,7 @@ with right:
     st.plotly_chart(trajectory_figure(aligned, colors=sel.colors, style=sel.style), width="stretch", key="trajectory")
 
 st.subheader("Which signal predicts the downstream score?")
-ranking = _state.predictor_ranking(frame, score, loss, sel.x)
+ranking = _state.predictor_ranking(sel.runs, score, loss, sel.x)
 if len(ranking):
     st.plotly_chart(ranking_heatmap(ranking, style=sel.style), width="stretch", key="ranking")
     st.dataframe(ranking.round(3), hide_index=True, width="stretch")

@@ -173,6 +173,27 @@ def test_divergence_page_finds_the_planted_window(divergence_db: Path, monkeypat
     assert len(at.get("plotly_chart")) == 3  # curves, trajectory, ranking
 
 
+def test_a_page_run_reads_the_write_generation_once_and_sees_new_results_on_the_next(
+    divergence_db: Path, monkeypatch
+) -> None:
+    from analysis.store import ResultRow, Store
+
+    at = open_app(divergence_db, monkeypatch, page=None)
+    reads = []
+    original = Store.generation
+    monkeypatch.setattr(Store, "generation", lambda self: reads.append(1) or original(self))
+    at.run()
+    assert not at.exception and len(reads) == 1  # sidebar, table, windows and ranking share one read
+    before = len(at.dataframe[0].value)
+    # A result written between two runs is on the next one: the generation is not kept across runs.
+    store = Store(divergence_db)
+    fp = store.checkpoints("stuck").set_index("step").loc[120, "fingerprint"]
+    store.write_results([ResultRow("stuck", 120, "toy/acc,none", 0.99, fp, stderr=0.001, n=1000)])
+    at.run()
+    assert len(reads) == 2
+    assert len(at.dataframe[0].value) > before  # the jump at the last checkpoint is now a window
+
+
 def test_compare_page_shows_the_gap_at_matched_loss(divergence_db: Path, monkeypatch) -> None:
     at = open_app(divergence_db, monkeypatch, page="pages/compare.py", ref="grok")
     assert not at.exception and not at.error
