@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
@@ -189,6 +190,17 @@ def _finite_or_none(x: float | None) -> float | None:
     return x if math.isfinite(x) else None
 
 
+_TURNS: dict[str, threading.RLock] = {}
+_TURNS_GUARD = threading.Lock()
+
+
+def _file_turn(path: Path) -> threading.RLock:
+    """The lock this process's threads take turns on for one cache file (re-entrant: a thread may nest reads)."""
+    key = os.path.realpath(path)
+    with _TURNS_GUARD:
+        return _TURNS.setdefault(key, threading.RLock())
+
+
 def _is_lock_error(err: Exception) -> bool:
     text = str(err).lower()
     return "lock" in text and ("conflict" in text or "could not set lock" in text)
@@ -205,13 +217,32 @@ class Store:
 
     @contextmanager
     def _connect(self, *, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Open the file, retrying with jittered backoff while another process holds it."""
+        """Open the file, retrying with jittered backoff while another process holds it.
+
+        Threads of one process (the dashboard's sessions) take turns on a file: DuckDB refuses a
+        read-only and a read-write connection to the same file open at once in one process.
+        """
         if not read_only:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as err:
                 raise ValueError(f"{self.path}: cannot create its folder ({err.strerror}); pass another --db") from None
         deadline = time.monotonic() + self.lock_timeout
+        turn = _file_turn(self.path)
+        if not turn.acquire(timeout=self.lock_timeout):
+            raise StoreLockedError(
+                f"{self.path}: still in use by another thread of this process after {self.lock_timeout:.0f} s; "
+                "try again when it has finished"
+            )
+        try:
+            with self._open(read_only, deadline) as con:
+                yield con
+        finally:
+            turn.release()
+
+    @contextmanager
+    def _open(self, read_only: bool, deadline: float) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Connect, retrying until ``deadline`` while another process holds the file's lock."""
         delay = 0.005
         while True:
             try:
