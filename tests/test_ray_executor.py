@@ -6,12 +6,23 @@ from pathlib import Path
 
 import duckdb
 import pandas as pd
+import pytest
 
 from analysis.jobs import run_job, submit
 from analysis.jobs.ray_executor import run_job_ray
 from analysis.runs.load import load_run
 from analysis.store import Store
 from tests.test_jobs import run_dir, spec  # noqa: F401  (run_dir is a fixture)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_local():
+    """One local Ray instance for the module (start-up is ~10 s); run_job_ray leaves one it did not start running."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 def _table(path: Path, table: str, key: str) -> pd.DataFrame:
@@ -112,3 +123,53 @@ def test_sigkill_of_a_ray_task_mid_unit_leaves_nothing_of_it_and_resume_finishes
     assert not again.failed and again.computed == 1 and again.cached == len(done)
     assert set(store.results("tiny")["step"]) == {10, 20}
     assert list(store.job_units(job)["status"]) == ["done", "done"]
+
+
+def _compute_unit_pids() -> list[int]:
+    import subprocess
+
+    found = subprocess.run(["pgrep", "-f", "ray::compute_unit"], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in found]
+
+
+def test_cancelling_a_ray_job_stops_its_tasks_and_keeps_nothing_partial(tmp_path: Path, run_dir: Path):  # noqa: F811
+    import threading
+    import time
+
+    store = Store(tmp_path / "cache.duckdb")
+    store.register_run(load_run(run_dir))
+    slow = spec(
+        run_dir, steps=(10, 20, 40), tasks=(), metrics=("hessian_trace",),
+        metric_params={"hessian_trace": {"n_probes": "200"}},
+    )  # fmt: skip
+    job = submit(store, slow)
+
+    def cancel_once_a_task_runs() -> None:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not _compute_unit_pids():
+            time.sleep(0.1)
+        store.set_job(job, "cancelled", "cancelled from the dashboard")  # what the Jobs page's button does
+
+    canceller = threading.Thread(target=cancel_once_a_task_runs)
+    canceller.start()
+    started = time.monotonic()
+    report = run_job_ray(store, job)
+    canceller.join()
+    assert report.cancelled and time.monotonic() - started < 120
+    assert store.jobs().set_index("id").loc[job, "status"] == "cancelled"
+    units = store.job_units(job).set_index("unit")
+    unfinished = units[units["status"] != "done"]
+    assert len(unfinished) >= 1 and (unfinished["status"] == "queued").all()
+    assert (unfinished["message"] == "interrupted").all()
+    done = {int(u) for u in units[units["status"] == "done"].index}
+    assert set(store.results("tiny").get("step", [])) == done  # a cancelled unit left no rows
+    deadline = time.monotonic() + 30
+    while _compute_unit_pids() and time.monotonic() < deadline:  # force-cancelled tasks' processes are killed
+        time.sleep(0.2)
+    assert not _compute_unit_pids(), "a cancelled Ray task is still computing"
+    # A cancelled job stays cancelled; the same request queued again computes only what the cancel interrupted.
+    again = run_job_ray(store, submit(store, slow))
+    assert not again.cancelled and not again.failed
+    assert again.computed == len(unfinished) and again.cached == len(done)
+    assert list(store.job_units(again.job_id)["status"]) == ["done"] * 3
+    assert store.jobs().set_index("id").loc[job, "status"] == "cancelled"
