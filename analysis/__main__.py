@@ -210,7 +210,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.executor == "ray":
         from analysis.jobs.ray_executor import run_job_ray
 
-        report = run_job_ray(store, job_id, args.ray_address, args.ray_gpus_per_unit, progress=_unit_bar())
+        report = run_job_ray(
+            store, job_id, args.ray_address, args.ray_gpus_per_unit, split=args.ray_split, progress=_unit_bar()
+        )
     else:
         report = run_job(store, job_id, progress=_unit_bar())
     print(report.summary())
@@ -389,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["local", "ray"], default="local", help="where units run (default local)")
     p.add_argument("--ray-address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray instance)")
     p.add_argument("--ray-gpus-per-unit", type=float, default=0, help="GPUs each Ray task reserves (default 0)")
+    p.add_argument(
+        "--ray-split",
+        choices=["group", "checkpoint"],
+        default="group",
+        help="one Ray task per metric group of a checkpoint (default), or per checkpoint (one load each)",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("worker", parents=[common], help="run queued jobs (the single writer)")

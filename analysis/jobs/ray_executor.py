@@ -1,22 +1,28 @@
-"""Run a job's checkpoint units as Ray tasks; this process stays the cache's single writer.
+"""Run a job on Ray: each checkpoint's metric groups as Ray tasks; this process stays the cache's single writer.
 
-Each unit that still lacks something becomes one remote ``compute_unit`` call (pure: it
-writes nothing). Results come back as they finish (``ray.wait``) and the driver writes each
-unit's rows together with its status in one transaction, exactly as ``run_job`` does, so
-the statuses, the resume behaviour and the stored values are the same as the local
-executor's. Ray is imported only here: the rest of the project runs without it.
+Each unit (checkpoint) that still lacks something is split into metric groups
+(``metric_groups``): the evaluations that share forward passes over the probe data, the
+routing metrics that share one routing profile, and each other internal metric (Hessian
+trace, top eigenvalue, ...) on its own. Every group is one remote ``compute_unit`` call
+(pure: it writes nothing), so the expensive metrics of one checkpoint run on different
+workers at once. ``split="checkpoint"`` sends a whole unit as one task instead (one
+checkpoint load per unit). Results come back as they finish (``ray.wait``); once every
+group of a unit is back, the driver writes the unit's rows together with its status in
+one transaction, exactly as ``run_job`` does, so statuses, resume behaviour and stored
+values are the local executor's. Ray is imported only here.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from analysis.jobs.runner import (
     JobReport,
     Progress,
+    UnitOutput,
     _cancelled,
-    _fail,
     _first_line,
     compute_unit,
     finish_job,
@@ -24,6 +30,7 @@ from analysis.jobs.runner import (
     prepare_unit,
     record_unit,
 )
+from analysis.jobs.spec import Item
 from analysis.store import Store, UnitUpdate
 
 PACKAGE = Path(__file__).resolve().parent.parent  # analysis/, shipped to a remote cluster's workers
@@ -49,25 +56,84 @@ def _init(address: str | None) -> bool:
     return True
 
 
+SPLITS = ("group", "checkpoint")
+
+
+def metric_groups(todo: list[Item]) -> list[list[Item]]:
+    """``todo`` in the groups Ray may compute apart, each at the cost of one checkpoint load.
+
+    lm-eval tasks, proxies, held-out loss and memorisation rows (forward passes over the data)
+    form one group; the routing metrics, which share one routing profile, another; every other
+    internal metric is a group of its own. Order follows ``todo``.
+    """
+    from analysis.metrics.registry import get_metric
+
+    def key(item: Item) -> str:
+        if item.kind != "metric":
+            return "evaluations"
+        return "routing" if get_metric(item.name).from_profile is not None else item.name
+
+    groups: dict[str, list[Item]] = {}
+    for item in todo:
+        groups.setdefault(key(item), []).append(item)
+    return list(groups.values())
+
+
+@dataclass
+class _Unit:
+    """A unit whose groups are out on Ray: what came back so far."""
+
+    name: str
+    step: int
+    todo: int  # items to compute
+    waiting: int  # groups not back yet
+    out: UnitOutput = field(default_factory=UnitOutput)
+    errors: list[str] = field(default_factory=list)  # groups that failed as a whole
+
+    def add(self, items: list[Item], got: UnitOutput | None, error: str | None) -> None:
+        self.waiting -= 1
+        if error is None and got is not None and got.error is not None:
+            error = got.error
+        if error is not None:
+            self.errors.append(error)
+            self.out.problems += [f"{item.label}: {error}" for item in items]
+            self.out.incomplete = True
+            return
+        self.out.rows += got.rows
+        self.out.samples += got.samples
+        self.out.problems += got.problems
+        self.out.seconds = max(self.out.seconds, got.seconds)
+
+    def merged(self, n_groups: int) -> UnitOutput:
+        """The unit's output; a unit whose every group failed as a whole failed as a whole."""
+        if len(self.errors) == n_groups:
+            return UnitOutput(error=self.errors[0])
+        return self.out
+
+
 def run_job_ray(
     store: Store,
     job_id: int,
     address: str | None = None,
     num_gpus_per_unit: float = 0,
     *,
+    split: str = "group",
     progress: Progress | None = None,
 ) -> JobReport:
-    """Run (or resume) a queued job with one Ray task per checkpoint unit; returns a JobReport."""
+    """Run (or resume) a queued job with one Ray task per metric group (or per checkpoint); returns a JobReport."""
     import ray
 
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: use one of {', '.join(SPLITS)}")
     plan = load_job(store, job_id)
-    items = plan.items
+    n_items = len(plan.items)
     report = JobReport(job_id, failed=[])
     n_units = len(plan.units)
     started = _init(address)
     remote = ray.remote(num_gpus=num_gpus_per_unit, max_retries=0)(compute_unit)
     store.set_job(job_id, "running", worker_pid=os.getpid())
-    pending: dict = {}  # ObjectRef -> (unit name, step, items to compute)
+    pending: dict = {}  # ObjectRef -> (unit, the group's items)
+    units: dict[str, tuple[_Unit, int]] = {}  # unit name -> (what came back, number of groups)
     finished = 0
     try:
         for unit in plan.units.itertuples():
@@ -76,10 +142,14 @@ def run_job_ray(
                 finished += 1
                 continue
             step, path, fp, todo = prepared
-            ref = remote.remote(
-                plan.spec, todo, path, fp, step, plan.trust_remote_code, plan.versions, done=len(items) - len(todo)
-            )
-            pending[ref] = (unit.unit, step, todo)
+            groups = metric_groups(todo) if split == "group" else [todo]
+            state = _Unit(unit.unit, step, len(todo), len(groups))
+            units[unit.unit] = (state, len(groups))
+            for group in groups:
+                ref = remote.remote(
+                    plan.spec, group, path, fp, step, plan.trust_remote_code, plan.versions, done=n_items - len(todo)
+                )
+                pending[ref] = (state, group)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
             if not ready:
@@ -88,20 +158,26 @@ def run_job_ray(
                     break
                 continue
             ref = ready[0]
-            name, step, todo = pending.pop(ref)
+            state, group = pending.pop(ref)
             try:
-                out = ray.get(ref)
+                state.add(group, ray.get(ref), None)
             except ray.exceptions.RayError as err:  # the worker died, or the task could not run at all
-                _fail(store, job_id, name, len(items), f"Ray task failed: {_first_line(err)}", report)
-            else:
-                record_unit(store, job_id, name, step, len(items), len(todo), out, report, where=" (ray)")
+                state.add(group, None, f"Ray task failed: {_first_line(err)}")
+            if state.waiting:
+                continue
+            n_groups = units.pop(state.name)[1]
+            record_unit(
+                store, job_id, state.name, state.step, n_items, state.todo, state.merged(n_groups), report,
+                where=" (ray)",
+            )  # fmt: skip
             finished += 1
             if progress:
-                progress(finished, n_units, name, len(items), len(items), "done")
+                progress(finished, n_units, state.name, n_items, n_items, "done")
     finally:
-        for ref, (name, _, _) in pending.items():  # cancelled or interrupted: the next run redoes these
+        for ref in pending:  # cancelled or interrupted: the next run redoes these units whole
             ray.cancel(ref, force=True)
-            store.set_unit(UnitUpdate(job_id, name, "queued", 0, len(items), "interrupted"))
+        for state, _ in units.values():
+            store.set_unit(UnitUpdate(job_id, state.name, "queued", 0, n_items, "interrupted"))
         if started:
             ray.shutdown()
     return finish_job(store, job_id, report)

@@ -232,6 +232,9 @@ class UnitOutput:
     problems: list[str] = field(default_factory=list)  # items that failed (the others still count)
     error: str | None = None  # the whole unit failed (the checkpoint did not load, out of memory)
     seconds: float = 0.0
+    # Some items never ran (their Ray task died): the rows of the others are kept, and the unit stays
+    # failed, so running the job again computes just the missing items.
+    incomplete: bool = False
 
 
 def compute_unit(
@@ -349,7 +352,7 @@ def record_unit(
     if out.error is not None:
         _fail(store, job_id, unit, n_items, out.error, report)
         return
-    status = "failed" if out.problems and not out.rows else "done"
+    status = "failed" if (out.problems and not out.rows) or out.incomplete else "done"
     message = "; ".join(out.problems) or f"{out.seconds:.1f} s{where}"
     store.write_results(out.rows, out.samples, unit=UnitUpdate(job_id, unit, status, n_items, n_items, message))
     report.computed += n_todo - len(out.problems)
