@@ -393,9 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-gpus-per-unit", type=float, default=0, help="GPUs each Ray task reserves (default 0)")
     p.add_argument(
         "--ray-split",
-        choices=["group", "checkpoint"],
-        default="group",
-        help="one Ray task per metric group of a checkpoint (default), or per checkpoint (one load each)",
+        choices=["auto", "group", "checkpoint"],
+        default="auto",
+        help="one Ray task per metric group of a checkpoint, or per checkpoint (one load each); "
+        "auto (default): by group while fewer checkpoints than worker slots need computing",
     )
     p.set_defaults(func=cmd_eval)
 

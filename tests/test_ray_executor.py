@@ -62,7 +62,7 @@ def test_ray_stores_exactly_what_the_local_executor_stores(tmp_path: Path, run_d
     run_job(remote, first)
     job = submit(remote, request)
     seen: list[tuple[int, int, str]] = []
-    got = run_job_ray(remote, job, progress=lambda u, n, name, *_: seen.append((u, n, name)))
+    got = run_job_ray(remote, job, split="group", progress=lambda u, n, name, *_: seen.append((u, n, name)))
     assert not got.failed and not want.failed and got.computed > 0
     assert got.computed + got.cached == want.computed + want.cached
     assert sorted(name for _, _, name in seen) == ["20", "40"] and seen[-1][:2] == (3, 3)
@@ -101,6 +101,31 @@ def test_a_checkpoint_that_fails_on_ray_marks_only_its_unit_failed(tmp_path: Pat
     assert set(store.results("tiny")["step"]) == {10}
 
 
+def test_auto_split_by_group_only_while_workers_would_idle_and_a_gpu_request_without_gpus_queues_nothing(
+    tmp_path: Path,
+    run_dir: Path,  # noqa: F811
+    monkeypatch,
+) -> None:
+    import analysis.jobs.ray_executor as rx
+
+    assert rx.worker_slots() == 2 and rx.worker_slots(0.5) == 0  # the module's local Ray: 2 CPUs, no GPU
+    store = Store(tmp_path / "cache.duckdb")
+    store.register_run(load_run(run_dir))
+    request = spec(run_dir, tasks=(), metrics=("heldout_loss", "hessian_trace"))
+    groups_sent: list[int] = []
+    real = rx.metric_groups
+    monkeypatch.setattr(rx, "metric_groups", lambda todo: groups_sent.append(1) or real(todo))
+    one = run_job_ray(store, submit(store, spec(run_dir, steps=(10,), tasks=(), metrics=request.metrics)))
+    assert not one.failed and len(groups_sent) == 1  # 1 checkpoint < 2 slots: split by group
+    two = run_job_ray(store, submit(store, spec(run_dir, steps=(20, 40), tasks=(), metrics=request.metrics)))
+    assert not two.failed and len(groups_sent) == 1  # 2 checkpoints fill 2 slots: one task each
+    job = submit(store, request)
+    with pytest.raises(ValueError, match="has 0 GPUs, too few for 1 per task; lower --ray-gpus-per-unit"):
+        run_job_ray(store, job, num_gpus_per_unit=1)
+    assert store.jobs().set_index("id").loc[job, "status"] == "queued"
+    assert set(store.job_units(job)["status"]) == {"queued"}
+
+
 def test_a_metric_group_that_fails_whole_keeps_the_others_rows_and_a_rerun_computes_only_it(
     tmp_path: Path,
     run_dir: Path,  # noqa: F811
@@ -121,7 +146,7 @@ def test_a_metric_group_that_fails_whole_keeps_the_others_rows_and_a_rerun_compu
     probe = tmp_path / "probe.jsonl"
     good = probe.read_bytes()
     probe.write_text("{not json\n")  # broken after queueing: every Hessian task fails before computing anything
-    report = run_job_ray(store, job)
+    report = run_job_ray(store, job, split="group")
     units = store.job_units(job).set_index("unit")
     assert list(units["status"]) == ["failed", "failed"]
     assert units["message"].str.startswith("hessian_trace: ").all()
@@ -130,7 +155,7 @@ def test_a_metric_group_that_fails_whole_keeps_the_others_rows_and_a_rerun_compu
     kept = len(stored)
     assert report.computed > 0 and len(report.failed) == 2
     probe.write_bytes(good)
-    again = run_job_ray(store, job)  # the failed units run again, for just the missing item
+    again = run_job_ray(store, job, split="group")  # the failed units run again, for just the missing item
     assert not again.failed and again.computed == 2
     assert list(store.job_units(job)["status"]) == ["done", "done"]
     after = store.results("tiny")

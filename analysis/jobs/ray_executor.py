@@ -56,7 +56,7 @@ def _init(address: str | None) -> bool:
     return True
 
 
-SPLITS = ("group", "checkpoint")
+SPLITS = ("auto", "group", "checkpoint")
 
 
 def metric_groups(todo: list[Item]) -> list[list[Item]]:
@@ -77,6 +77,16 @@ def metric_groups(todo: list[Item]) -> list[list[Item]]:
     for item in todo:
         groups.setdefault(key(item), []).append(item)
     return list(groups.values())
+
+
+def worker_slots(num_gpus_per_unit: float = 0) -> int:
+    """How many tasks the connected Ray cluster runs at once: its GPUs over the GPUs per task, else its CPUs."""
+    import ray
+
+    resources = ray.cluster_resources()
+    if num_gpus_per_unit > 0:
+        return int(resources.get("GPU", 0) // num_gpus_per_unit)
+    return int(resources.get("CPU", 1))
 
 
 @dataclass
@@ -117,10 +127,15 @@ def run_job_ray(
     address: str | None = None,
     num_gpus_per_unit: float = 0,
     *,
-    split: str = "group",
+    split: str = "auto",
     progress: Progress | None = None,
 ) -> JobReport:
-    """Run (or resume) a queued job with one Ray task per metric group (or per checkpoint); returns a JobReport."""
+    """Run (or resume) a queued job with one Ray task per metric group or per checkpoint; returns a JobReport.
+
+    ``split="auto"`` splits by metric group when fewer checkpoints need computing than the cluster
+    has slots for (``worker_slots``), and sends whole checkpoints otherwise: each group loads its
+    checkpoint again, which only pays when workers would sit idle.
+    """
     import ray
 
     if split not in SPLITS:
@@ -131,17 +146,27 @@ def run_job_ray(
     n_units = len(plan.units)
     started = _init(address)
     remote = ray.remote(num_gpus=num_gpus_per_unit, max_retries=0)(compute_unit)
-    store.set_job(job_id, "running", worker_pid=os.getpid())
     pending: dict = {}  # ObjectRef -> (unit, the group's items)
     units: dict[str, tuple[_Unit, int]] = {}  # unit name -> (what came back, number of groups)
     finished = 0
     try:
+        slots = worker_slots(num_gpus_per_unit)
+        if slots < 1:  # the tasks would wait for a GPU forever; the job stays queued
+            raise ValueError(
+                f"the Ray cluster has {ray.cluster_resources().get('GPU', 0):g} GPUs, too few for "
+                f"{num_gpus_per_unit:g} per task; lower --ray-gpus-per-unit or add GPU workers"
+            )
+        store.set_job(job_id, "running", worker_pid=os.getpid())
+        work = []
         for unit in plan.units.itertuples():
             prepared = prepare_unit(store, job_id, plan, unit, report)
             if prepared is None or not prepared[3]:
                 finished += 1
                 continue
-            step, path, fp, todo = prepared
+            work.append((unit, *prepared))
+        if split == "auto":
+            split = "group" if len(work) < slots else "checkpoint"
+        for unit, step, path, fp, todo in work:
             groups = metric_groups(todo) if split == "group" else [todo]
             state = _Unit(unit.unit, step, len(todo), len(groups))
             units[unit.unit] = (state, len(groups))
