@@ -21,4 +21,7 @@ def test_four_browsers_and_a_writer_see_no_errors_and_no_blank_pages(divergence_
     assert report.errors == [], "\n".join(report.errors)
     # Latency depends on what else the machine runs; it is printed, not asserted. Every session got pages.
     assert len(report.loads_per_session) == 4 and min(report.loads_per_session) >= 1
-    assert report.writes >= 50  # the writer really committed all along
+    # The writer really committed all along: at 0.05 s per pause, 20 s give up to 400 commits; under
+    # load each commit can take much longer (4 browsers and the server share the cores), so only a
+    # floor that a stalled writer could not reach is asserted.
+    assert report.writes >= 20
