@@ -122,6 +122,8 @@ def test_auto_split_by_group_only_while_workers_would_idle_and_a_gpu_request_wit
     job = submit(store, request)
     with pytest.raises(ValueError, match="has 0 GPUs, too few for 1 per task; lower --ray-gpus-per-unit"):
         run_job_ray(store, job, num_gpus_per_unit=1)
+    with pytest.raises(ValueError, match="split 'metric': use one of auto, group, checkpoint"):
+        run_job_ray(store, job, split="metric")
     assert store.jobs().set_index("id").loc[job, "status"] == "queued"
     assert set(store.job_units(job)["status"]) == {"queued"}
 
