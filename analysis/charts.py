@@ -542,6 +542,63 @@ def matched_loss_figure(
     return fig
 
 
+def residual_figure(
+    residual: pd.DataFrame,
+    *,
+    x: str = "step",
+    log_x: bool = True,
+    colors: dict[str, str] | None = None,
+    style: ChartStyle | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """How much better (above 0) or worse each checkpoint is downstream than its loss predicts.
+
+    ``residual`` is ``divergence.residuals``: one straight line of score on loss fitted to every run's
+    checkpoints pooled; the y-axis is score minus that line, against the aligned x (step, tokens or
+    FLOPs). A run above the zero line does more with the same loss. The hover gives loss, score and
+    the line's prediction.
+    """
+    style = style or ChartStyle()
+    data = residual.dropna(subset=["x", "residual"]) if len(residual) else residual
+    if log_x and len(data):
+        data = data[data["x"] > 0]
+    if not len(data):
+        return empty_figure("too few checkpoints with both a loss and a score to fit a line", style)
+    colors = colors or run_colors(data["run"])
+    fig = go.Figure()
+    for run, group in data.groupby("run", sort=True):
+        run = str(run)
+        group = group.sort_values("x")
+        color = colors.get(run, PALETTE[0])
+        fig.add_trace(
+            go.Scatter(
+                x=group["x"].to_numpy(dtype=float),
+                y=group["residual"].to_numpy(dtype=float),
+                mode="lines+markers" if len(group) > 1 else "markers",
+                line={"color": color, "width": style.line_width},
+                marker={"color": color, "size": 7},
+                customdata=group[["step", "loss", "downstream", "fitted"]].to_numpy(dtype=float),
+                name=run,
+                hovertemplate=f"{run} step %{{customdata[0]:.0f}}<br>loss %{{customdata[1]:.4g}}, "
+                "score %{customdata[2]:.4g}<br>the line predicts %{customdata[3]:.4g}: "
+                "residual %{y:+.4f}<extra></extra>",
+            )
+        )
+    fig.add_hline(y=0.0, line={"color": "#59636e", "width": 1, "dash": "dot"})
+    slope, intercept = float(data["slope"].iloc[0]), float(data["intercept"].iloc[0])
+    _layout(
+        fig,
+        style,
+        title=title or f"score minus what loss predicts (score = {intercept:.3g} {slope:+.3g} · loss, all runs)",
+        x_title=X_LABELS.get(x, x) + (" (log)" if log_x else ""),
+        y_title="residual",
+        log_x=log_x,
+        log_y=False,
+    )
+    fig.update_layout(hovermode="closest")
+    return fig
+
+
 def ranking_heatmap(
     ranking: pd.DataFrame,
     *,

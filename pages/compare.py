@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis import divergence as dv
-from analysis.charts import matched_loss_figure, metric_vs_figure
+from analysis.charts import matched_loss_figure, metric_vs_figure, residual_figure
 from pages import _state
 
 sel = _state.selection()
@@ -49,3 +49,22 @@ if len(gaps):
     )
 st.dataframe(matched.round(4), hide_index=True, width="stretch")
 st.plotly_chart(metric_vs_figure(frame, loss, score, x=sel.x, colors=sel.colors, style=sel.style), width="stretch")
+
+st.subheader("Better or worse than its loss predicts")
+residual = dv.residuals(frame, loss, score, x=sel.x)
+if len(residual):
+    fig = residual_figure(residual, x=sel.x, colors=sel.colors, style=sel.style)
+    st.plotly_chart(fig, width="stretch", key="residual")
+    last = residual.sort_values("x").groupby("run").tail(1).set_index("run")["residual"]
+    cols = st.columns(min(len(last), 4))
+    for i, (run, value) in enumerate(last.items()):
+        cols[i % len(cols)].metric(
+            f"{_state.md_text(run)}, last checkpoint", f"{value:+.3f}", help="score minus the pooled line"
+        )
+    st.caption(
+        f"One straight line of {_state.md_text(score)} on {_state.md_text(loss)}, fitted to every checkpoint of "
+        "every run; a run above zero does more downstream with the same loss. A line describes only runs "
+        "whose score and loss move together: check the scatter above."
+    )
+else:
+    st.caption("Too few checkpoints with both a loss and a score to fit a line.")

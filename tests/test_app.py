@@ -203,6 +203,18 @@ def test_compare_page_shows_the_gap_at_matched_loss(divergence_db: Path, monkeyp
     # At the lowest common loss, "grok" is ahead by the planted late gain.
     lowest = stuck.loc[stuck["loss_level"].idxmin()]
     assert lowest["gap"] == pytest.approx(-0.8, abs=0.05)
+    # Same loss, different score: the last checkpoint of "grok" sits above the line fitted to both runs,
+    # "stuck" below it, 0.8 apart (the planted gain). Checked against numpy's fit of the fixture's points.
+    metrics = {m.label.split(",")[0]: float(m.value) for m in at.metric if "last checkpoint" in m.label}
+    steps = np.array([1, 10, 20, 40, 60, 80, 100, 120])
+    loss = 2.0 * np.exp(-steps / 5.0) + 0.5
+    grok = 0.1 + np.where(steps > 40, 0.8 * np.clip((steps - 40) / 60, 0, 1), 0.0)
+    slope, intercept = np.polyfit(np.r_[loss, loss], np.r_[grok, np.full(8, 0.1)], 1)
+    want = grok[-1] - (intercept + slope * loss[-1])
+    assert metrics["grok"] == pytest.approx(want, abs=1e-3) and metrics["grok"] > 0.5
+    assert metrics["stuck"] == pytest.approx(want - 0.8, abs=1e-3) and metrics["stuck"] < 0
+    residual = figure_of(at.get("plotly_chart")[2])
+    assert {t["name"] for t in residual["data"]} == {"grok", "stuck"}
 
 
 def test_divergence_without_scores_says_what_to_run(populated_db: Path, monkeypatch) -> None:

@@ -140,3 +140,24 @@ def test_metric_vs_figure():
     assert {t.mode for t in single.data} == {"markers"}
     with pytest.raises(ValueError, match="metric 'nope' not in the data"):
         charts.metric_vs_figure(frame, "nope", ACC)
+
+
+def test_residual_figure_draws_each_runs_distance_from_the_pooled_line():
+    # Two runs on the same loss path; "b" scores 0.1 more at every checkpoint. The pooled line sits
+    # between them, so "a" is 0.05 below it and "b" 0.05 above it everywhere (checked by hand below).
+    steps = np.array([10, 20, 40, 80, 160])
+    loss = 3.0 - 0.4 * np.log2(steps / 10)
+    parts = []
+    for run, lift in (("a", 0.0), ("b", 0.1)):
+        parts += [series(run, steps, LOSS, loss), series(run, steps, ACC, 0.9 - 0.2 * loss + lift)]
+    frame = pd.concat(parts, ignore_index=True)
+    residual = dv.residuals(frame, LOSS, ACC)
+    fig = charts.residual_figure(residual)
+    colors = run_colors(["a", "b"])
+    for run, want in (("a", -0.05), ("b", 0.05)):
+        (trace,) = _traces(fig, run)
+        assert list(trace.x) == list(steps) and trace.line.color == colors[run]
+        assert np.allclose(trace.y, want, atol=1e-9)
+    assert fig.layout.shapes[0].y0 == 0 and fig.layout.xaxis.type == "log"
+    assert "score = 0.95 -0.2 · loss" in fig.layout.title.text  # the pooled fit: (0.9 + 1.0) / 2 - 0.2 · loss
+    assert _is_empty(charts.residual_figure(residual.iloc[0:0]))

@@ -79,13 +79,15 @@ def test_html_report_is_self_contained_with_every_figure_and_the_stores_numbers(
     store = Store(report_db)
     report = rp.build_report(store, ["grok", "stuck"])
     keys = [f.key for f in report.figures]
-    assert keys == ["curves", "trajectory", "matched", "ranking", "flatness-hessian_trace", "pathways-pathway_distance"]
+    assert keys == [
+        "curves", "trajectory", "matched", "residual", "ranking", "flatness-hessian_trace", "pathways-pathway_distance",
+    ]  # fmt: skip
     path = rp.write_html(report, tmp_path / "report.html")
     text = path.read_text(encoding="utf-8")
     page = Page(text)
 
-    assert page.plotly_divs == len(report.figures) == 6
-    assert sum(".newPlot(" in s for s in page.scripts if len(s) < 1_000_000) == 6
+    assert page.plotly_divs == len(report.figures) == 7
+    assert sum(".newPlot(" in s for s in page.scripts if len(s) < 1_000_000) == 7
     assert sum(len(s) > 1_000_000 for s in page.scripts) == 1  # plotly.js inlined once, not per figure
     assert "link" not in page.tags  # no stylesheet from anywhere
     assert all(u.startswith("#") for u in page.urls), [u for u in page.urls if not u.startswith("#")]
@@ -103,6 +105,11 @@ def test_html_report_is_self_contained_with_every_figure_and_the_stores_numbers(
     best = stuck.loc[stuck["gap"].abs().idxmax()]
     assert best["gap"] == pytest.approx(-0.8, abs=0.05)
     assert f"Largest gap to grok at the same train/loss: {best['gap']:+.3f} ± {best['gap_stderr']:.3f}" in visible
+    # The residuals the Compare page shows, last checkpoint of each run: "grok" above the line, 0.8 from "stuck".
+    residual = dv.residuals(store.long_table(["grok", "stuck"]), "train/loss", "toy/acc,none")
+    last = residual.sort_values("x").groupby("run").tail(1).set_index("run")["residual"]
+    assert last["grok"] - last["stuck"] == pytest.approx(0.8, abs=1e-9)
+    assert f"the last checkpoints sit at grok {last['grok']:+.3f}, stuck {last['stuck']:+.3f}" in visible
     # Every cached result is printed, and the flatness values with their stderr.
     for row in store.results(["grok", "stuck"]).itertuples():
         assert rp.fmt_number(row.value) in visible
@@ -236,7 +243,7 @@ def test_cli_writes_the_report_and_rejects_an_unknown_run(report_db: Path, tmp_p
     out = tmp_path / "sub" / "report.html"
     code, stdout, stderr = cli("report", "--run", "grok", "--run", "stuck", "--out", str(out), "--db", str(report_db))
     assert code == 0, stderr
-    assert out.is_file() and f"wrote {out} (html, 6 figures" in stdout
+    assert out.is_file() and f"wrote {out} (html, 7 figures" in stdout
     assert "missing: run 'stuck' has no hessian_trace" in stderr
     code, stdout, stderr = cli("report", "--run", "nope", "--out", str(tmp_path / "x.html"), "--db", str(report_db))
     assert code == 2 and not stdout

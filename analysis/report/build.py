@@ -27,6 +27,7 @@ from analysis.charts import (
     loss_downstream_figure,
     matched_loss_figure,
     ranking_heatmap,
+    residual_figure,
     run_colors,
     trajectory_figure,
 )
@@ -470,6 +471,17 @@ def _matched_section(ctx: _Context) -> Section:
         )
     )
     s.tables.append(ReportTable("matched_loss", "Downstream at matched loss", matched))
+    residual = dv.residuals(ctx.frame, loss, score, x=o.x)
+    if len(residual):
+        last = residual.sort_values("x").groupby("run").tail(1)
+        s.text.append(
+            f"Against one straight line of {score} on {loss} fitted to every checkpoint of these runs, the last "
+            "checkpoints sit at " + ", ".join(f"{r.run} {r.residual:+.3f}" for r in last.itertuples()) + " (above "
+            "zero: more downstream than the loss predicts; a line describes only runs whose score and loss move "
+            "together)."
+        )
+        fig = residual_figure(residual, x=o.x, log_x=o.log_x, colors=ctx.colors, style=ctx.style)
+        s.figures.append(ReportFigure("residual", f"{score} minus what {loss} predicts", fig))
     return s
 
 
