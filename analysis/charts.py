@@ -307,17 +307,23 @@ def loss_downstream_figure(
             shown.add(run)
     # Labels of windows that may overlap take turns at the rectangle's corners. The shapes are set in
     # one layout update: ``add_vrect`` re-validates the whole layout per call (~3 ms each, bench/render.py).
+    # A window narrower than a tenth of the x-range gets its label written up along its middle instead.
     corners = ["top left", "top right", "bottom left", "bottom right"]
     shapes = []
+    scale = np.log10 if log_x else (lambda v: v)
+    xs_all = pd.concat([loss[x], score[x]]).to_numpy(dtype=float)
+    x_range = float(np.ptp(scale(xs_all))) if len(xs_all) > 1 else 0.0
     for i, w in enumerate((windows if windows is not None else pd.DataFrame()).itertuples(index=False)):
         start, end = float(w.start), float(w.end)
         if log_x and min(start, end) <= 0:
             continue
         kind = str(w.kind)
         fill = _rgba(KIND_COLORS.get(kind, "#999999"), 0.16)
+        narrow = x_range > 0 and abs(float(scale(end) - scale(start))) < 0.1 * x_range
         label = {
             "text": f"{kind} · {w.run}",
-            "textposition": corners[i % 4],
+            "textposition": "middle center" if narrow else corners[i % 4],
+            "textangle": -90 if narrow else 0,
             "font": {"size": style.font_size - 2, "color": KIND_COLORS.get(kind, "#555555")},
         }
         for xref, yref in (("x", "y domain"), ("x2", "y2 domain")):

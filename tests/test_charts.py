@@ -161,3 +161,17 @@ def test_residual_figure_draws_each_runs_distance_from_the_pooled_line():
     assert fig.layout.shapes[0].y0 == 0 and fig.layout.xaxis.type == "log"
     assert "score = 0.95 -0.2 · loss" in fig.layout.title.text  # the pooled fit: (0.9 + 1.0) / 2 - 0.2 · loss
     assert _is_empty(charts.residual_figure(residual.iloc[0:0]))
+
+
+def test_a_narrow_windows_label_runs_up_its_middle_and_a_wide_ones_sits_in_a_corner():
+    frame = grokking_frame()  # x from 10 to 5000, linear axis
+    windows = pd.DataFrame({"run": ["a", "a"], "kind": ["grokking", "inverse"], "start": [1000, 4000],
+                            "end": [3000, 4200]})  # fmt: skip
+    fig = charts.loss_downstream_figure(frame, LOSS, ACC, windows=windows, log_x=False)
+    wide, narrow = fig.layout.shapes[0].label, fig.layout.shapes[2].label
+    assert (wide.textangle, wide.textposition) == (0, "top left")  # 2000 of a 4990-wide axis
+    assert (narrow.textangle, narrow.textposition) == (-90, "middle center")  # 200 of it: under a tenth
+    assert narrow.text == "inverse · a"
+    # On a log axis, width is measured in decades: 1000..3000 is 0.48 of 2.7 decades, still wide.
+    log_fig = charts.loss_downstream_figure(frame, LOSS, ACC, windows=windows.iloc[:1], log_x=True)
+    assert log_fig.layout.shapes[0].label.textangle == 0
