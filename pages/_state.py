@@ -267,19 +267,39 @@ def predictor_ranking(runs: tuple[str, ...], downstream: str, loss: str | None, 
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def _divergence(db: str, gen: int, runs: tuple[str, ...], loss: str, score: str, tol: float, z: float, x: str):
+def _aligned(db: str, gen: int, runs: tuple[str, ...], loss: str, score: str, x: str) -> pd.DataFrame:
     from analysis import divergence as dv
 
-    frame = _long_table(db, gen, runs)
-    windows = dv.divergence_windows(frame, loss, score, loss_tol=tol, z=z, x=x)
-    aligned = dv.align(frame, loss, score, x=x)
-    return windows, aligned, dv.correlations(aligned, loss, [score])
+    return dv.align(_long_table(db, gen, runs), loss, score, x=x)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _windows(db: str, gen: int, runs: tuple[str, ...], loss: str, score: str, tol: float, z: float, x: str):
+    from analysis import divergence as dv
+
+    return dv.divergence_windows(_long_table(db, gen, runs), loss, score, loss_tol=tol, z=z, x=x)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _correlations(db: str, gen: int, runs: tuple[str, ...], loss: str, score: str, x: str, window):
+    from analysis import divergence as dv
+
+    return dv.correlations(_aligned(db, gen, runs, loss, score, x), loss, [score], window=window)
 
 
 def divergence(runs: tuple[str, ...], loss: str, score: str, tol: float, z: float, x: str):
-    """(windows, aligned checkpoints, correlations) of ``loss`` against ``score``; errors stop the page."""
+    """(windows, aligned checkpoints) of ``loss`` against ``score``; errors stop the page."""
+    db, runs = str(db_path()), tuple(sorted(runs))
+    windows = guarded(lambda: _windows(db, generation(), runs, loss, score, tol, z, x))
+    return windows, guarded(lambda: _aligned(db, generation(), runs, loss, score, x))
+
+
+def correlations(
+    runs: tuple[str, ...], loss: str, score: str, x: str, window: tuple[float, float] | None = None
+) -> pd.DataFrame:
+    """Loss-vs-score correlations per run (``divergence.correlations``) over checkpoints with x in ``window``."""
     db = str(db_path())
-    return guarded(lambda: _divergence(db, generation(), tuple(sorted(runs)), loss, score, tol, z, x))
+    return guarded(lambda: _correlations(db, generation(), tuple(sorted(runs)), loss, score, x, window))
 
 
 def metric_picker(where, label: str, options: list[str], preferred: list[str], key: str) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis import divergence as dv
-from analysis.charts import loss_downstream_figure, ranking_heatmap, trajectory_figure
+from analysis.charts import X_LABELS, loss_downstream_figure, ranking_heatmap, trajectory_figure
 from pages import _state
 
 sel = _state.selection()
@@ -30,7 +30,7 @@ tol = c4.number_input("Flat loss within (relative)", 0.0, 1.0, 0.02, 0.01, key="
 z = c5.number_input("Significance (z)", 0.5, 10.0, 3.0, 0.5, key="z", bind="query-params")
 log_x = c3.toggle("Log x", value=True, key="logx", bind="query-params")
 
-windows, aligned, corr = _state.divergence(sel.runs, loss, score, tol, z, sel.x)
+windows, aligned = _state.divergence(sel.runs, loss, score, tol, z, sel.x)
 
 fig = loss_downstream_figure(
     frame, loss, score, x=sel.x, smoothing=smoothing, log_x=log_x, colors=sel.colors, style=sel.style, windows=windows
@@ -46,7 +46,20 @@ with left:
         what = _state.md_text(score)
         st.caption(f"No window where the loss is flat within {tol:.0%} while {what} moves by more than {z} stderr.")
     st.subheader("Loss vs downstream correlation")
-    st.dataframe(corr.round(3), hide_index=True, width="stretch")
+    # Over a chosen span of checkpoints (e.g. only after the loss flattened); the span is in the URL.
+    xs = sorted({int(v) if float(v).is_integer() else float(v) for v in aligned["x"].dropna()})
+    span = None
+    if len(xs) >= 2:
+        w1, w2 = st.columns(2)
+        label = X_LABELS.get(sel.x, sel.x)
+        lo = w1.selectbox(f"From {label}", xs, index=0, key="corr_from", bind="query-params")
+        hi = w2.selectbox(f"To {label}", xs, index=len(xs) - 1, key="corr_to", bind="query-params")
+        span = (min(lo, hi), max(lo, hi))
+    corr = _state.correlations(sel.runs, loss, score, sel.x, span)
+    if len(corr):
+        st.dataframe(corr.round(3), hide_index=True, width="stretch")
+    else:
+        st.caption("Fewer than 3 checkpoints of any run in this span: widen it to correlate.")
 with right:
     st.plotly_chart(trajectory_figure(aligned, colors=sel.colors, style=sel.style), width="stretch", key="trajectory")
 

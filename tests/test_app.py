@@ -173,6 +173,24 @@ def test_divergence_page_finds_the_planted_window(divergence_db: Path, monkeypat
     assert len(at.get("plotly_chart")) == 3  # curves, trajectory, ranking
 
 
+def test_correlations_over_a_span_of_checkpoints_chosen_in_the_url(divergence_db: Path, monkeypatch) -> None:
+    from analysis import divergence as dv
+    from analysis.store import Store
+
+    at = open_app(divergence_db, monkeypatch, page=None, corr_from="40", corr_to="120")
+    assert not at.exception and not at.error
+    assert (at.selectbox(key="corr_from").value, at.selectbox(key="corr_to").value) == (40, 120)
+    table = at.dataframe[1].value.set_index("run")
+    assert table["n"].to_dict() == {"grok": 5, "stuck": 5}  # checkpoints 40, 60, 80, 100, 120
+    frame = Store(divergence_db).long_table(["grok", "stuck"])
+    want = dv.correlations(frame, "train/loss", ["toy/acc,none"], window=(40, 120)).set_index("run")
+    assert table.loc["grok", "spearman"] == pytest.approx(want.loc["grok", "spearman"], abs=1e-3)
+    # The full span, by default, counts all 8 checkpoints; a span holding 2 says to widen it.
+    assert set(open_app(divergence_db, monkeypatch, page=None).dataframe[1].value["n"]) == {8}
+    narrow = open_app(divergence_db, monkeypatch, page=None, corr_from="100", corr_to="120")
+    assert any("widen it" in c.value for c in narrow.caption)
+
+
 def test_a_page_run_reads_the_write_generation_once_and_sees_new_results_on_the_next(
     divergence_db: Path, monkeypatch
 ) -> None:
