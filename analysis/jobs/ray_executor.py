@@ -96,9 +96,13 @@ class _Unit:
     name: str
     step: int
     todo: int  # items to compute
-    waiting: int  # groups not back yet
+    groups: int  # groups sent out
+    waiting: int = field(init=False)  # groups not back yet
     out: UnitOutput = field(default_factory=UnitOutput)
     errors: list[str] = field(default_factory=list)  # groups that failed as a whole
+
+    def __post_init__(self) -> None:
+        self.waiting = self.groups
 
     def add(self, items: list[Item], got: UnitOutput | None, error: str | None) -> None:
         self.waiting -= 1
@@ -114,9 +118,9 @@ class _Unit:
         self.out.problems += got.problems
         self.out.seconds = max(self.out.seconds, got.seconds)
 
-    def merged(self, n_groups: int) -> UnitOutput:
+    def merged(self) -> UnitOutput:
         """The unit's output; a unit whose every group failed as a whole failed as a whole."""
-        if len(self.errors) == n_groups:
+        if len(self.errors) == self.groups:
             return UnitOutput(error=self.errors[0])
         return self.out
 
@@ -147,7 +151,7 @@ def run_job_ray(
     started = _init(address)
     remote = ray.remote(num_gpus=num_gpus_per_unit, max_retries=0)(compute_unit)
     pending: dict = {}  # ObjectRef -> (unit, the group's items)
-    units: dict[str, tuple[_Unit, int]] = {}  # unit name -> (what came back, number of groups)
+    units: dict[str, _Unit] = {}  # units with groups still out, by name
     finished = 0
     try:
         slots = worker_slots(num_gpus_per_unit)
@@ -169,7 +173,7 @@ def run_job_ray(
         for unit, step, path, fp, todo in work:
             groups = metric_groups(todo) if split == "group" else [todo]
             state = _Unit(unit.unit, step, len(todo), len(groups))
-            units[unit.unit] = (state, len(groups))
+            units[unit.unit] = state
             for group in groups:
                 ref = remote.remote(
                     plan.spec, group, path, fp, step, plan.trust_remote_code, plan.versions, done=n_items - len(todo)
@@ -190,9 +194,9 @@ def run_job_ray(
                 state.add(group, None, f"Ray task failed: {_first_line(err)}")
             if state.waiting:
                 continue
-            n_groups = units.pop(state.name)[1]
+            del units[state.name]
             record_unit(
-                store, job_id, state.name, state.step, n_items, state.todo, state.merged(n_groups), report,
+                store, job_id, state.name, state.step, n_items, state.todo, state.merged(), report,
                 where=" (ray)",
             )  # fmt: skip
             finished += 1
@@ -201,7 +205,7 @@ def run_job_ray(
     finally:
         for ref in pending:  # cancelled or interrupted: the next run redoes these units whole
             ray.cancel(ref, force=True)
-        for state, _ in units.values():
+        for state in units.values():
             store.set_unit(UnitUpdate(job_id, state.name, "queued", 0, n_items, "interrupted"))
         if started:
             ray.shutdown()
