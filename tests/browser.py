@@ -40,18 +40,10 @@ def require_chromium() -> str:
 
 
 @contextlib.contextmanager
-def streamlit_server(db: Path, timeout: float = 90.0) -> Iterator[str]:
-    """Serve app.py on a free loopback port; yields the base URL."""
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
-        "--server.address", "127.0.0.1", "--server.port", str(port), "--server.headless", "true",
-        "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",
-        "--", "--db", str(db),
-    ]  # fmt: skip
+def serve(cmd: list[str], port: int, timeout: float = 90.0) -> Iterator[subprocess.Popen]:
+    """Run a server command from the project root until it listens on 127.0.0.1:``port``; stop it after."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -61,14 +53,28 @@ def streamlit_server(db: Path, timeout: float = 90.0) -> Iterator[str]:
                 break
             time.sleep(0.3)
         else:
-            raise RuntimeError(f"streamlit did not listen on {url} within {timeout:.0f} s")
-        yield url
+            raise RuntimeError(f"streamlit did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
+        yield proc
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@contextlib.contextmanager
+def streamlit_server(db: Path, timeout: float = 90.0) -> Iterator[str]:
+    """Serve app.py on a free loopback port; yields the base URL."""
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
+        "--server.address", "127.0.0.1", "--server.port", str(port), "--server.headless", "true",
+        "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",
+        "--", "--db", str(db),
+    ]  # fmt: skip
+    with serve(cmd, port, timeout):
+        yield f"http://127.0.0.1:{port}"
 
 
 @contextlib.contextmanager

@@ -8,11 +8,7 @@ messages are HTML and markdown payloads, in real Chromium, with the server start
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
-import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -21,7 +17,7 @@ import pytest
 
 from analysis.runs.base import Checkpoint, Run
 from analysis.store import Store
-from tests.browser import browser_page, free_port, wait_for_chart
+from tests.browser import browser_page, free_port, serve, wait_for_chart
 from tests.conftest import ROOT
 from tests.test_app import open_app
 
@@ -78,23 +74,8 @@ def plain_streamlit(db: Path):
     """``streamlit run app.py`` with only a port given: the address comes from .streamlit/config.toml."""
     port = free_port()
     cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--", "--db", str(db)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, "streamlit exited early"
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            assert time.monotonic() < deadline, "streamlit did not start"
-            time.sleep(0.3)
+    with serve(cmd, port):
         yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def listening_addresses(port: int) -> set[str]:
