@@ -716,6 +716,11 @@ def residuals(
     return out[RESIDUAL_COLUMNS]
 
 
+def last_residuals(residual: pd.DataFrame) -> pd.Series:
+    """Each run's pooled ``residual`` (from ``residuals``) at its last checkpoint, indexed by run."""
+    return residual.sort_values("x").groupby("run").tail(1).set_index("run")["residual"]
+
+
 # -- predictor ranking --------------------------------------------------------------------------------------
 
 

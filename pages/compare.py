@@ -55,7 +55,7 @@ residual = dv.residuals(frame, loss, score, x=sel.x)
 if len(residual):
     fig = residual_figure(residual, x=sel.x, colors=sel.colors, style=sel.style)
     st.plotly_chart(fig, width="stretch", key="residual")
-    last = residual.sort_values("x").groupby("run").tail(1).set_index("run")["residual"]
+    last = dv.last_residuals(residual)
     cols = st.columns(min(len(last), 4))
     for i, (run, value) in enumerate(last.items()):
         cols[i % len(cols)].metric(

@@ -473,10 +473,10 @@ def _matched_section(ctx: _Context) -> Section:
     s.tables.append(ReportTable("matched_loss", "Downstream at matched loss", matched))
     residual = dv.residuals(ctx.frame, loss, score, x=o.x)
     if len(residual):
-        last = residual.sort_values("x").groupby("run").tail(1)
+        last = dv.last_residuals(residual)
         s.text.append(
             f"Against one straight line of {score} on {loss} fitted to every checkpoint of these runs, the last "
-            "checkpoints sit at " + ", ".join(f"{r.run} {r.residual:+.3f}" for r in last.itertuples()) + " (above "
+            "checkpoints sit at " + ", ".join(f"{run} {value:+.3f}" for run, value in last.items()) + " (above "
             "zero: more downstream than the loss predicts; a line describes only runs whose score and loss move "
             "together)."
         )
