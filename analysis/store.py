@@ -6,12 +6,13 @@ in one transaction, and closes it, retrying for a bounded time when another proc
 the lock. Long computations happen outside; each checkpoint's results are written in one
 short transaction, so a crash never leaves half of them visible.
 
-Tables (schema version 1):
+Tables (schema version 2):
 
     runs           name, source, config (JSON), trust_remote_code
     checkpoints    (run, step) -> tokens, path, fingerprint, revision
     log_series     (run, step, metric) -> tokens, value           training-log curves
-    results        (run, step, metric, params_hash) -> value, stderr, n, params, versions
+    results        (run, step, metric, params_hash) -> value, stderr, n, params, versions,
+                   converged (NULL unless the estimate is iterative), higher_is_better (NULL unless declared)
     sample_results (run, step, metric, params_hash, sample_id) -> value, record (JSON)
     jobs, job_units                                                 the job queue
     meta           key -> value (the schema version, the write generation)
@@ -108,10 +109,17 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (job_id, unit))""",
         """INSERT INTO meta VALUES ('schema_version', 1), ('generation', 0)""",
     ],
+    [
+        # Whether an iterative estimate (an eigenvalue) converged; NULL for direct estimates.
+        "ALTER TABLE results ADD COLUMN converged BOOLEAN",
+        # The direction a result declares (lm-eval result files carry it per metric); NULL when not declared.
+        "ALTER TABLE results ADD COLUMN higher_is_better BOOLEAN",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 RESULT_COLUMNS = ["run", "step", "tokens", "metric", "value", "stderr"]
+LONG_COLUMNS = [*RESULT_COLUMNS, "params_hash", "params", "converged", "higher_is_better"]
 
 
 @dataclass(frozen=True)
@@ -153,6 +161,8 @@ class ResultRow:
     params: dict = field(default_factory=dict)
     code_version: str = ""
     lib_versions: dict = field(default_factory=dict)
+    converged: bool | None = None  # iterative estimates only: False is stored and shown as unconverged
+    higher_is_better: bool | None = None  # the direction the producer declared, when it declared one
 
     @property
     def params_hash(self) -> str:
@@ -524,6 +534,8 @@ class Store:
                         "params": [json.dumps(r.params, sort_keys=True, default=str) for r in rows],
                         "code_version": [r.code_version for r in rows],
                         "lib_versions": [json.dumps(r.lib_versions, sort_keys=True) for r in rows],
+                        "converged": pd.array([r.converged for r in rows], dtype="boolean"),
+                        "higher_is_better": pd.array([r.higher_is_better for r in rows], dtype="boolean"),
                     }
                 )
                 # A key given twice in one unit: the later row wins, as it would written one at a time.
@@ -531,9 +543,10 @@ class Store:
                 con.register("incoming_results", frame)
                 con.execute(
                     """INSERT OR REPLACE INTO results (run, step, metric, params_hash, fingerprint, value, stderr, n,
-                       params, code_version, lib_versions, created_at)
+                       params, code_version, lib_versions, converged, higher_is_better, created_at)
                        SELECT run, step, metric, params_hash, fingerprint, value, stderr, n,
-                              params, code_version, lib_versions, now() FROM incoming_results"""
+                              params, code_version, lib_versions, converged, higher_is_better, now()
+                       FROM incoming_results"""
                 )
                 con.unregister("incoming_results")
             if samples:
@@ -556,7 +569,7 @@ class Store:
     def cached(self, run: str, step: int, metric: str, params: dict, fingerprint: str) -> ResultRow | None:
         """The cached result for exactly this request, or None if it must be computed."""
         frame = self._read(
-            """SELECT value, stderr, n, params, code_version, lib_versions FROM results
+            """SELECT value, stderr, n, params, code_version, lib_versions, converged, higher_is_better FROM results
                WHERE run = ? AND step = ? AND metric = ? AND params_hash = ? AND fingerprint = ?""",
             [run, step, metric, params_hash(params), fingerprint],
         )
@@ -574,13 +587,15 @@ class Store:
             params=json.loads(rec["params"]),
             code_version=rec["code_version"],
             lib_versions=json.loads(rec["lib_versions"]),
+            converged=None if pd.isna(rec["converged"]) else bool(rec["converged"]),
+            higher_is_better=None if pd.isna(rec["higher_is_better"]) else bool(rec["higher_is_better"]),
         )
 
     def results(self, runs: list[str] | str, metrics: list[str] | None = None) -> pd.DataFrame:
         """Cached results in long form, joined with checkpoint tokens."""
         runs = [runs] if isinstance(runs, str) else list(runs)
         sql = """SELECT x.run, x.step, c.tokens, x.metric, x.value, x.stderr, x.n, x.params, x.params_hash,
-                        x.code_version, x.lib_versions, x.created_at
+                        x.code_version, x.lib_versions, x.converged, x.higher_is_better, x.created_at
                  FROM results x LEFT JOIN checkpoints c ON c.run = x.run AND c.step = x.step
                  WHERE x.run IN (SELECT unnest(?))"""
         params: list = [runs]
@@ -605,22 +620,28 @@ class Store:
     def long_table(self, runs: list[str] | str) -> pd.DataFrame:
         """Everything known about runs as one long table: run, step, tokens, metric, value, stderr.
 
-        Logged series (stderr empty) and computed results together, the shape the
-        ``query`` command prints.
+        Logged series (stderr empty) and computed results together, the shape the ``query`` command
+        prints, plus what tells series apart and how far to trust a value: ``params_hash`` and
+        ``params`` (the setting a result was computed under; '' and '{}' for logged series),
+        ``converged`` (False for an iterative estimate that did not converge, else NULL/True),
+        ``higher_is_better`` (the direction the producer declared, NULL if none) and ``source``.
         """
         runs = [runs] if isinstance(runs, str) else list(runs)
         frame = self._read(
-            """SELECT run, step, tokens, metric, value, NULL::DOUBLE AS stderr, 'log' AS source
+            """SELECT run, step, tokens, metric, value, NULL::DOUBLE AS stderr, '' AS params_hash,
+                      '{}' AS params, NULL::BOOLEAN AS converged, NULL::BOOLEAN AS higher_is_better,
+                      'log' AS source
                FROM log_series WHERE run IN (SELECT unnest($1))
                UNION ALL
-               SELECT x.run, x.step, c.tokens, x.metric, x.value, x.stderr, 'result' AS source
+               SELECT x.run, x.step, c.tokens, x.metric, x.value, x.stderr, x.params_hash, x.params,
+                      x.converged, x.higher_is_better, 'result' AS source
                FROM results x LEFT JOIN checkpoints c ON c.run = x.run AND c.step = x.step
                WHERE x.run IN (SELECT unnest($1))
-               ORDER BY run, metric, step""",
+               ORDER BY run, metric, params_hash, step""",
             [runs],
         )
         if not len(frame):
-            return pd.DataFrame(columns=[*RESULT_COLUMNS, "source"])
+            return pd.DataFrame(columns=[*LONG_COLUMNS, "source"])
         return frame
 
     # -- jobs ----------------------------------------------------------------------

@@ -141,6 +141,49 @@ def test_long_table_has_logs_and_results_with_tokens(populated_db: Path) -> None
     assert (table["metric"] == "train/loss").sum() == 120
 
 
+def test_long_table_keeps_settings_convergence_and_declared_direction_apart(populated_db: Path) -> None:
+    store = Store(populated_db)
+    store.write_results(
+        [
+            ResultRow("alpha", 60, "hessian_trace", 5.0, "fp-alpha-60", 0.1, params={"subset": "all"}),
+            ResultRow("alpha", 60, "hessian_trace", 1.0, "fp-alpha-60", 0.1, params={"subset": "layer:0"}),
+            ResultRow("alpha", 60, "hessian_top_eigenvalue", 0.3, "fp-alpha-60", converged=False),
+            ResultRow("alpha", 60, "t/perplexity,none", 12.0, "fp-alpha-60", higher_is_better=False),
+        ]
+    )
+    table = store.long_table(["alpha"]).set_index("metric")
+    trace = table.loc["hessian_trace"]
+    assert sorted(trace["value"]) == [1.0, 5.0] and trace["params_hash"].nunique() == 2
+    assert {json.loads(p)["subset"] for p in trace["params"]} == {"all", "layer:0"}
+    assert table.loc["hessian_top_eigenvalue", "converged"] == False  # noqa: E712 (numpy bool)
+    assert not table.loc["t/perplexity,none", "higher_is_better"]
+    assert pd.isna(table.loc["hessian_trace", "converged"]).all()
+    logged = table.loc["train/loss"]
+    assert (logged["params_hash"] == "").all() and logged["higher_is_better"].isna().all()
+    cached = store.cached("alpha", 60, "hessian_top_eigenvalue", {}, "fp-alpha-60")
+    assert cached is not None and cached.converged is False
+
+
+def test_a_schema_1_file_is_upgraded_in_place_keeping_its_results(db: Path) -> None:
+    import duckdb
+
+    from analysis.store import MIGRATIONS
+
+    con = duckdb.connect(str(db))
+    for sql in MIGRATIONS[0]:
+        con.execute(sql)
+    con.execute("INSERT INTO runs (name, source) VALUES ('old', 'local')")
+    con.execute("INSERT INTO checkpoints VALUES ('old', 5, 10, '/x', 'fp', NULL)")
+    con.execute("INSERT INTO results (run, step, metric, params_hash, fingerprint, value) VALUES "
+                "('old', 5, 'heldout_loss', 'h', 'fp', 2.5)")  # fmt: skip
+    con.close()
+    with pytest.raises(ValueError, match="analysis migrate"):  # a reader never writes: it says what to run
+        Store(db).long_table("old")
+    assert Store(db).migrate() == SCHEMA_VERSION
+    table = Store(db).long_table("old")
+    assert table["value"].tolist() == [2.5] and table["converged"].isna().all()
+
+
 def test_delete_run_removes_everything(populated_db: Path) -> None:
     store = Store(populated_db)
     store.write_results([ResultRow("alpha", 60, "x", 2.0, "fp-alpha-60")])
