@@ -233,3 +233,102 @@ def test_metric_command_prints_json_without_touching_the_cache(run_dir: Path, tm
     assert out["value"] == pytest.approx(_direct_nll(run_dir / "step_20", run_dir), rel=1e-5)
     assert out["stderr"] > 0
     assert not db.exists()
+
+
+def _user_task(folder: Path, name: str = "my_antonyms") -> Path:
+    """The bundled antonyms task as a user's YAML in ``folder``, its data copied beside it (absolute paths)."""
+    import yaml
+
+    from analysis.evals.tasks import DEFAULT_DATA_DIR
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = yaml.safe_load((DEFAULT_DATA_DIR / "antonyms" / "antonyms_mc.yaml").read_text())
+    files = {}
+    for split in ("train", "test"):
+        files[split] = str(shutil.copy(DEFAULT_DATA_DIR / "antonyms" / f"{split}.jsonl", folder / f"{split}.jsonl"))
+    cfg["task"] = name
+    cfg["dataset_kwargs"] = {"data_files": files, "cache_dir": str(folder / ".hf_datasets")}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def test_a_task_yaml_beside_the_cache_and_logs_is_computed_once_until_its_data_changes(
+    tmp_path: Path, store: Store, run_dir: Path
+) -> None:
+    task = _user_task(tmp_path)  # the same folder as store.path: the DuckDB file changes with every write
+    assert store.path.parent == task.parent
+    request = spec(run_dir, tasks=(str(task),), metrics=(), steps=(10,), limit=4)
+    first = run_job(store, submit(store, request))
+    assert (first.computed, first.cached) == (1, 0) and not first.failed
+    rows = len(store.results("tiny"))
+
+    (tmp_path / "eval.log").write_text(first.summary() + "\n")
+    again = run_job(store, submit(store, request))
+    assert (again.computed, again.cached) == (0, 1)
+    assert len(store.results("tiny")) == rows  # no second copy under another parameter hash
+
+    test_split = tmp_path / "test.jsonl"
+    lines = test_split.read_text().splitlines()
+    test_split.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # same records, new order
+    edited = run_job(store, submit(store, request))
+    assert (edited.computed, edited.cached) == (1, 0)
+
+
+def test_task_digest_follows_includes_and_ignores_unrelated_files(tmp_path: Path) -> None:
+    from analysis.jobs.task_digest import yaml_task_digest
+
+    task = _user_task(tmp_path / "t")
+    base = tmp_path / "shared" / "base.yaml"
+    base.parent.mkdir()
+    base.write_text("output_type: multiple_choice\ninclude: ../t/my_antonyms.yaml\n")  # a cycle back
+    task.write_text(task.read_text() + "include: ../shared/base.yaml\n")
+    before = yaml_task_digest(task)
+    assert yaml_task_digest(task) == before
+    (task.parent / "cache.duckdb").write_bytes(os.urandom(64))
+    (task.parent / "run.log").write_text("step 1\n")
+    assert yaml_task_digest(task) == before
+    base.write_text(base.read_text().replace("multiple_choice", "loglikelihood"))
+    assert yaml_task_digest(task) != before
+
+
+def test_relative_data_files_resolve_against_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    from analysis.jobs.task_digest import yaml_task_digest
+
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "test.jsonl").write_text('{"q": "a", "a": "b"}\n')
+    task = tmp_path / "tasks" / "rel.yaml"
+    task.parent.mkdir()
+    (task.parent / "data").mkdir()
+    (task.parent / "data" / "test.jsonl").write_text('{"q": "decoy", "a": "b"}\n')  # beside the YAML
+    task.write_text("task: rel\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data/test.jsonl\n")
+    monkeypatch.chdir(work)
+    before = yaml_task_digest(task)
+    (task.parent / "data" / "test.jsonl").write_text('{"q": "decoy 2", "a": "b"}\n')
+    assert yaml_task_digest(task) == before  # lm-eval never reads the copy beside the YAML
+    (work / "data" / "test.jsonl").write_text('{"q": "c", "a": "d"}\n')
+    assert yaml_task_digest(task) != before
+
+
+@pytest.mark.parametrize("data_files", ["missing.jsonl", "[missing.jsonl]", "{test: [missing.jsonl]}"])
+def test_a_missing_data_file_is_a_one_line_error(tmp_path: Path, monkeypatch, data_files: str) -> None:
+    from analysis.jobs.task_digest import yaml_task_digest
+
+    monkeypatch.chdir(tmp_path)
+    task = tmp_path / "gone.yaml"
+    task.write_text(f"task: gone\ndataset_path: json\ndataset_kwargs:\n  data_files: {data_files}\n")
+    with pytest.raises(ValueError, match=r"gone\.yaml: data file .*missing\.jsonl not found") as err:
+        yaml_task_digest(task)
+    assert "\n" not in str(err.value)
+
+
+def test_builtin_tasks_are_digested_by_name_and_lm_eval_version(monkeypatch) -> None:
+    import importlib.metadata
+
+    from analysis.jobs.spec import _task_digest
+
+    arc = _task_digest("arc_easy")
+    assert arc == _task_digest("arc_easy") and arc != _task_digest("piqa")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.9.9")
+    assert _task_digest("arc_easy") != arc

@@ -13,6 +13,7 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from analysis.jobs.task_digest import builtin_task_digest, yaml_task_digest, yaml_task_names
 from analysis.store import params_hash
 
 # Evaluations that are not lm-eval tasks or registry metrics.
@@ -95,6 +96,9 @@ class Item:
     kind: str  # "lm_eval" | "heldout" | "proxy" | "samples" | "metric"
     name: str
     params: dict
+    # lm_eval: the task names its results are stored under, when not ``name`` (a YAML path
+    # stores under the YAML's task name). Not a parameter: it does not shape the result.
+    scopes: tuple[str, ...] = ()
 
     @property
     def params_hash(self) -> str:
@@ -110,7 +114,7 @@ class Item:
             return metric == self.name
         scope, _, leaf = metric.partition("/")
         if self.kind == "lm_eval":
-            return scope == self.name and not leaf.startswith(("proxy_", "heldout_"))
+            return scope in (self.scopes or (self.name,)) and not leaf.startswith(("proxy_", "heldout_"))
         if self.kind == "proxy":
             return scope == self.name and leaf.startswith("proxy_")
         if self.kind == "samples":
@@ -123,14 +127,27 @@ class Item:
 
 
 def _task_digest(task: str) -> str:
-    """Content hash of a bundled task or task YAML, so edited task data is recomputed."""
-    from analysis.evals.tasks import BUNDLED_TASKS, DEFAULT_DATA_DIR
+    """Content hash of what a task reads, so edited task data is recomputed and nothing else is.
+
+    Bundled tasks: their data folder (project data, nothing else lives there). Task YAMLs: the
+    YAML, its includes and the data files it names, not its folder, where caches and logs often
+    sit (analysis/jobs/task_digest.py). Built-in names: the name and the lm-eval version.
+    """
+    # The same path-or-name rule resolve_tasks applies, so both agree on what a spec is.
+    from analysis.evals.tasks import BUNDLED_TASKS, DEFAULT_DATA_DIR, _looks_like_path
 
     if task in BUNDLED_TASKS:
         return file_digest(DEFAULT_DATA_DIR / BUNDLED_TASKS[task].folder)
-    if task.endswith((".yaml", ".yml")) or "/" in task:
-        return file_digest(Path(task).parent)
-    return "builtin"
+    if _looks_like_path(task):
+        return yaml_task_digest(task)
+    return builtin_task_digest(task)
+
+
+def _task_scopes(task: str) -> tuple[str, ...]:
+    """Task names a task spec's results are stored under: the YAML's task names for a path, else none."""
+    from analysis.evals.tasks import BUNDLED_TASKS, _looks_like_path
+
+    return yaml_task_names(task) if task not in BUNDLED_TASKS and _looks_like_path(task) else ()
 
 
 def plan_items(spec: JobSpec) -> list[Item]:
@@ -145,7 +162,7 @@ def plan_items(spec: JobSpec) -> list[Item]:
             "seed": spec.seed,
             "bootstrap_iters": spec.bootstrap_iters,
         }
-        items.append(Item("lm_eval", task, params))
+        items.append(Item("lm_eval", task, params, _task_scopes(task)))
     data = spec.data or str(DEFAULT_PROBES)
     probe = {"data": str(Path(data).resolve()), "data_digest": None, "max_length": spec.max_length}
     for metric in spec.metrics:
