@@ -138,10 +138,13 @@ def cmd_query(args: argparse.Namespace) -> int:
     if missing:
         hint = ", ".join(sorted(known)) or "none; add one with add-run"
         raise ValueError(f"unknown run {missing[0]!r} in {args.db}; known runs: {hint}")
-    frame = store.long_table(args.run)
+    from analysis.settings import label_settings
+
+    # Every setting's rows are printed; ``setting`` (empty when a metric has only one) tells them apart.
+    frame = label_settings(store.long_table(args.run))
     if args.metric:
         frame = frame[frame["metric"].isin(args.metric)]
-    frame = frame[["run", "step", "tokens", "metric", "value", "stderr"]]
+    frame = frame[["run", "step", "tokens", "metric", "value", "stderr", "setting"]]
     if args.format == "csv":
         frame.to_csv(sys.stdout, index=False)
     elif args.format == "json":
@@ -266,11 +269,13 @@ def cmd_import_evals(args: argparse.Namespace) -> int:
             fingerprint = f"imported:{imported.model_args}"
             new_checkpoints.append((args.run, Checkpoint(imported.step, f"imported:{file}", fingerprint=fingerprint)))
             by_step[imported.step] = fingerprint
+        # The shot count is part of a result's setting: 0-shot and 5-shot files stay two series.
         params = {"imported_from": str(file.resolve()), "model_args": imported.model_args}
         rows += [
             ResultRow(
                 args.run, imported.step, f"{r.task}/{r.metric}", r.value, by_step[imported.step], r.stderr, r.n,
-                params, f"{r.task_version or ''};n_shot={r.n_shot}", library_versions(),
+                {**params, "num_fewshot": r.n_shot}, f"{r.task_version or ''};n_shot={r.n_shot}", library_versions(),
+                higher_is_better=r.higher_is_better,
             )
             for r in imported.rows
         ]  # fmt: skip

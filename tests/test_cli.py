@@ -102,8 +102,48 @@ def test_query_csv_is_the_long_table(populated_db: Path) -> None:
     code, out, _ = cli("query", "--run", "alpha", "--run", "beta", "--format", "csv", "--db", str(populated_db))
     assert code == 0
     table = pd.read_csv(io.StringIO(out))
-    assert list(table.columns) == ["run", "step", "tokens", "metric", "value", "stderr"]
+    assert list(table.columns) == ["run", "step", "tokens", "metric", "value", "stderr", "setting"]
     assert table.groupby("run").size().to_dict() == {"alpha": 120, "beta": 120}
+    assert table["setting"].isna().all()  # one setting per metric: nothing to tell apart
+
+
+def test_query_tells_the_settings_of_a_metric_apart(populated_db: Path) -> None:
+    from analysis.store import ResultRow, Store
+
+    rows = [
+        ResultRow("alpha", s, "piqa/acc,none", v, f"fp-alpha-{s}", 0.01, 100, {"task": "piqa", "num_fewshot": shots})
+        for shots, values in ((0, {10: 0.5, 30: 0.6}), (5, {10: 0.55}))
+        for s, v in values.items()
+    ]
+    Store(populated_db).write_results(rows)
+    code, out, _ = cli("query", "--run", "alpha", "--format", "json", "--db", str(populated_db))
+    assert code == 0
+    table = pd.DataFrame(json.loads(out))
+    piqa = table[table["metric"] == "piqa/acc,none"]
+    got = sorted(zip(piqa["setting"], piqa["step"], piqa["value"], strict=True))
+    assert got == [("0-shot", 10, 0.5), ("0-shot", 30, 0.6), ("5-shot", 10, 0.55)]
+    assert set(table.loc[table["metric"] == "train/loss", "setting"]) == {""}
+    code, out, _ = cli("query", "--run", "alpha", "--db", str(populated_db))
+    assert code == 0 and out.splitlines()[0].split()[-1] == "setting" and out.count("5-shot") == 1
+
+
+def test_import_evals_keeps_the_declared_direction_and_the_shot_count(tmp_path: Path, populated_db: Path) -> None:
+    from analysis.store import Store
+
+    data = {
+        "results": {"wikitext": {"word_perplexity,none": 31.5, "acc,none": 0.4}},
+        "higher_is_better": {"wikitext": {"word_perplexity": False, "acc": True}},
+        "n-shot": {"wikitext": 5},
+        "config": {"model_args": "pretrained=/m,revision=step10"},
+    }
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(data))
+    code, _, err = cli("import-evals", str(path), "--run", "alpha", "--db", str(populated_db))
+    assert code == 0, err
+    table = Store(populated_db).long_table("alpha").set_index("metric")
+    directions = table.loc[["wikitext/word_perplexity,none", "wikitext/acc,none"], "higher_is_better"]
+    assert directions.tolist() == [False, True]  # not None: the file's declaration is stored
+    assert json.loads(table.loc["wikitext/acc,none", "params"])["num_fewshot"] == 5
 
 
 def test_real_process_prints_no_traceback_on_bad_input(tmp_path: Path) -> None:

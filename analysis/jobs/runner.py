@@ -15,7 +15,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -127,8 +127,11 @@ def _compute_item(item: Item, model, tokenizer, spec: JobSpec, ctx: dict, run: s
     rows: list[ResultRow] = []
     samples: list[SampleRow] = []
 
-    def row(metric: str, value, stderr=None, n=None, code_version: str = "") -> ResultRow:
-        return ResultRow(run, step, metric, value, fp, stderr, n, item.params, code_version, versions)
+    def row(metric: str, value, stderr=None, n=None, code_version: str = "", higher_is_better=None) -> ResultRow:
+        return ResultRow(
+            run, step, metric, value, fp, stderr, n, item.params, code_version, versions,
+            higher_is_better=higher_is_better,
+        )  # fmt: skip
 
     if item.kind == "lm_eval":
         from analysis.evals.lmeval import run_lm_eval
@@ -146,7 +149,7 @@ def _compute_item(item: Item, model, tokenizer, spec: JobSpec, ctx: dict, run: s
         )
         for r in out.rows:
             version = f"{r.task_version or ''};n_shot={r.n_shot}"
-            rows.append(row(f"{r.task}/{r.metric}", r.value, r.stderr, r.n, version))
+            rows.append(row(f"{r.task}/{r.metric}", r.value, r.stderr, r.n, version, r.higher_is_better))
         for s in out.samples:
             record = {"target": s.target, "prompt": s.prompt, "response": s.response}
             if s.choices is not None:
@@ -198,7 +201,10 @@ def _compute_item(item: Item, model, tokenizer, spec: JobSpec, ctx: dict, run: s
             res = compute_from_profile(item.name, ctx["routing"], config, seed=spec.seed)
         else:
             res = compute(item.name, model, ctx["batches"], config, device=ctx["device"], seed=spec.seed)
-        rows.append(row(item.name, res.value, res.stderr, res.n, item.params["version"]))
+        # converged is None unless the metric is iterative (an eigenvalue); the store keeps it.
+        rows.append(
+            replace(row(item.name, res.value, res.stderr, res.n, item.params["version"]), converged=res.converged)
+        )
     return rows, samples
 
 
