@@ -25,6 +25,9 @@ MEMORISATION = "memorisation"
 MEMORISATION_DEFAULTS = {"answer_tokens": 0, "threshold": 0.7}  # 0: score every predicted token
 
 DEFAULT_PROBES = Path("data/probes/modarith")
+# Bump when analysis/evals/heldout.py changes what it reports, so cached held-out rows are recomputed.
+# 2: stderr of the token-weighted loss as a ratio estimator over sequences.
+HELDOUT_VERSION = "2"
 
 
 def file_digest(path: str | Path) -> str:
@@ -167,7 +170,12 @@ def plan_items(spec: JobSpec) -> list[Item]:
     probe = {"data": str(Path(data).resolve()), "data_digest": None, "max_length": spec.max_length}
     for metric in spec.metrics:
         if metric == HELDOUT:
-            params = {**probe, "data_digest": file_digest(data), "max_samples": spec.max_samples}
+            params = {
+                **probe,
+                "data_digest": file_digest(data),
+                "max_samples": spec.max_samples,
+                "version": HELDOUT_VERSION,
+            }
             items.append(Item("heldout", Path(data).name, params))
         elif metric == MEMORISATION:
             params = {
