@@ -47,7 +47,15 @@ class MetricResult:
     estimate (None for deterministic metrics); ``n`` the number of probes, draws or
     samples behind it; ``per_probe`` the individual values whose mean is ``value`` (or,
     where a metric says so, per-sample values); ``params`` the config fields plus the
-    seed; ``extra`` vectors and diagnostics (per-layer values, iteration counts).
+    seed; ``extra`` vectors and diagnostics (per-layer values).
+
+    For estimates: ``stderr_covers`` says what variation ``stderr`` accounts for
+    (:data:`STDERR_NOTES`: ``"batches"`` when the probe batches are treated as a sample
+    of the data distribution, ``"probes"`` when there was one batch and only the probe
+    noise for that fixed batch is counted), and ``dof`` the degrees of freedom an
+    interval should use (:func:`interval`). For iterative estimates (eigenvalues):
+    ``iterations`` used, the final relative ``residual`` and whether it ``converged``
+    (residual at most the config's tolerance); all None for direct estimates.
     """
 
     name: str
@@ -57,6 +65,11 @@ class MetricResult:
     per_probe: tuple[float, ...] = ()
     params: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    stderr_covers: str | None = None
+    dof: int | None = None
+    iterations: int | None = None
+    residual: float | None = None
+    converged: bool | None = None
 
 
 # --- batches and the loss -------------------------------------------------------------
@@ -130,16 +143,6 @@ def total_loss(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, devi
     return float(sum(float(loss) * c for loss, c in zip(losses, counts, strict=True)) / total)
 
 
-def batch_scales(counts: Sequence[int]) -> list[float]:
-    """Factors B * N_b / N that make a plain mean over batches equal the token-weighted mean.
-
-    With equal batch sizes every factor is 1. A per-batch estimate x_b of a per-token
-    quantity becomes x_b * scale_b, and the plain mean of those is sum_b (N_b / N) x_b.
-    """
-    total = sum(counts)
-    return [len(counts) * c / total for c in counts]
-
-
 def check_batches(batches: Sequence[Batch]) -> None:
     """Fail early, with the fix, on an empty probe set."""
     if len(batches) == 0:
@@ -148,9 +151,22 @@ def check_batches(batches: Sequence[Batch]) -> None:
 
 # --- statistics -----------------------------------------------------------------------
 
+STDERR_BATCHES = "batches"
+STDERR_PROBES = "probes"
+STDERR_NOTES = {
+    STDERR_BATCHES: "standard error over the probe batches, a sample of the data distribution: "
+    "covers batch-to-batch and probe variation",
+    STDERR_PROBES: "one probe batch: the standard error covers probe noise only, for that fixed batch; "
+    "batch-to-batch variation is not measured (use two or more batches)",
+}
+
 
 def mean_stderr(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and standard error of the mean (sample std with ddof=1 over sqrt(n)); None for n < 2."""
+    """Mean and standard error of the mean (sample std with ddof=1 over sqrt(n)); None for n < 2.
+
+    Right only for independent values. Probe values that share a batch are not
+    independent: use :func:`batch_clustered_mean` for them.
+    """
     n = len(values)
     if n == 0:
         raise ValueError("mean_stderr: no values")
@@ -159,6 +175,109 @@ def mean_stderr(values: Sequence[float]) -> tuple[float, float | None]:
         return mean, None
     var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, math.sqrt(var / n)
+
+
+@dataclass(frozen=True)
+class ClusteredMean:
+    """A grand mean over batches of probe values, with a standard error whose unit is the batch.
+
+    ``value`` = sum_b (N_b / N) mean_p v[b, p]; ``stderr`` and ``dof`` as described in
+    :func:`batch_clustered_mean`; ``covers`` one of :data:`STDERR_NOTES`;
+    ``stderr_probes_only`` the probe noise alone for these fixed batches (None when some
+    batch has a single value); ``per_batch`` the batch means mean_p v[b, p];
+    ``per_value`` every v[b, p] times B N_b / N, whose plain mean is ``value``.
+    """
+
+    value: float
+    stderr: float | None
+    dof: int | None
+    covers: str
+    stderr_probes_only: float | None
+    per_batch: tuple[float, ...]
+    per_value: tuple[float, ...]
+
+
+def batch_clustered_mean(values: Sequence[Sequence[float]], counts: Sequence[int] | None = None) -> ClusteredMean:
+    """Combine probe values v[b][p] (batch b, probe or draw p) of a per-token quantity.
+
+    The batches are a sample of the data distribution and each batch's probes are drawn
+    for it alone, so the batch is the sampling unit: values of one batch share its
+    batch effect and are not independent. The estimate is the token-weighted grand mean
+    R = sum_b (N_b / N) m_b, m_b = mean_p v[b, p] (N_b = ``counts[b]``, all 1 by default).
+    Its standard error is that of the B batch means, which carry both the batch-to-batch
+    and the probe variance: with z_b = (N_b / mean(N)) (m_b - R),
+
+        stderr = sqrt(sum_b z_b^2 / (B (B - 1))),
+
+    the linearised (cluster-robust) standard error of a ratio of sums, which is
+    sd(m_b) / sqrt(B) when the batches have equal counts; ``dof`` = B - 1.
+
+    With one batch the batch-to-batch variation cannot be seen: ``stderr`` is then the
+    probe-only one, sd_p(v[0, :]) / sqrt(P) with ``dof`` = P - 1 (None for P = 1), and
+    ``covers`` is ``"probes"`` so that callers say so rather than pass off a number that
+    is too small for the data distribution.
+    """
+    n_batches = len(values)
+    if n_batches == 0:
+        raise ValueError("batch_clustered_mean: no batches")
+    if any(len(xs) == 0 for xs in values):
+        raise ValueError("batch_clustered_mean: a batch has no values")
+    counts = [1] * n_batches if counts is None else list(counts)
+    if len(counts) != n_batches or any(c <= 0 for c in counts):
+        raise ValueError(f"batch_clustered_mean: need one positive count per batch, got {counts!r}")
+    total = sum(counts)
+    weights = [c / total for c in counts]  # N_b / N
+    means = [math.fsum(xs) / len(xs) for xs in values]
+    value = math.fsum(w * m for w, m in zip(weights, means, strict=True))
+    probe_var: float | None = 0.0
+    for xs, w, m in zip(values, weights, means, strict=True):
+        if len(xs) < 2:
+            probe_var = None
+            break
+        probe_var += w * w * math.fsum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)
+    probes_only = None if probe_var is None else math.sqrt(probe_var)
+    if n_batches >= 2:
+        z = [n_batches * w * (m - value) for w, m in zip(weights, means, strict=True)]
+        stderr: float | None = math.sqrt(math.fsum(x * x for x in z) / (n_batches * (n_batches - 1)))
+        dof: int | None = n_batches - 1
+        covers = STDERR_BATCHES
+    else:
+        stderr = probes_only
+        dof = len(values[0]) - 1 if len(values[0]) > 1 else None
+        covers = STDERR_PROBES
+    per_value = tuple(x * n_batches * w for xs, w in zip(values, weights, strict=True) for x in xs)
+    return ClusteredMean(value, stderr, dof, covers, probes_only, tuple(means), per_value)
+
+
+def quantile(level: float, dof: int | None) -> float:
+    """The two-sided multiplier of a ``level`` interval: Student's t with ``dof`` degrees of
+    freedom, or the normal one when ``dof`` is None (a large-sample stderr).
+
+    With few batches the normal 1.96 undercovers badly (about 0.70 at 2 batches, 0.86 at
+    4; see ``python -m bench.coverage``), so estimates that are means of B batch means
+    use t with B - 1 degrees of freedom.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"interval level must be between 0 and 1, got {level!r}")
+    if dof is None:
+        from statistics import NormalDist
+
+        return NormalDist().inv_cdf(0.5 + level / 2)
+    if dof < 1:
+        raise ValueError(f"interval needs at least 1 degree of freedom, got {dof!r}")
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + level / 2, dof))
+
+
+def interval(estimate: float, stderr: float, dof: int | None, level: float = 0.95) -> tuple[float, float]:
+    """The ``level`` confidence interval estimate ± q * stderr, q from :func:`quantile`.
+
+    The stored stderr is the plain standard error; this is the one place where it
+    becomes an interval.
+    """
+    q = quantile(level, dof)
+    return estimate - q * stderr, estimate + q * stderr
 
 
 # --- flat vectors over lists of tensors -------------------------------------------------

@@ -14,6 +14,19 @@ the average of the per-token Hessians, and its trace is the per-token Hessian tr
 several batches, the target is the Hessian of the token-weighted loss of their union,
 H = sum_b (N_b / N) H_b, where N_b is the number of predicted tokens of batch b.
 
+Standard errors. The probe batches are a sample of the data distribution, and the
+population a stderr refers to is that distribution: the quantity of interest is the
+curvature (or sensitivity) of the expected per-token loss, not of these particular
+batches. Every probe-based metric draws its probes (Rademacher vectors, sampled labels,
+weight-noise draws) for each batch separately and combines the values v[b, p] with
+:func:`analysis.metrics.common.batch_clustered_mean`: the grand mean, and the standard
+error of the B per-batch means (B - 1 degrees of freedom), which counts both the
+batch-to-batch and the probe variation. Treating all B x P values as independent
+understated it (3.4x on a 162M checkpoint; a ±2-stderr band covered the truth 48% of the
+time). With a single batch the stderr covers the probe noise for that batch only, and the
+result's ``stderr_covers`` says so. ``python -m bench.coverage`` checks the coverage of
+the intervals (:func:`analysis.metrics.common.interval`) by simulation.
+
 Second derivatives run inside ``sdpa_kernel(SDPBackend.MATH)``: torch has no double
 backward for the fused CPU attention kernels, and the math kernel is faster here than
 reloading with ``attn_implementation="eager"`` (which also works).
@@ -33,7 +46,7 @@ from analysis.metrics.common import (
     Batch,
     LossFn,
     MetricResult,
-    batch_scales,
+    batch_clustered_mean,
     check_batches,
     check_subset,
     config_params,
@@ -42,7 +55,6 @@ from analysis.metrics.common import (
     flatten,
     lm_logits,
     lm_loss,
-    mean_stderr,
     norm,
     prediction_mask,
     rademacher_like,
@@ -92,7 +104,9 @@ class HessianEigenConfig:
     """The largest (algebraic) Hessian eigenvalue by power iteration or Lanczos."""
 
     max_iter: int = 100  # Hessian-vector products at most (per phase for power iteration)
-    tol: float = 1e-4  # relative: change of the estimate (power) or Ritz residual (lanczos)
+    # Converged when the residual ||H v - lambda v|| / |lambda| of the returned pair is at most
+    # tol; the eigenvalue error is then about tol^2 |lambda| / gap, far below tol itself.
+    tol: float = 1e-3
     subset: str = "all"
     method: str = "power"  # "power": two vectors of memory; "lanczos": max_iter vectors, far fewer steps
 
@@ -212,30 +226,42 @@ def make_hvp_operator(
     return apply
 
 
-def _stratified(values: list[list[float]], counts: list[int]) -> tuple[tuple[float, ...], float, float | None, float]:
-    """Combine per-batch estimates x_{b,p} of a per-token quantity.
-
-    Returns (per-probe values rescaled by B N_b / N, their mean, the standard error over
-    (probe, batch) values, the probe-only standard error). The mean equals
-    sum_b (N_b / N) mean_p x_{b,p}: unbiased for the token-weighted target. The first
-    standard error treats every (probe, batch) value as one draw, so it also counts
-    batch-to-batch variation (the batches as a sample of text); the probe-only one,
-    sqrt(sum_b (N_b/N)^2 s_b^2 / P_b), is the Monte-Carlo error for these fixed batches.
-    """
-    total = sum(counts)
-    scales = batch_scales(counts)
-    per_probe = tuple(x * s for xs, s in zip(values, scales, strict=True) for x in xs)
-    mean, stderr = mean_stderr(per_probe)
-    var_fixed = 0.0
-    for xs, c in zip(values, counts, strict=True):
-        if len(xs) > 1:
-            m = math.fsum(xs) / len(xs)
-            s2 = math.fsum((x - m) ** 2 for x in xs) / (len(xs) - 1)
-            var_fixed += (c / total) ** 2 * s2 / len(xs)
-    return per_probe, mean, stderr, math.sqrt(var_fixed)
+def _clustered_result(
+    name: str, values: list[list[float]], counts: list[int], config, seed: int, extra: dict
+) -> MetricResult:
+    """A MetricResult from probe values v[b][p] and batch token counts (see batch_clustered_mean)."""
+    est = batch_clustered_mean(values, counts)
+    return MetricResult(
+        name=name,
+        value=est.value,
+        stderr=est.stderr,
+        n=len(est.per_value),
+        per_probe=est.per_value,
+        params=config_params(config, seed),
+        extra={
+            "stderr_probes_only": est.stderr_probes_only,
+            "per_batch": est.per_batch,
+            "n_batches": len(values),
+            "n_tokens": sum(counts),
+            **extra,
+        },
+        stderr_covers=est.covers,
+        dof=est.dof,
+    )
 
 
 # --- Hessian trace -----------------------------------------------------------------------------
+
+
+def hutchinson_probes(
+    hvp: Callable[[Vector], Vector], like: Sequence[torch.Tensor], n_probes: int, gen: torch.Generator
+) -> list[float]:
+    """``n_probes`` values v^T H v, v Rademacher shaped like ``like``, each an unbiased estimate of tr(H).
+
+    ``hvp`` is v -> H v for one fixed operator (one batch's Hessian); pure apart from the
+    draws taken from ``gen``.
+    """
+    return [float(dot(v, hvp(v))) for v in ([rademacher_like(p, gen) for p in like] for _ in range(n_probes))]
 
 
 def hessian_trace(
@@ -251,9 +277,13 @@ def hessian_trace(
 
     For each batch b and probe v (entries ±1), v^T H_b v is an unbiased estimate of
     tr(H_b), H_b the Hessian of batch b's mean loss over the selected parameters; the
-    value is the token-weighted mean over batches (see ``_stratified``), i.e. the trace of
-    the Hessian of the mean-per-token loss. ``stderr`` is over (probe, batch) values;
-    ``extra["stderr_probes_only"]`` is the error due to the probes alone.
+    value is the token-weighted mean over batches, i.e. the trace of the Hessian of the
+    mean-per-token loss. ``stderr`` is the standard error of the B batch means: it refers
+    to the data distribution the probe batches are a sample of, and counts the
+    batch-to-batch and the probe variation (``stderr_covers == "batches"``, B - 1
+    degrees of freedom). With one batch it is the probe noise for that batch only
+    (``stderr_covers == "probes"``). ``extra["stderr_probes_only"]`` is the error due to
+    the probes alone, for these fixed batches.
     """
     config = config or HessianTraceConfig()
     check_batches(batches)
@@ -265,70 +295,75 @@ def hessian_trace(
         for batch in batches:
             loss, count = loss_fn(work, to_device(batch, device))
             grads = _grad(loss, params, create_graph=True)
-            quads = []
-            for _ in range(config.n_probes):
-                v = [rademacher_like(p, gen) for p in params]
-                quads.append(float(dot(v, _hvp(grads, params, v))))
-            values.append(quads)
+            values.append(hutchinson_probes(lambda v, g=grads: _hvp(g, params, v), params, config.n_probes, gen))
             counts.append(count)
             del grads, loss
         n_params = sum(p.numel() for p in params)
-    per_probe, mean, stderr, stderr_fixed = _stratified(values, counts)
-    return MetricResult(
-        name="hessian_trace",
-        value=mean,
-        stderr=stderr,
-        n=len(per_probe),
-        per_probe=per_probe,
-        params=config_params(config, seed),
-        extra={
-            "stderr_probes_only": stderr_fixed,
-            "per_batch": tuple(math.fsum(xs) / len(xs) for xs in values),
-            "n_tokens": sum(counts),
-            "n_params": n_params,
-        },
-    )
+    return _clustered_result("hessian_trace", values, counts, config, seed, {"n_params": n_params})
 
 
 # --- top eigenvalue ------------------------------------------------------------------------------
 
 
-def _power_iteration(
-    op: Callable[[Vector], Vector], v: Vector, max_iter: int, tol: float
-) -> tuple[float, Vector, int, bool]:
-    """Dominant eigenvalue (largest |lambda|, with its sign) by power iteration.
+@dataclass(frozen=True)
+class EigenEstimate:
+    """An eigenvalue from an iterative method, with its certificate.
 
-    Returns (eigenvalue, eigenvector, iterations, converged). The eigenvalue is the
-    Rayleigh quotient v^T H v of a unit v; convergence is a relative change below tol.
+    ``residual`` is ||H v - eigenvalue v|| / scale for the returned unit vector v (scale
+    |eigenvalue| unless stated): a symmetric H has an eigenvalue within residual * scale
+    of ``eigenvalue``. ``converged`` is residual <= tol; ``iterations`` counts
+    operator applications (Hessian-vector products).
     """
-    scale = norm(v)
-    v = [x / scale for x in v]
-    previous: float | None = None
-    eigenvalue = 0.0
+
+    eigenvalue: float
+    iterations: int
+    residual: float
+    converged: bool
+    vector: Vector | None = None
+
+
+def power_iteration(
+    op: Callable[[Vector], Vector], start: Vector, max_iter: int, tol: float, scale: float | None = None
+) -> EigenEstimate:
+    """The eigenvalue of largest MAGNITUDE of the symmetric operator ``op`` (with its sign).
+
+    Each step takes one product: lambda = v^T H v for the current unit v (the Rayleigh
+    quotient), the residual ||H v - lambda v|| / scale from the same product, then
+    v <- H v / ||H v||. It stops once the residual is at most ``tol``; ``scale`` is
+    |lambda| unless given. A residual is a certificate, where the relative change of
+    lambda between steps is not: with eigenvalues +a and -a (or a cluster of close
+    ones) lambda can sit still far from any eigenvalue while v keeps rotating, and the
+    residual stays large. A v in the null space (H v = 0) returns 0, converged.
+    """
+    size = norm(start)
+    v = [x / size for x in start]
+    eigenvalue, residual = 0.0, math.inf
     for iteration in range(1, max_iter + 1):
         hv = op(v)
         eigenvalue = float(dot(v, hv))
-        size = norm(hv)
-        if float(size) == 0.0:  # v is in the null space: H v = 0 exactly
-            return 0.0, v, iteration, True
-        v = [x / size for x in hv]
-        if previous is not None and abs(eigenvalue - previous) <= tol * abs(eigenvalue):
-            return eigenvalue, v, iteration, True
-        previous = eigenvalue
-    return eigenvalue, v, max_iter, False
+        hv_norm = float(norm(hv))
+        if hv_norm == 0.0:  # H v = 0 exactly
+            return EigenEstimate(0.0, iteration, 0.0, True, v)
+        denominator = abs(eigenvalue) if scale is None else scale
+        gap = float(norm([h - eigenvalue * x for h, x in zip(hv, v, strict=True)]))
+        residual = gap / denominator if denominator > 0 else math.inf
+        if residual <= tol:
+            return EigenEstimate(eigenvalue, iteration, residual, True, v)
+        v = [h / hv_norm for h in hv]
+    return EigenEstimate(eigenvalue, max_iter, residual, False, v)
 
 
-def _lanczos(
-    op: Callable[[Vector], Vector], v: Vector, like: Sequence[torch.Tensor], max_iter: int, tol: float
-) -> tuple[float, int, bool, float]:
-    """Largest algebraic eigenvalue by Lanczos with full reorthogonalisation.
+def lanczos(op: Callable[[Vector], Vector], start: Vector, max_iter: int, tol: float) -> EigenEstimate:
+    """The largest ALGEBRAIC eigenvalue of the symmetric operator ``op`` by Lanczos with full
+    reorthogonalisation.
 
-    Returns (eigenvalue, iterations, converged, residual). Converged when the Ritz
-    residual ||H y - theta y|| = beta_k |s_k| is at most tol * |theta|, which bounds the
-    distance from theta to an eigenvalue of H. Keeps every Lanczos vector: max_iter
-    copies of the selected parameters.
+    The residual of the Ritz pair (theta, y) is ||H y - theta y|| = beta_k |s_k| (s the
+    eigenvector of the tridiagonal matrix), reported relative to |theta|; converged when
+    it is at most ``tol``, or when the Krylov space is invariant (beta = 0). Keeps every
+    Lanczos vector: max_iter copies of the selected parameters. ``vector`` is not kept.
     """
-    q = flatten(v)
+    like = start
+    q = flatten(start)
     q = q / torch.linalg.vector_norm(q)
     basis = [q]
     alphas: list[float] = []
@@ -348,14 +383,14 @@ def _lanczos(
             tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
         evals, evecs = torch.linalg.eigh(tri)
         theta = float(evals[-1])
-        residual = beta * abs(float(evecs[-1, -1]))
-        if residual <= tol * abs(theta) or beta <= 1e-12 * max(abs(theta), 1e-30):
-            return theta, k, True, residual
-        if k == w.numel():  # a full basis: the tridiagonal matrix is H itself
-            return theta, k, True, residual
+        absolute = beta * abs(float(evecs[-1, -1]))
+        residual = absolute / abs(theta) if theta != 0 else (0.0 if absolute == 0 else math.inf)
+        invariant = beta <= 1e-12 * max(abs(theta), 1e-30) or k == w.numel()  # k == n: tri is H itself
+        if residual <= tol or invariant:
+            return EigenEstimate(theta, k, residual, True)
         betas.append(beta)
         basis.append(w / beta)
-    return theta, max_iter, False, residual
+    return EigenEstimate(theta, max_iter, residual, False)
 
 
 def hessian_top_eigenvalue(
@@ -367,14 +402,21 @@ def hessian_top_eigenvalue(
     seed: int = 0,
     loss_fn: LossFn = lm_loss,
 ) -> MetricResult:
-    """The largest algebraic eigenvalue of the Hessian of the loss over all ``batches``.
+    """The largest ALGEBRAIC eigenvalue of the Hessian of the loss over all ``batches``.
 
-    Power iteration converges to the eigenvalue of largest magnitude. When that one is
-    negative, a second run on the shifted operator H - lambda_dom I (all of whose
-    eigenvalues are >= 0) finds lambda_max - lambda_dom, so the value is always the
-    largest algebraic eigenvalue; ``extra["dominant_eigenvalue"]`` keeps the first run's
-    result. Lanczos gives the largest algebraic eigenvalue directly. The start vector is
-    N(0, I) from ``seed``. ``extra`` has iterations (Hessian-vector products) and converged.
+    ``method="lanczos"`` gives it directly. ``method="power"``: power iteration converges
+    to the eigenvalue of largest MAGNITUDE (``extra["dominant_eigenvalue"]``). When that
+    one is negative, a second run on the shifted operator H - lambda_dom I (all of whose
+    eigenvalues are >= 0) finds lambda_max - lambda_dom, so the value is the largest
+    algebraic eigenvalue either way. Both residuals of that case are relative to
+    |lambda_dom| (the spectral norm of H) and the reported one is the larger.
+
+    Deterministic given the batches, so ``stderr`` is None: the value is that of the
+    Hessian of these batches' loss. ``iterations`` (Hessian-vector products, both phases),
+    ``residual`` and ``converged`` (residual <= ``config.tol``) say whether to believe
+    it: an unconverged value can be far from any eigenvalue (power iteration on a
+    Hessian with eigenvalues near +a and -a sits near 0). The start vector is N(0, I)
+    from ``seed``.
     """
     config = config or HessianEigenConfig()
     check_batches(batches)
@@ -385,11 +427,10 @@ def hessian_top_eigenvalue(
         start = [randn_like(p.detach(), gen) for p in params]
         extra: dict = {"method": config.method}
         if config.method == "lanczos":
-            value, iterations, converged, residual = _lanczos(op, start, params, config.max_iter, config.tol)
-            extra["residual"] = residual
+            est = lanczos(op, start, config.max_iter, config.tol)
         else:
-            dominant, _, iterations, converged = _power_iteration(op, start, config.max_iter, config.tol)
-            value = dominant
+            est = power_iteration(op, start, config.max_iter, config.tol)
+            dominant = est.eigenvalue
             extra["dominant_eigenvalue"] = dominant
             if dominant < 0:
 
@@ -397,19 +438,25 @@ def hessian_top_eigenvalue(
                     return [h - dominant * x for h, x in zip(op(v), v, strict=True)]
 
                 restart = [randn_like(p.detach(), gen) for p in params]
-                gap, _, more, converged_2 = _power_iteration(shifted, restart, config.max_iter, config.tol)
-                value = dominant + gap
-                iterations += more
-                converged = converged and converged_2
-        extra.update(iterations=iterations, converged=converged, n_params=sum(p.numel() for p in params))
+                gap = power_iteration(shifted, restart, config.max_iter, config.tol, scale=abs(dominant))
+                est = EigenEstimate(
+                    dominant + gap.eigenvalue,
+                    est.iterations + gap.iterations,
+                    max(est.residual, gap.residual),
+                    est.converged and gap.converged,
+                )
+        extra["n_params"] = sum(p.numel() for p in params)
     return MetricResult(
         name="hessian_top_eigenvalue",
-        value=value,
+        value=est.eigenvalue,
         stderr=None,
         n=1,
-        per_probe=(value,),
+        per_probe=(est.eigenvalue,),
         params=config_params(config, seed),
         extra=extra,
+        iterations=est.iterations,
+        residual=est.residual,
+        converged=est.converged,
     )
 
 
@@ -436,6 +483,11 @@ def fisher_trace(
     (E_y grad log p(y|x) = 0), so the cross terms vanish and N_b E||g||^2 is the batch's
     per-token Fisher trace. One forward per batch and one backward per draw; batches are
     combined token-weighted as for the Hessian trace.
+
+    ``stderr`` is the standard error of the B batch means, for the data distribution the
+    probe batches are a sample of (batch-to-batch and label-draw variation, B - 1
+    degrees of freedom); with one batch, the label-draw noise for that batch only
+    (``stderr_covers == "probes"``).
     """
     config = config or FisherTraceConfig()
     check_batches(batches)
@@ -461,16 +513,7 @@ def fisher_trace(
             values.append(draws)
             counts.append(count)
             del log_probs
-    per_probe, mean, stderr, stderr_fixed = _stratified(values, counts)
-    return MetricResult(
-        name="fisher_trace",
-        value=mean,
-        stderr=stderr,
-        n=len(per_probe),
-        per_probe=per_probe,
-        params=config_params(config, seed),
-        extra={"stderr_probes_only": stderr_fixed, "n_tokens": sum(counts)},
-    )
+    return _clustered_result("fisher_trace", values, counts, config, seed, {})
 
 
 # --- loss under weight noise ------------------------------------------------------------------------
@@ -486,33 +529,42 @@ def _noise_sharpness(
     seed: int,
     loss_fn: LossFn,
 ) -> MetricResult:
-    """Mean and stderr over draws of L(w + d) - L(w), weights written back bitwise after."""
+    """Mean and stderr of L_b(w + d) - L_b(w) over batches b and draws d; weights written back bitwise after.
+
+    Every batch gets its own ``n_samples`` draws, so the batch means are independent
+    given the data and :func:`batch_clustered_mean` applies (one shared set of draws
+    would put the draw-to-draw variation into every batch mean alike, where the
+    standard error of the batch means cannot see it). The cost is the same forward
+    passes as shared draws: n_samples + 1 per batch.
+    """
     check_batches(batches)
     gen = cpu_generator(seed)
     device = torch.device(device)
+    values: list[list[float]] = []
+    counts: list[int] = []
+    base_sum = 0.0
     with working_model(model, device) as work, torch.no_grad():
         params = [p for _, p in select_params(work, config.subset)]
         saved = [p.detach().clone() for p in params]
         try:
-            base = total_loss(work, batches, loss_fn, device)
-            diffs = []
-            for _ in range(config.n_samples):
+            for batch in batches:
+                batch = to_device(batch, device)
+                base, count = loss_fn(work, batch)
+                base = float(base)
+                diffs = []
+                for _ in range(config.n_samples):
+                    for p, w in zip(params, saved, strict=True):
+                        p.copy_(w + noise(w, gen))
+                    diffs.append(float(loss_fn(work, batch)[0]) - base)
                 for p, w in zip(params, saved, strict=True):
-                    p.copy_(w + noise(w, gen))
-                diffs.append(total_loss(work, batches, loss_fn, device) - base)
+                    p.copy_(w)
+                values.append(diffs)
+                counts.append(count)
+                base_sum += base * count
         finally:
             for p, w in zip(params, saved, strict=True):
                 p.copy_(w)
-    mean, stderr = mean_stderr(diffs)
-    return MetricResult(
-        name=name,
-        value=mean,
-        stderr=stderr,
-        n=len(diffs),
-        per_probe=tuple(diffs),
-        params=config_params(config, seed),
-        extra={"loss": base},
-    )
+    return _clustered_result(name, values, counts, config, seed, {"loss": base_sum / sum(counts)})
 
 
 def adaptive_sharpness(
@@ -527,7 +579,11 @@ def adaptive_sharpness(
     """Average-case adaptive sharpness E[L(w + d)] - L(w), d ~ N(0, (rho |w|)^2) elementwise.
 
     The noise on each weight is proportional to its magnitude, which makes the measure
-    invariant to rescalings of layers that leave the function unchanged.
+    invariant to rescalings of layers that leave the function unchanged. Each batch gets
+    ``n_samples`` draws of its own; ``stderr`` is the standard error of the B batch means,
+    for the data distribution the probe batches are a sample of (batch-to-batch and
+    draw variation, B - 1 degrees of freedom); with one batch, the draw noise for that
+    batch only (``stderr_covers == "probes"``).
     """
     config = config or AdaptiveSharpnessConfig()
 
@@ -550,7 +606,11 @@ def perturbation_sensitivity(
 
     Each tensor W gets d = sigma * ||W||_F / sqrt(numel(W)) * N(0, I): noise whose size
     relative to the tensor's RMS weight is the same for every tensor and checkpoint, so a
-    rise across checkpoints means the weights became more sensitive, not bigger.
+    rise across checkpoints means the weights became more sensitive, not bigger. Each
+    batch gets ``n_samples`` draws of its own; ``stderr`` is the standard error of the B
+    batch means, for the data distribution the probe batches are a sample of
+    (batch-to-batch and draw variation, B - 1 degrees of freedom); with one batch, the
+    draw noise for that batch only (``stderr_covers == "probes"``).
     """
     config = config or PerturbationConfig()
 
@@ -577,8 +637,11 @@ def sam_sharpness(
 
     SAM: eps = rho g / ||g||. ASAM (``adaptive``): eps = rho T^2 g / ||T g|| with
     T = diag(|w|), the first-order maximiser of L over the ellipsoid ||T^{-1} eps|| <= rho.
-    g is the gradient of the token-weighted loss over all batches. Deterministic, so
-    ``stderr`` is None; ``seed`` is recorded only. A zero gradient gives 0.
+    g is the gradient of the token-weighted loss over all batches. Deterministic given
+    the batches, so ``stderr`` is None: the value is that of these batches' loss, and
+    how it would vary over other batches from the data distribution is not estimated
+    (one ascent step on the pooled gradient has no per-batch values to compare).
+    ``seed`` is recorded only. A zero gradient gives 0.
     """
     config = config or SamConfig()
     check_batches(batches)

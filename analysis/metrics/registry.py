@@ -214,31 +214,42 @@ def compute_from_profile(name: str, profile: pathways.RoutingProfile, config: An
 
 
 def _register_builtins() -> None:
+    # Versions: 2 for the probe-based estimates (stderr over batch means, each batch with
+    # its own noise draws) and the eigenvalue (converged by residual, not relative change).
     flat = [
-        ("hessian_trace", flatness.HessianTraceConfig, flatness.hessian_trace, "Hutchinson trace per token"),
+        ("hessian_trace", "2", flatness.HessianTraceConfig, flatness.hessian_trace, "Hutchinson trace per token"),
         (
             "hessian_top_eigenvalue",
+            "2",
             flatness.HessianEigenConfig,
             flatness.hessian_top_eigenvalue,
-            "largest Hessian eigenvalue (power iteration or Lanczos)",
+            "largest Hessian eigenvalue (power iteration or Lanczos), with its residual",
         ),
-        ("fisher_trace", flatness.FisherTraceConfig, flatness.fisher_trace, "Fisher trace per token, sampled labels"),
+        (
+            "fisher_trace",
+            "2",
+            flatness.FisherTraceConfig,
+            flatness.fisher_trace,
+            "Fisher trace per token, sampled labels",
+        ),
         (
             "adaptive_sharpness",
+            "2",
             flatness.AdaptiveSharpnessConfig,
             flatness.adaptive_sharpness,
             "E[L(w+d)] - L(w), d ~ N(0, (rho|w|)^2)",
         ),
         (
             "perturbation_sensitivity",
+            "2",
             flatness.PerturbationConfig,
             flatness.perturbation_sensitivity,
             "loss increase under relative Gaussian weight noise",
         ),
-        ("sam_sharpness", flatness.SamConfig, flatness.sam_sharpness, "one-step SAM/ASAM sharpness"),
+        ("sam_sharpness", "1", flatness.SamConfig, flatness.sam_sharpness, "one-step SAM/ASAM sharpness"),
     ]
-    for name, cls, fn, text in flat:
-        register(MetricSpec(name, "1", "flatness", False, False, cls, fn, text))
+    for name, version, cls, fn, text in flat:
+        register(MetricSpec(name, version, "flatness", False, False, cls, fn, text))
     moe = [
         (
             "pathway_distance",
