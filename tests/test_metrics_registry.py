@@ -165,3 +165,69 @@ def test_every_builtin_metric_runs_through_compute_and_leaves_the_model_alone():
         assert torch.equal(p, before[n]), n
     with pytest.raises(TypeError, match="takes a HessianTraceConfig config, got SamConfig"):
         compute("hessian_trace", model, batches, SamConfig())
+
+
+def test_results_say_what_their_stderr_covers_and_iterative_ones_whether_they_converged():
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(3, 12, (2, 6), generator=gen)} for _ in range(3)]
+    for name in ("hessian_trace", "fisher_trace", "adaptive_sharpness", "perturbation_sensitivity"):
+        many = compute(name, model, batches, SMALL[name], seed=0)
+        assert many.stderr_covers == "batches" and many.dof == 2, name
+        assert len(many.extra["per_batch"]) == 3 and many.converged is None, name
+        one = compute(name, model, batches[:1], SMALL[name], seed=0)
+        assert one.stderr_covers == "probes" and one.dof == 1, name
+    eigen = compute("hessian_top_eigenvalue", model, batches, {"max_iter": "2", "tol": "1e-3"}, seed=0)
+    # max_iter per phase: a second, shifted phase runs when the first one's estimate is negative.
+    assert eigen.converged is False and eigen.iterations in (2, 4) and eigen.residual > 1e-3
+    assert compute("sam_sharpness", model, batches, {}).converged is None
+
+
+def test_runner_stores_converged_for_iterative_metrics_only():
+    from analysis.jobs.runner import _compute_item
+    from analysis.jobs.spec import Item, JobSpec
+
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(2)
+    batches = [{"input_ids": torch.randint(3, 12, (2, 6), generator=gen)} for _ in range(2)]
+    ctx = {"versions": {}, "device": torch.device("cpu"), "batches": batches}
+    spec = JobSpec(run="r", metrics=("hessian_top_eigenvalue",))
+
+    def stored(name: str, config: dict):
+        item = Item("metric", name, {"config": config, "version": get_metric(name).version})
+        rows, _ = _compute_item(item, model, None, spec, ctx, "r", 10, "fp")
+        assert len(rows) == 1
+        return rows[0]
+
+    capped = stored("hessian_top_eigenvalue", {"max_iter": 2})
+    assert capped.converged is False
+    done = stored("hessian_top_eigenvalue", {"max_iter": 500, "method": "lanczos", "tol": 1e-2})
+    assert done.converged is True
+    assert stored("hessian_trace", {"n_probes": 2}).converged is None
+
+
+def test_metric_command_json_prints_the_stderr_scope_interval_and_convergence(tmp_path):
+    import json
+
+    from analysis.jobs.metric_once import compute_once
+    from analysis.metrics.common import interval
+    from tests.factories import save_tiny_checkpoint, sum_texts
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "ckpt")
+    data = tmp_path / "probe.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in sum_texts(8)))
+
+    two = compute_once("hessian_trace", checkpoint, data, params=["n_probes=2"], device="cpu", batch_size=4)
+    json.dumps(two)  # JSON-ready
+    assert two["stderr_covers"] == "batches" and two["dof"] == 1 and "data distribution" in two["stderr_note"]
+    assert two["interval_95"] == pytest.approx(list(interval(two["value"], two["stderr"], 1)))
+    assert two["interval_95"][1] - two["value"] == pytest.approx(12.706 * two["stderr"], rel=1e-3)
+    assert "converged" not in two
+
+    one = compute_once("hessian_trace", checkpoint, data, params=["n_probes=3"], device="cpu", batch_size=8)
+    assert one["stderr_covers"] == "probes" and "probe noise only" in one["stderr_note"]
+
+    eigen = compute_once("hessian_top_eigenvalue", checkpoint, data, params=["max_iter=2"], device="cpu")
+    assert eigen["converged"] is False and eigen["iterations"] in (2, 4) and eigen["residual"] > 1e-3
+    assert "raise max_iter or use method=lanczos" in eigen["convergence_note"]
+    assert eigen["stderr"] is None and "stderr_covers" not in eigen

@@ -45,8 +45,7 @@ def compute_once(
     model, tokenizer = load_model(checkpoint, device=device)
     probe = load_probe_set(data, tokenizer, max_length, max_samples=max_samples)
 
-    def clean(x):
-        return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
+    clean = _clean
 
     if name == HELDOUT:
         results = heldout_loss(model, probe, batch_size=batch_size)
@@ -67,7 +66,43 @@ def compute_once(
         "value": clean(result.value),
         "stderr": clean(result.stderr),
         "n": result.n,
+        **estimate_fields(result),
         "params": result.params,
         "per_probe": [clean(v) for v in result.per_probe],
         "probe_fingerprint": probe.fingerprint,
     }
+
+
+def _clean(x):
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
+
+
+def estimate_fields(result) -> dict:
+    """What a MetricResult says about its own reliability, JSON-ready.
+
+    For a stderr: what it covers (``stderr_covers`` and a sentence, ``stderr_note``), its
+    degrees of freedom and the 95% interval from :func:`analysis.metrics.common.interval`.
+    For an iterative estimate: ``iterations``, ``residual``, ``converged`` and, when it did
+    not converge, what to do (``convergence_note``). Empty for other metrics.
+    """
+    from analysis.metrics.common import STDERR_NOTES, interval
+
+    out: dict = {}
+    if result.stderr is not None and result.stderr_covers is not None:
+        out["stderr_covers"] = result.stderr_covers
+        out["stderr_note"] = STDERR_NOTES[result.stderr_covers]
+        out["dof"] = result.dof
+        if math.isfinite(result.value) and math.isfinite(result.stderr):
+            low, high = interval(result.value, result.stderr, result.dof, 0.95)
+            out["interval_95"] = [low, high]
+            out["interval_quantile"] = "normal" if result.dof is None else f"t, {result.dof} dof"
+    if result.converged is not None:
+        out["iterations"] = result.iterations
+        out["residual"] = _clean(result.residual)
+        out["converged"] = result.converged
+        if not result.converged:
+            out["convergence_note"] = (
+                f"not converged: residual {result.residual:.3g} > tol {result.params.get('tol')} after "
+                f"{result.iterations} Hessian-vector products; raise max_iter or use method=lanczos"
+            )
+    return out
