@@ -11,7 +11,7 @@ import argparse
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis.charts import ChartStyle, run_colors
+from analysis.settings import select_settings, settings_table
 from analysis.store import DEFAULT_DB, Store, StoreLockedError
 
 # Every view: (script, title, icon, URL path). app.py builds the navigation from this list.
@@ -206,15 +207,60 @@ def store() -> Store:
     return _store()
 
 
+# A page's choice of setting per metric (metric -> label), sorted, so it can key a cached read.
+Chosen = tuple[tuple[str, str], ...]
+
+
+def _chosen(chosen: Mapping[str, str] | None) -> Chosen:
+    return tuple(sorted((chosen or {}).items()))
+
+
 @st.cache_data(max_entries=16, show_spinner=False)
 def _long_table(db: str, gen: int, runs: tuple[str, ...]) -> pd.DataFrame:
     return Store(db, lock_timeout=10.0).long_table(list(runs))
 
 
-def long_table(runs: tuple[str, ...]) -> pd.DataFrame:
-    """Logged series and computed results of ``runs``: run, step, tokens, metric, value, stderr."""
+@st.cache_data(max_entries=32, show_spinner=False)
+def _selected(db: str, gen: int, runs: tuple[str, ...], chosen: Chosen) -> pd.DataFrame:
+    return select_settings(_long_table(db, gen, runs), dict(chosen))
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _settings(db: str, gen: int, runs: tuple[str, ...]) -> pd.DataFrame:
+    return settings_table(_long_table(db, gen, runs))
+
+
+def long_table(runs: tuple[str, ...], chosen: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Logged series and computed results of ``runs`` (run, step, tokens, metric, value, stderr, ...).
+
+    One setting per metric (``analysis.settings.select_settings``): the one ``chosen`` names (metric ->
+    label), else the one with the most checkpoints. Values of different settings are never mixed.
+    """
     db = str(db_path())
-    return guarded(lambda: _long_table(db, generation(), tuple(sorted(runs))))
+    return guarded(lambda: _selected(db, generation(), tuple(sorted(runs)), _chosen(chosen)))
+
+
+def setting_picker(runs: tuple[str, ...], metrics: list[str | None]) -> dict[str, str]:
+    """A URL-bound selectbox per metric of ``metrics`` cached under several settings; returns metric -> label.
+
+    Each defaults to the setting with the most checkpoints; a one-line caption says what is cached.
+    """
+    db = str(db_path())
+    table = guarded(lambda: _settings(db, generation(), tuple(sorted(runs))))
+    several = [(m, table[table["metric"] == m]) for m in dict.fromkeys(m for m in metrics if m)]
+    several = [(m, rows) for m, rows in several if len(rows) > 1]
+    if not several:
+        return {}
+    chosen: dict[str, str] = {}
+    for column, (metric, rows) in zip(st.columns(len(several)), several, strict=True):
+        counts = ", ".join(f"{s}: {n}" for s, n in zip(rows["setting"], rows["n_checkpoints"], strict=True))
+        chosen[metric] = column.selectbox(
+            f"Setting of {md_text(metric)}", list(rows["setting"]), index=0, key=f"setting_{metric}",
+            bind="query-params", help=f"Checkpoints with a value, per setting: {md_text(counts)}",
+        )  # fmt: skip
+    cached = "; ".join(f"{md_text(m)} under {len(rows)}" for m, rows in several)
+    st.caption(f"Several settings cached ({cached}): each curve shows one setting, never an average of several.")
+    return chosen
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -240,66 +286,75 @@ def sample_results(run: str, metric: str) -> pd.DataFrame:
 
 
 @st.cache_data(max_entries=8, show_spinner="Building the report…")
-def _report(db: str, gen: int, runs: tuple[str, ...], loss: str | None, score: str | None, x: str):
+def _report(db: str, gen: int, runs: tuple[str, ...], loss: str | None, score: str | None, x: str, c: Chosen):
     from analysis.report import ReportOptions, build_report
 
-    options = ReportOptions(loss_metric=loss, downstream_metric=score, x=x)
+    options = ReportOptions(loss_metric=loss, downstream_metric=score, x=x, settings=c)
     return build_report(Store(db, lock_timeout=10.0), list(runs), options)
 
 
-def report(runs: tuple[str, ...], loss: str | None, score: str | None, x: str):
+def report(runs: tuple[str, ...], loss: str | None, score: str | None, x: str, chosen: Mapping[str, str] | None = None):
     """The exported report of ``runs`` (an ``analysis.report.Report``), rebuilt when the cache changes."""
     db = str(db_path())
-    return guarded(lambda: _report(db, generation(), tuple(runs), loss, score, x))
+    return guarded(lambda: _report(db, generation(), tuple(runs), loss, score, x, _chosen(chosen)))
 
 
 @st.cache_data(max_entries=32, show_spinner="Ranking predictors…")
-def _predictor_ranking(db: str, gen: int, runs: tuple[str, ...], downstream: str, loss: str | None, x: str):
+def _predictor_ranking(db: str, gen: int, runs: tuple[str, ...], downstream: str, loss: str | None, x: str, c: Chosen):
     from analysis.divergence import predictor_ranking as rank
 
-    return rank(_long_table(db, gen, runs), downstream, loss_metric=loss, x=x)
+    return rank(_selected(db, gen, runs, c), downstream, loss_metric=loss, x=x)
 
 
-def predictor_ranking(runs: tuple[str, ...], downstream: str, loss: str | None, x: str) -> pd.DataFrame:
+def predictor_ranking(
+    runs: tuple[str, ...], downstream: str, loss: str | None, x: str, chosen: Mapping[str, str] | None = None
+) -> pd.DataFrame:
     """Every signal of ``runs`` ranked by how well it predicts ``downstream`` (``divergence.predictor_ranking``)."""
-    db = str(db_path())
-    return guarded(lambda: _predictor_ranking(db, generation(), tuple(sorted(runs)), downstream, loss, x))
+    db, c = str(db_path()), _chosen(chosen)
+    return guarded(lambda: _predictor_ranking(db, generation(), tuple(sorted(runs)), downstream, loss, x, c))
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def _aligned(db: str, gen: int, runs: tuple[str, ...], loss: str, score: str, x: str) -> pd.DataFrame:
+def _aligned(db: str, gen: int, runs: tuple[str, ...], loss: str, score: str, x: str, c: Chosen) -> pd.DataFrame:
     from analysis import divergence as dv
 
-    return dv.align(_long_table(db, gen, runs), loss, score, x=x)
+    return dv.align(_selected(db, gen, runs, c), loss, score, x=x)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def _windows(db: str, gen: int, runs: tuple[str, ...], loss: str, score: str, tol: float, z: float, x: str):
+def _windows(db: str, gen: int, runs: tuple[str, ...], loss: str, score: str, tol: float, z: float, x: str, c: Chosen):
     from analysis import divergence as dv
 
-    return dv.divergence_windows(_long_table(db, gen, runs), loss, score, loss_tol=tol, z=z, x=x)
+    return dv.divergence_windows(_selected(db, gen, runs, c), loss, score, loss_tol=tol, z=z, x=x)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def _correlations(db: str, gen: int, runs: tuple[str, ...], loss: str, score: str, x: str, window):
+def _correlations(db: str, gen: int, runs: tuple[str, ...], loss: str, score: str, x: str, window, c: Chosen):
     from analysis import divergence as dv
 
-    return dv.correlations(_aligned(db, gen, runs, loss, score, x), loss, [score], window=window)
+    return dv.correlations(_aligned(db, gen, runs, loss, score, x, c), loss, [score], window=window)
 
 
-def divergence(runs: tuple[str, ...], loss: str, score: str, tol: float, z: float, x: str):
-    """(windows, aligned checkpoints) of ``loss`` against ``score``; errors stop the page."""
-    db, runs = str(db_path()), tuple(sorted(runs))
-    windows = guarded(lambda: _windows(db, generation(), runs, loss, score, tol, z, x))
-    return windows, guarded(lambda: _aligned(db, generation(), runs, loss, score, x))
+def divergence(
+    runs: tuple[str, ...], loss: str, score: str, tol: float, z: float, x: str, chosen: Mapping[str, str] | None = None
+):
+    """(windows, aligned checkpoints) of ``loss`` against ``score`` (``chosen`` settings); errors stop the page."""
+    db, runs, c = str(db_path()), tuple(sorted(runs)), _chosen(chosen)
+    windows = guarded(lambda: _windows(db, generation(), runs, loss, score, tol, z, x, c))
+    return windows, guarded(lambda: _aligned(db, generation(), runs, loss, score, x, c))
 
 
 def correlations(
-    runs: tuple[str, ...], loss: str, score: str, x: str, window: tuple[float, float] | None = None
+    runs: tuple[str, ...],
+    loss: str,
+    score: str,
+    x: str,
+    window: tuple[float, float] | None = None,
+    chosen: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """Loss-vs-score correlations per run (``divergence.correlations``) over checkpoints with x in ``window``."""
-    db = str(db_path())
-    return guarded(lambda: _correlations(db, generation(), tuple(sorted(runs)), loss, score, x, window))
+    db, c = str(db_path()), _chosen(chosen)
+    return guarded(lambda: _correlations(db, generation(), tuple(sorted(runs)), loss, score, x, window, c))
 
 
 def metric_picker(where, label: str, options: list[str], preferred: list[str], key: str) -> str | None:
@@ -334,6 +389,7 @@ def signal_view(title: str, family: tuple[str, ...], what: str) -> None:
     score = metric_picker(c2, "Downstream", scores, scores, "score")
     log_x = c3.toggle("Log x", value=True, key="logx", bind="query-params")
     log_y = c3.toggle("Log y", value=False, key="logy", bind="query-params")
+    frame = long_table(sel.runs, setting_picker(sel.runs, [signal, score]))
     curve = curves_figure(frame, signal, x=sel.x, log_x=log_x, log_y=log_y, colors=sel.colors, style=sel.style)
     st.plotly_chart(curve, width="stretch", key="signal_curve")
     if score:

@@ -28,6 +28,7 @@ score = _state.metric_picker(c2, "Downstream", scores, scores, "score")
 reference = c3.selectbox("Reference run", list(sel.runs), key="ref", bind="query-params")
 levels = c4.slider("Loss levels", 3, 20, 8, key="levels", bind="query-params")
 runs = [reference, *[r for r in sel.runs if r != reference]]
+frame = _state.long_table(sel.runs, _state.setting_picker(sel.runs, [loss, score]))
 
 try:
     matched = dv.matched_loss(frame, loss, score, runs, levels=levels, x=sel.x)

@@ -29,8 +29,10 @@ smoothing = c3.slider("Smoothing", 0.0, 0.99, 0.0, 0.01, key="smooth", bind="que
 tol = c4.number_input("Flat loss within (relative)", 0.0, 1.0, 0.02, 0.01, key="tol", bind="query-params")
 z = c5.number_input("Significance (z)", 0.5, 10.0, 3.0, 0.5, key="z", bind="query-params")
 log_x = c3.toggle("Log x", value=True, key="logx", bind="query-params")
+chosen = _state.setting_picker(sel.runs, [loss, score])  # one setting per metric: never an average of several
+frame = _state.long_table(sel.runs, chosen)
 
-windows, aligned = _state.divergence(sel.runs, loss, score, tol, z, sel.x)
+windows, aligned = _state.divergence(sel.runs, loss, score, tol, z, sel.x, chosen)
 
 fig = loss_downstream_figure(
     frame, loss, score, x=sel.x, smoothing=smoothing, log_x=log_x, colors=sel.colors, style=sel.style, windows=windows
@@ -55,7 +57,7 @@ with left:
         lo = w1.selectbox(f"From {label}", xs, index=0, key="corr_from", bind="query-params")
         hi = w2.selectbox(f"To {label}", xs, index=len(xs) - 1, key="corr_to", bind="query-params")
         span = (min(lo, hi), max(lo, hi))
-    corr = _state.correlations(sel.runs, loss, score, sel.x, span)
+    corr = _state.correlations(sel.runs, loss, score, sel.x, span, chosen)
     if len(corr):
         st.dataframe(corr.round(3), hide_index=True, width="stretch")
     else:
@@ -64,7 +66,7 @@ with right:
     st.plotly_chart(trajectory_figure(aligned, colors=sel.colors, style=sel.style), width="stretch", key="trajectory")
 
 st.subheader("Which signal predicts the downstream score?")
-ranking = _state.predictor_ranking(sel.runs, score, loss, sel.x)
+ranking = _state.predictor_ranking(sel.runs, score, loss, sel.x, chosen)
 if len(ranking):
     st.plotly_chart(ranking_heatmap(ranking, style=sel.style), width="stretch", key="ranking")
     st.dataframe(ranking.round(3), hide_index=True, width="stretch")

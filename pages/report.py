@@ -9,6 +9,7 @@ import streamlit as st
 
 from analysis import divergence as dv
 from analysis import report as rp
+from analysis.report.writers import INSTALL_CHROMIUM
 from pages import _state
 
 sel = _state.selection()
@@ -21,7 +22,8 @@ losses, scores = dv.loss_metrics(names), dv.downstream_metrics(names)
 c1, c2 = st.columns(2)
 loss = _state.metric_picker(c1, "Loss", losses, losses, "loss")
 score = _state.metric_picker(c2, "Downstream", scores, scores, "score")
-report = _state.report(sel.runs, loss, score, sel.x)
+chosen = _state.setting_picker(sel.runs, [loss, score])
+report = _state.report(sel.runs, loss, score, sel.x, chosen)
 
 st.caption(
     f"{len(report.sections)} sections, {len(report.figures)} figures, "
@@ -57,11 +59,12 @@ for column, (fmt, label, suffix, mime, icon, tip) in zip(st.columns(len(DOWNLOAD
     )  # fmt: skip
 if not browser:
     st.info(
-        f"PDF export and the Markdown figures need Chromium, which is not installed here: `{rp.INSTALL_CHROMIUM}`. "
+        f"PDF export and the Markdown figures need Chromium, which is not installed here: `{INSTALL_CHROMIUM}`. "
         "HTML, CSV and Parquet work without it."
     )
 
 runs = " ".join(f"--run {shlex.quote(r)}" for r in sel.runs)
 flags = (f" --loss {shlex.quote(loss)}" if loss else "") + (f" --downstream {shlex.quote(score)}" if score else "")
-st.caption("The same report from the command line:")
+note = " (there each metric shows its setting with most checkpoints)" if chosen else ""
+st.caption(f"The same report from the command line{note}:")
 st.code(f"python -m analysis report {runs}{flags} --x {sel.x} --out report.pdf --db {shlex.quote(str(sel.db))}")

@@ -317,3 +317,80 @@ def test_pathways_page_charts_metrics_inside_memorised_groups(divergence_db: Pat
     assert set(lines) == {"memorised 40", "memorised 80", "never memorised"}
     assert lines["never memorised"] == [3.0, 3.0, 3.0, 3.0]
     assert lines["memorised 80"] == pytest.approx([3.0, 3.0, 0.02, 0.02])
+
+
+ZERO_SHOT = {1: 0.10, 10: 0.12, 20: 0.15, 40: 0.20, 60: 0.30, 80: 0.40, 100: 0.45, 120: 0.50}
+FIVE_SHOT = {10: 0.61, 40: 0.64, 80: 0.72, 120: 0.83}  # fewer checkpoints: not the default
+
+
+@pytest.fixture
+def settings_db(db: Path) -> Path:
+    return write_two_settings(db)
+
+
+def write_two_settings(db: Path) -> Path:
+    """Two runs with a training loss and toy/acc,none cached 0-shot (8 checkpoints) and 5-shot (4)."""
+    import pandas as pd
+
+    from analysis.runs.base import Checkpoint, Run
+    from analysis.store import ResultRow, Store
+
+    store = Store(db)
+    for name, bump in (("grok", 0.0), ("stuck", -0.05)):
+        steps = np.arange(1, 121)
+        log = pd.DataFrame({"step": steps, "tokens": steps * 512, "metric": "train/loss", "value": 2.0 / steps + 0.5})
+        ckpts = [Checkpoint(s, f"/runs/{name}/step_{s}", s * 512, f"fp-{name}-{s}") for s in ZERO_SHOT]
+        store.register_run(Run(name, f"/runs/{name}", ckpts, log))
+        rows = []
+        for shots, values in ((0, ZERO_SHOT), (5, FIVE_SHOT)):
+            params = {"task": "toy", "num_fewshot": shots, "limit": 400}
+            rows += [
+                ResultRow(name, s, "toy/acc,none", v + bump, f"fp-{name}-{s}", 0.02, 400, params)
+                for s, v in values.items()
+            ]
+        store.write_results(rows)
+    return db
+
+
+SETTING_KEY = "setting_toy/acc,none"
+
+
+def score_curve(at: AppTest, run: str) -> dict[float, float]:
+    """The downstream curve of ``run`` in the Divergence page's first figure (the lower panel): x -> y."""
+    fig = figure_of(at.get("plotly_chart")[0])
+    trace = next(t for t in fig["data"] if t.get("name") == run and t.get("yaxis") == "y2" and "lines" in t["mode"])
+    return dict(zip(trace["x"], trace["y"], strict=True))
+
+
+def test_divergence_page_picks_one_setting_of_a_score_and_switching_redraws(settings_db: Path, monkeypatch) -> None:
+    at = open_app(settings_db, monkeypatch, page=None)
+    assert not at.exception and not at.error
+    picker = at.selectbox(key=SETTING_KEY)
+    assert picker.options == ["0-shot", "5-shot"]  # only the key that differs is named; limit is the same
+    assert picker.value == "0-shot"  # 8 checkpoints against 4
+    assert any("Several settings cached" in c.value for c in at.caption)
+    assert score_curve(at, "grok") == pytest.approx(ZERO_SHOT, abs=1e-12)  # one setting, nothing averaged in
+
+    picker.set_value("5-shot").run()
+    assert not at.exception and not at.error
+    assert score_curve(at, "grok") == pytest.approx(FIVE_SHOT, abs=1e-12)
+    assert score_curve(at, "stuck") == pytest.approx({s: v - 0.05 for s, v in FIVE_SHOT.items()}, abs=1e-12)
+    assert set(at.dataframe[1].value["n"]) == {4}  # the correlations use the 4 checkpoints of that setting
+
+    # The URL keeps the choice: a shared link opens on the 5-shot curve.
+    shared = open_app(settings_db, monkeypatch, page=None, **{SETTING_KEY: "5-shot"})
+    assert shared.selectbox(key=SETTING_KEY).value == "5-shot"
+    assert score_curve(shared, "grok") == pytest.approx(FIVE_SHOT, abs=1e-12)
+
+
+def test_compare_and_report_pages_offer_the_same_setting_picker(settings_db: Path, monkeypatch) -> None:
+    at = open_app(settings_db, monkeypatch, page="pages/compare.py")
+    assert not at.exception and not at.error
+    assert at.selectbox(key=SETTING_KEY).value == "0-shot"
+    assert at.dataframe[0].value["downstream"].max() <= 0.5  # 0-shot scores only
+    at.selectbox(key=SETTING_KEY).set_value("5-shot").run()
+    assert not at.exception and not at.error
+    assert at.dataframe[0].value["downstream"].min() >= 0.55  # 5-shot scores only
+    report = open_app(settings_db, monkeypatch, page="pages/report.py")
+    assert not report.exception and not report.error
+    assert report.selectbox(key=SETTING_KEY).options == ["0-shot", "5-shot"]

@@ -263,3 +263,26 @@ def test_report_page_previews_and_offers_every_download(report_db: Path, monkeyp
     warnings = [w.value for w in at.warning]
     assert any("run 'stuck' has no hessian_trace" in w for w in warnings)
     assert any("Largest gap to grok" in c.value for c in at.caption)
+
+
+def test_report_shows_one_setting_per_metric_and_names_it(db: Path) -> None:
+    from tests.test_app import FIVE_SHOT, ZERO_SHOT, write_two_settings
+
+    store = Store(write_two_settings(db))
+    default = rp.build_report(store, ["grok", "stuck"])
+    assert default.options.downstream_metric == "toy/acc,none"
+    assert "train/loss (top)" in " ".join(default.section("curves").text)  # one setting: nothing to name
+    assert "toy/acc,none (0-shot) (bottom)" in " ".join(default.section("curves").text)
+    several = default.tables["metric_settings"]
+    assert several[["setting", "n_checkpoints", "shown"]].values.tolist() == [
+        ["0-shot", 16, True],
+        ["5-shot", 8, False],
+    ]
+    grok = default.section("results").tables[0].frame.set_index("step")["toy/acc,none"]
+    assert grok.to_dict() == ZERO_SHOT  # the stored values: the 5-shot ones are not averaged in
+
+    five = rp.build_report(store, ["grok", "stuck"], rp.ReportOptions(settings=(("toy/acc,none", "5-shot"),)))
+    assert five.section("results").tables[0].frame.set_index("step")["toy/acc,none"].dropna().to_dict() == FIVE_SHOT
+    assert "toy/acc,none (5-shot)" in five.section("matched").text[0]
+    with pytest.raises(ValueError, match=r"no setting '3-shot'; choose one of '0-shot', '5-shot'"):
+        rp.build_report(store, ["grok"], rp.ReportOptions(settings=(("toy/acc,none", "3-shot"),)))

@@ -31,6 +31,7 @@ from analysis.charts import (
     run_colors,
     trajectory_figure,
 )
+from analysis.settings import select_settings, settings_table
 from analysis.store import DEFAULT_DB, Store, library_versions
 
 # The metric families of the Geometry and Pathways pages (pages/geometry.py, pages/pathways.py).
@@ -64,6 +65,8 @@ class ReportOptions:
     levels: int = 8  # matched-loss levels
     log_x: bool = True
     n_boot: int = 1000  # bootstrap resamples for the correlation intervals
+    # (metric, setting label or params hash) pairs; a metric not named keeps the setting with most checkpoints.
+    settings: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.x not in dv.X_AXES:
@@ -253,14 +256,16 @@ def build_report(
     colors = run_colors(known)  # the sidebar's colours: every registered run, so a run looks the same everywhere
     info = registered.set_index("name").loc[runs].reset_index()
     checkpoints = pd.concat([store.checkpoints(r).assign(run=r) for r in runs], ignore_index=True)
-    frame = store.long_table(runs)
+    raw = store.long_table(runs)
+    # One setting per metric, as on the pages: values of different settings are never averaged.
+    frame = select_settings(raw, dict(options.settings))
     names = sorted(frame["metric"].unique()) if len(frame) else []
     losses, scores = dv.loss_metrics(names), dv.downstream_metrics(names)
     loss = _pick("loss", options.loss_metric, losses, names)
     score = _pick("downstream", options.downstream_metric, scores, names)
     options = replace(options, loss_metric=loss, downstream_metric=score)
     sources = dict(zip(info["name"], info["source"], strict=True))
-    ctx = _Context(store, runs, options, style, colors, frame, names)
+    ctx = _Context(store, runs, options, style, colors, frame, names, settings_table(raw))
 
     sections = [_runs_section(ctx, info)]
     sections += _divergence_sections(ctx)
@@ -292,9 +297,24 @@ class _Context:
     options: ReportOptions
     style: ChartStyle
     colors: dict[str, str]
-    frame: pd.DataFrame  # the long table, as the pages read it
+    frame: pd.DataFrame  # the long table, one setting per metric, as the pages read it
     names: list[str]
+    settings: pd.DataFrame  # every cached setting of every metric (analysis.settings.settings_table)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+    def several(self) -> pd.DataFrame:
+        """The settings of the metrics cached under more than one, and which one the report shows."""
+        table = self.settings[self.settings["metric"].duplicated(keep=False)]
+        shown = set(zip(self.frame.get("metric", []), self.frame.get("params_hash", []), strict=True))
+        pairs = zip(table["metric"], table["params_hash"], strict=True)
+        table = table.assign(shown=[pair in shown for pair in pairs])
+        return table[["metric", "setting", "n_checkpoints", "runs", "shown", "params_hash"]].reset_index(drop=True)
+
+    def named(self, metric: str | None) -> str | None:
+        """``metric`` with its setting beside it (``arc_easy/acc,none (5-shot)``) when several are cached."""
+        rows = self.several()
+        label = rows.loc[(rows["metric"] == metric) & rows["shown"], "setting"]
+        return f"{metric} ({label.iloc[0]})" if metric is not None and len(label) else metric
 
     def runs_with(self, metric: str | None) -> list[str]:
         if metric is None or not len(self.frame):
@@ -326,8 +346,8 @@ def _runs_section(ctx: _Context, info: pd.DataFrame) -> Section:
     s.tables.append(ReportTable("runs", "Runs", table))
     settings = pd.DataFrame(
         [
-            ("loss metric", o.loss_metric or "(none cached)"),
-            ("downstream metric", o.downstream_metric or "(none cached)"),
+            ("loss metric", ctx.named(o.loss_metric) or "(none cached)"),
+            ("downstream metric", ctx.named(o.downstream_metric) or "(none cached)"),
             ("x-axis", o.x),
             ("flat loss within (relative)", f"{o.loss_tol:.0%}"),
             ("significance (z, combined stderr)", fmt_number(o.z)),
@@ -337,6 +357,18 @@ def _runs_section(ctx: _Context, info: pd.DataFrame) -> Section:
         columns=["setting", "value"],
     )
     s.tables.append(ReportTable("settings", "Analysis settings", settings))
+    several = ctx.several()
+    if len(several):
+        ctx.tables["metric_settings"] = several
+        s.tables.append(
+            ReportTable(
+                "metric_settings",
+                "Metrics cached under several settings",
+                several.assign(shown=several["shown"].map({True: "shown", False: ""})),
+                "A series is one metric under one setting; the report shows one setting of each metric (the one "
+                "with most checkpoints unless another was picked) and never averages settings.",
+            )
+        )
     for row in info.itertuples(index=False):
         if not row.checkpoints:
             s.missing.append(
@@ -387,25 +419,24 @@ def _divergence_sections(ctx: _Context) -> list[Section]:
     aligned = dv.align(ctx.frame, loss, score, x=o.x)
     corr = dv.correlations(aligned, loss, [score], n_boot=o.n_boot)
     ctx.tables |= {"windows": windows, "aligned": aligned, "correlations": corr}
+    nl, ns = ctx.named(loss), ctx.named(score)  # with the setting beside a metric cached under several
 
     curves.text.append(
-        f"{loss} (top) and {score} (bottom) against {o.x}, one colour per run; shaded spans are the divergence "
+        f"{nl} (top) and {ns} (bottom) against {o.x}, one colour per run; shaded spans are the divergence "
         "windows of the next section. The second figure follows each run through its checkpoints in the "
         "(loss, score) plane: a vertical stretch is downstream ability changing at constant loss."
     )
     curves.figures.append(
         ReportFigure(
             "curves",
-            f"{loss} and {score}",
+            f"{nl} and {ns}",
             loss_downstream_figure(
                 ctx.frame, loss, score, x=o.x, log_x=o.log_x, colors=ctx.colors, style=ctx.style, windows=windows
             ),
         )
     )
     curves.figures.append(
-        ReportFigure(
-            "trajectory", f"{score} against {loss}", trajectory_figure(aligned, colors=ctx.colors, style=ctx.style)
-        )
+        ReportFigure("trajectory", f"{ns} against {nl}", trajectory_figure(aligned, colors=ctx.colors, style=ctx.style))
     )
     curves.tables.append(
         ReportTable(
@@ -416,13 +447,13 @@ def _divergence_sections(ctx: _Context) -> list[Section]:
         )
     )
     points = aligned[["run", "step", "tokens", "left", "right", "right_stderr"]].rename(
-        columns={"left": f"{loss} (interpolated)", "right": score, "right_stderr": "stderr"}
+        columns={"left": f"{nl} (interpolated)", "right": ns, "right_stderr": "stderr"}
     )
     curves.tables.append(ReportTable("checkpoint_scores", "Loss and downstream at each checkpoint", points))
 
     windows_section.text.append(
-        f"Spans of checkpoints where {loss} stays flat within {o.loss_tol:.0%} while {score} rises by more than "
-        f"{fmt_number(o.z)} combined stderrs (grokking), or where the loss improves while {score} falls by as "
+        f"Spans of checkpoints where {nl} stays flat within {o.loss_tol:.0%} while {ns} rises by more than "
+        f"{fmt_number(o.z)} combined stderrs (grokking), or where the loss improves while {ns} falls by as "
         f"much (inverse). start and end are in {o.x} units."
     )
     if len(windows):
@@ -452,8 +483,9 @@ def _matched_section(ctx: _Context) -> Section:
     matched = dv.matched_loss(ctx.frame, loss, score, both, levels=o.levels, x=o.x)
     ctx.tables["matched_loss"] = matched
     reference = both[0]
+    nl, ns = ctx.named(loss), ctx.named(score)
     s.text.append(
-        f"Each run's {score} at {o.levels} common levels of {loss} (interpolated between the checkpoints that "
+        f"Each run's {ns} at {o.levels} common levels of {nl} (interpolated between the checkpoints that "
         f"first reached each level), and its gap to the reference run {reference}."
     )
     if not len(matched):
@@ -462,12 +494,12 @@ def _matched_section(ctx: _Context) -> Section:
     gaps = matched[matched["run"] != reference]
     best = gaps.loc[gaps["gap"].abs().idxmax()]
     s.text.append(
-        f"Largest gap to {reference} at the same {loss}: {best['gap']:+.3f} ± {best['gap_stderr']:.3f} "
+        f"Largest gap to {reference} at the same {nl}: {best['gap']:+.3f} ± {best['gap_stderr']:.3f} "
         f"({best['run']} at {loss} = {best['loss_level']:.4g})."
     )
     s.figures.append(
         ReportFigure(
-            "matched", f"{score} at matched {loss}", matched_loss_figure(matched, colors=ctx.colors, style=ctx.style)
+            "matched", f"{ns} at matched {nl}", matched_loss_figure(matched, colors=ctx.colors, style=ctx.style)
         )
     )
     s.tables.append(ReportTable("matched_loss", "Downstream at matched loss", matched))
@@ -475,13 +507,13 @@ def _matched_section(ctx: _Context) -> Section:
     if len(residual):
         last = dv.last_residuals(residual)
         s.text.append(
-            f"Against one straight line of {score} on {loss} fitted to every checkpoint of these runs, the last "
+            f"Against one straight line of {ns} on {nl} fitted to every checkpoint of these runs, the last "
             "checkpoints sit at " + ", ".join(f"{run} {value:+.3f}" for run, value in last.items()) + " (above "
             "zero: more downstream than the loss predicts; a line describes only runs whose score and loss move "
             "together)."
         )
         fig = residual_figure(residual, x=o.x, log_x=o.log_x, colors=ctx.colors, style=ctx.style)
-        s.figures.append(ReportFigure("residual", f"{score} minus what {loss} predicts", fig))
+        s.figures.append(ReportFigure("residual", f"{ns} minus what {nl} predicts", fig))
     return s
 
 
@@ -494,8 +526,8 @@ def _ranking_section(ctx: _Context) -> Section:
     ranking = dv.predictor_ranking(ctx.frame, o.downstream_metric, loss_metric=o.loss_metric, x=o.x)
     ctx.tables["ranking"] = ranking
     s.text.append(
-        f"Every cached signal ranked by how well it predicts {o.downstream_metric} across the checkpoints of all "
-        "runs pooled: Spearman's rho, and the leave-one-out error of a monotone fit. The loss is the baseline "
+        f"Every cached signal ranked by how well it predicts {ctx.named(o.downstream_metric)} across the checkpoints "
+        "of all runs pooled: Spearman's rho, and the leave-one-out error of a monotone fit. The loss is the baseline "
         "a signal has to beat."
     )
     if not len(ranking):
@@ -532,10 +564,10 @@ def _signal_section(ctx: _Context, key: str, title: str, family: tuple[str, ...]
             if run not in ctx.runs_with(metric):
                 s.missing.append(Missing(f"run {run!r} has no {metric}", _eval_command(ctx.store, run, metrics=metric)))
         fig = curves_figure(ctx.frame, metric, x=o.x, log_x=o.log_x, colors=ctx.colors, style=ctx.style)
-        s.figures.append(ReportFigure(f"{key}-{metric}", metric, fig))
+        s.figures.append(ReportFigure(f"{key}-{metric}", ctx.named(metric), fig))
     rows = ctx.frame[ctx.frame["metric"].isin(present)]
     rows = rows.groupby(["run", "step", "metric"], as_index=False).agg(
-        tokens=("tokens", "min"), value=("value", "mean"), stderr=("stderr", "mean")
+        tokens=("tokens", "min"), value=("value", "first"), stderr=("stderr", "first")
     )
     rows["estimate"] = [fmt_estimate(v, e) for v, e in zip(rows["value"], rows["stderr"], strict=True)]
     table = rows.pivot_table(index=["run", "step"], columns="metric", values="estimate", aggfunc="first")
@@ -549,8 +581,9 @@ def _signal_section(ctx: _Context, key: str, title: str, family: tuple[str, ...]
 def _results_section(ctx: _Context) -> Section:
     s = Section("results", "Cached results")
     s.text.append(
-        "Every computed value of each run, per checkpoint. Values cached under several parameter sets are "
-        "averaged, as in the analysis; the data export (CSV or Parquet) has each one separately."
+        "Every computed value of each run, per checkpoint, each metric under one setting (named in Runs and "
+        "settings where several are cached; values of different settings are never averaged). The data export "
+        "(CSV or Parquet) has every setting's values."
     )
     results = ctx.frame[ctx.frame["source"] == "result"] if "source" in ctx.frame else ctx.frame.iloc[:0]
     for run in ctx.runs:
@@ -563,7 +596,7 @@ def _results_section(ctx: _Context) -> Section:
                 )
             )
             continue
-        table = mine.pivot_table(index="step", columns="metric", values="value", aggfunc="mean").reset_index()
+        table = mine.pivot_table(index="step", columns="metric", values="value", aggfunc="first").reset_index()
         table.columns.name = None
         s.tables.append(ReportTable(f"results-{run}", f"{run}", table))
     return s
