@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import statistics
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -231,3 +232,85 @@ def test_ratio_stderr_is_the_mean_stderr_for_equal_lengths_and_checks_input():
         ratio_stderr([1.0, 0.0], [2.0, 0.0])
     with pytest.raises(ValueError, match="3 sums but 2 counts"):
         ratio_stderr([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+# --- bits per byte does not depend on whether the tokenizer adds BOS ----------------------------
+
+
+def _word_tokenizer(*, adds_bos: bool, bos: bool = True, eos: bool = True):
+    """build_word_tokenizer's vocabulary and decoder, with or without BOS added / BOS and EOS defined."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from analysis.models import BOS, EOS, PAD, UNK
+
+    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, UNK, *WORDS])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if adds_bos:
+        core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    specials = {"bos_token": BOS if bos else None, "eos_token": EOS if eos else None}
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, unk_token=UNK, **specials)
+
+
+class _Uniform(torch.nn.Module):
+    """A causal LM whose next-token distribution is uniform over its vocabulary: NLL = ln V per token."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=vocab_size)
+        self.logits = torch.nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, -1))
+
+
+@pytest.mark.parametrize("max_length", [32, 4])
+@pytest.mark.parametrize(
+    ("kind", "adds_bos", "bos", "eos"),
+    [("adds BOS", True, True, True), ("BOS not added", False, True, True), ("EOS only", False, False, True)],
+)
+def test_uniform_model_bits_per_byte_is_log2_v_per_byte_of_every_text_token(
+    tmp_path, kind, adds_bos, bos, eos, max_length
+):
+    tok = _word_tokenizer(adds_bos=adds_bos, bos=bos, eos=eos)
+    probe = _write_jsonl(tmp_path / "web.jsonl", [{"text": t} for t in TEXTS])
+    result = heldout_loss(_Uniform(len(tok)), load_probe_set(probe, tok, max_length=max_length))["web"]
+    kept = [t.split()[: max_length - 1] for t in TEXTS]  # a prefix or BOS takes the first position
+    tokens = sum(len(words) for words in kept)
+    n_bytes = sum(len(" ".join(words).encode()) for words in kept)
+    assert result.n_tokens == tokens, kind
+    assert result.mean_nll == pytest.approx(math.log(len(tok)), rel=1e-6)
+    assert result.bits_per_byte == pytest.approx(math.log2(len(tok)) * tokens / n_bytes, rel=1e-6)
+
+
+def test_bits_per_byte_agrees_across_tokenizers_on_the_same_text(tmp_path):
+    probe = _write_jsonl(tmp_path / "web.jsonl", [{"text": t} for t in TEXTS])
+    with_bos, without = _word_tokenizer(adds_bos=True), _word_tokenizer(adds_bos=False, bos=False)
+    model = _Uniform(len(with_bos))
+    a = heldout_loss(model, load_probe_set(probe, with_bos, max_length=32))["web"]
+    b = heldout_loss(model, load_probe_set(probe, without, max_length=32))["web"]
+    assert a.bits_per_byte == pytest.approx(b.bits_per_byte, rel=1e-9)
+    assert a.n_tokens == b.n_tokens and a.bits_per_byte_stderr == pytest.approx(b.bits_per_byte_stderr, rel=1e-9)
+
+
+def test_a_tokenizer_with_neither_bos_nor_eos_leaves_out_the_first_tokens_bytes(tmp_path):
+    tok = _word_tokenizer(adds_bos=False, bos=False, eos=False)
+    probe = _write_jsonl(tmp_path / "web.jsonl", [{"text": t} for t in TEXTS])
+    result = heldout_loss(_Uniform(len(tok)), load_probe_set(probe, tok, max_length=32))["web"]
+    tokens = sum(len(t.split()) - 1 for t in TEXTS)
+    n_bytes = sum(len(" ".join(t.split()[1:]).encode()) for t in TEXTS)  # the first word is never scored
+    assert result.n_tokens == tokens
+    assert result.bits_per_byte == pytest.approx(math.log2(len(tok)) * tokens / n_bytes, rel=1e-6)
+
+
+def test_text_without_bos_is_scored_from_the_eos_prefix(tmp_path, model, tokenizer):
+    tok = _word_tokenizer(adds_bos=False, bos=False)
+    probe = _write_jsonl(tmp_path / "web.jsonl", [{"text": t} for t in TEXTS])
+    probe_set = load_probe_set(probe, tok, max_length=32)
+    result = heldout_loss(model, probe_set, batch_size=2)["web"]
+    eos = tok.eos_token_id
+    total, tokens, _ = _manual(model, [[eos, *tok(t)["input_ids"]] for t in TEXTS])
+    assert result.mean_nll == pytest.approx(total / tokens, abs=1e-5)
+    assert probe_set.domains["web"][0] == tuple(tok(TEXTS[0])["input_ids"])  # metrics see the text's own tokens

@@ -11,6 +11,19 @@ file's stem):
 Sequences are cut to their first ``max_length`` tokens; sequences under 2 tokens predict
 nothing and are dropped (counted in ``ProbeSet.dropped``).
 
+Every token of a text sample is scored, whatever the tokenizer. A tokenizer that puts BOS in
+front (Llama, the project's word tokenizers) already gives the first text token something to
+be predicted from. One that adds nothing (GPT-2, Pythia, OLMo) would leave the first token
+unscored while its bytes still counted, so bits per byte would depend on the tokenizer (lower
+without BOS, by the first token's share of the bytes). So the held-out loss scores such a sample
+with the tokenizer's BOS id in front, or its EOS id when it has no BOS (GPT-2 style; lm-eval's
+rolling log-likelihood does the same): ``ProbeSet.scored``. Bits per byte counts exactly the
+bytes of the scored tokens (the decoded sequence after its first position), so a model whose
+next token is uniform over V gets log2(V) * scored tokens / their bytes with either kind of
+tokenizer. A tokenizer with neither BOS nor EOS leaves the first token unscored and its bytes
+uncounted. ``input_ids`` samples are scored as given. The internal metrics take
+``ProbeSet.domains``: the sequences as tokenised, without the prefix.
+
 The loss of a domain is token-weighted: total NLL over every predicted token (labels = inputs
 shifted by one, padding ignored) divided by the number of those tokens, a ratio of two sums
 over sequences. Tokens of one sequence are not independent (a document is easy or hard as a
@@ -18,8 +31,8 @@ whole), so the sequence is the sampling unit and the standard error is the ratio
 (delta method, :func:`ratio_stderr`). The standard deviation of per-sequence means over
 sqrt(n) is not it: it weights a 4-token and a 400-token sequence alike, and undercovers when
 lengths vary (tests/test_evals_heldout.py measures both). Bits per byte = total NLL (nats) /
-ln 2 / total UTF-8 bytes, also a ratio of sums, with its stderr from the same function; None
-for ``input_ids`` data.
+ln 2 / total UTF-8 bytes of the scored tokens, also a ratio of sums, with its stderr from the
+same function; None for ``input_ids`` data (no text to count bytes of).
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +57,14 @@ _SUFFIXES = (".jsonl", ".txt")
 class ProbeSet:
     """Tokenised probe samples per domain, with a fingerprint of exactly what will be scored."""
 
-    domains: dict[str, tuple[tuple[int, ...], ...]]  # domain -> sequences of token ids
-    n_bytes: dict[str, tuple[int, ...] | None]  # domain -> UTF-8 bytes per sequence; None without text
+    domains: dict[str, tuple[tuple[int, ...], ...]]  # domain -> sequences of token ids, as tokenised
+    n_bytes: dict[str, tuple[int, ...] | None]  # domain -> UTF-8 bytes of each sequence's scored tokens
     fingerprint: str  # sha256 of the token ids and the tokenizer's vocabulary
     max_length: int
     dropped: dict[str, int]  # domain -> sequences under 2 tokens, left out
+    # domain -> the same sequences as the held-out loss scores them (score_prefix in front of text
+    # whose tokenizer adds no BOS); absent: scored as in ``domains``
+    scored: dict[str, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
 
     @property
     def n_samples(self) -> int:
@@ -171,6 +187,20 @@ def _read_samples(path: Path) -> list[tuple[str | None, list[int] | None]]:
     return samples
 
 
+def score_prefix(tokenizer: Any) -> int | None:
+    """The id put in front of text whose tokenizer adds no BOS, so that its first token is scored.
+
+    lm-eval's prefix for rolling log-likelihoods: the BOS id when the tokenizer defines one
+    (GPT-2 and Pythia define ``<|endoftext|>`` as both BOS and EOS without adding it), else
+    the EOS id; None when it has neither.
+    """
+    for name in ("bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
 def load_probe_set(
     path: str | Path,
     tokenizer: Any,
@@ -188,6 +218,7 @@ def load_probe_set(
         raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
     path = Path(path)
     domains: dict[str, tuple[tuple[int, ...], ...]] = {}
+    scored: dict[str, tuple[tuple[int, ...], ...]] = {}
     n_bytes: dict[str, tuple[int, ...] | None] = {}
     dropped: dict[str, int] = {}
     for file in _probe_files(path):
@@ -195,31 +226,63 @@ def load_probe_set(
         if domain in domains:
             raise ValueError(f"{file}: domain '{domain}' appears twice (same name, other suffix); rename one file")
         samples = _read_samples(file)[:max_samples]
-        seqs: list[tuple[int, ...]] = []
-        sizes: list[int] = []
-        for text, ids in samples:
-            if text is not None:
-                if tokenizer is None:
-                    raise ValueError(f"{file}: text samples need a tokenizer; pass the checkpoint's tokenizer")
-                ids = list(tokenizer(text)["input_ids"])
-            ids = list(ids)[:max_length]
-            if len(ids) < 2:
-                continue
-            seqs.append(tuple(int(i) for i in ids))
-            if text is not None:
-                # Bytes of what is actually scored: the decoded (possibly truncated) sequence.
-                sizes.append(len(tokenizer.decode(list(ids), skip_special_tokens=True).encode("utf-8")))
-        if not seqs:
-            raise ValueError(f"{file}: no sample has 2 or more tokens; probe samples need text to predict")
-        domains[domain] = tuple(seqs)
-        n_bytes[domain] = tuple(sizes) if len(sizes) == len(seqs) else None
+        seqs, scored_seqs, sizes = _tokenise(file, samples, tokenizer, max_length)
+        domains[domain], scored[domain] = seqs, scored_seqs
+        n_bytes[domain] = sizes
         dropped[domain] = len(samples) - len(seqs)
     digest = hashlib.sha256()
     digest.update(json.dumps({d: [list(s) for s in seqs] for d, seqs in domains.items()}).encode())
+    if scored != domains:  # unchanged fingerprints for BOS-adding tokenizers and token-id data
+        digest.update(json.dumps({d: [list(s) for s in seqs] for d, seqs in scored.items()}).encode())
     digest.update(_vocab_hash(tokenizer).encode())
     return ProbeSet(
-        domains=domains, n_bytes=n_bytes, fingerprint=digest.hexdigest(), max_length=max_length, dropped=dropped
+        domains=domains,
+        n_bytes=n_bytes,
+        fingerprint=digest.hexdigest(),
+        max_length=max_length,
+        dropped=dropped,
+        scored=scored,
     )
+
+
+def _tokenise(
+    file: Path, samples: list[tuple[str | None, list[int] | None]], tokenizer: Any, max_length: int
+) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...], tuple[int, ...] | None]:
+    """One domain's sequences as tokenised, as scored, and the bytes of each one's scored tokens.
+
+    Bytes are None unless every kept sample is text. Samples under 2 tokens as tokenised are
+    dropped from both forms, so the two stay aligned sample for sample.
+    """
+    seqs: list[tuple[int, ...]] = []
+    scored: list[tuple[int, ...]] = []
+    sizes: list[int] = []
+    for text, given in samples:
+        if text is None:
+            ids = list(given or ())
+            if len(ids) >= 2:
+                seqs.append(tuple(ids[:max_length]))
+                scored.append(seqs[-1])
+            continue
+        if tokenizer is None:
+            raise ValueError(f"{file}: text samples need a tokenizer; pass the checkpoint's tokenizer")
+        ids = [int(i) for i in tokenizer(text)["input_ids"]]
+        if len(ids[:max_length]) < 2:
+            continue
+        seqs.append(tuple(ids[:max_length]))
+        scored.append(tuple(_with_prefix(ids, tokenizer)[:max_length]))
+        # Bytes of what is scored: every position after the first, decoded (truncation included).
+        sizes.append(len(tokenizer.decode(list(scored[-1][1:]), skip_special_tokens=True).encode("utf-8")))
+    if not seqs:
+        raise ValueError(f"{file}: no sample has 2 or more tokens; probe samples need text to predict")
+    return tuple(seqs), tuple(scored), tuple(sizes) if len(sizes) == len(seqs) else None
+
+
+def _with_prefix(ids: list[int], tokenizer: Any) -> list[int]:
+    """``ids`` with score_prefix in front, unless the tokenizer already put its BOS there."""
+    prefix, bos = score_prefix(tokenizer), getattr(tokenizer, "bos_token_id", None)
+    if prefix is None or (bos is not None and ids[:1] == [bos]):
+        return ids
+    return [prefix, *ids]
 
 
 def model_device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
@@ -276,7 +339,11 @@ def heldout_loss(
 ) -> dict[str, LossResult]:
     """Held-out loss of each domain of ``probe_set`` (see the module docstring for definitions).
 
-    The model is put in eval mode for the pass and handed back in the mode it came in.
+    Scores ``probe_set.scored``: every token of a text sample is predicted, from the tokenizer's
+    BOS when it adds one, else from its BOS or EOS id put in front (score_prefix). Bits per byte
+    divides by the bytes of exactly those scored tokens, so it does not depend on whether the
+    tokenizer adds BOS. The model is put in eval mode for the pass and handed back in the mode
+    it came in.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -286,7 +353,8 @@ def heldout_loss(
     model.eval()
     try:
         out: dict[str, LossResult] = {}
-        for domain, seqs in probe_set.domains.items():
+        for domain, tokenised in probe_set.domains.items():
+            seqs = probe_set.scored.get(domain, tokenised)
             top = max(max(s) for s in seqs)
             if vocab is not None and top >= vocab:
                 raise ValueError(

@@ -27,7 +27,8 @@ MEMORISATION_DEFAULTS = {"answer_tokens": 0, "threshold": 0.7}  # 0: score every
 DEFAULT_PROBES = Path("data/probes/modarith")
 # Bump when analysis/evals/heldout.py changes what it reports, so cached held-out rows are recomputed.
 # 2: stderr of the token-weighted loss as a ratio estimator over sequences.
-HELDOUT_VERSION = "2"
+# 3: text whose tokenizer adds no BOS is scored from a BOS/EOS prefix; bytes = bytes of scored tokens.
+HELDOUT_VERSION = "3"
 
 
 def file_digest(path: str | Path) -> str:
