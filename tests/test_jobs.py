@@ -332,3 +332,15 @@ def test_builtin_tasks_are_digested_by_name_and_lm_eval_version(monkeypatch) -> 
     assert arc == _task_digest("arc_easy") and arc != _task_digest("piqa")
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.9.9")
     assert _task_digest("arc_easy") != arc
+
+
+def test_task_digest_covers_the_python_helpers_its_function_tags_name(tmp_path: Path) -> None:
+    from analysis.jobs.task_digest import yaml_task_digest
+
+    task = _user_task(tmp_path)
+    task.write_text(task.read_text() + "process_docs: !function utils.process_docs\n")
+    helper = tmp_path / "utils.py"
+    helper.write_text("def process_docs(docs):\n    return docs\n")
+    before = yaml_task_digest(task)
+    helper.write_text("def process_docs(docs):\n    return docs.select(range(2))\n")
+    assert yaml_task_digest(task) != before
