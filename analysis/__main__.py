@@ -12,8 +12,12 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from analysis.store import DEFAULT_DB, Store, StoreLockedError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DEMO_ROOT = Path("data/demo")
 
@@ -154,6 +158,79 @@ def cmd_query(args: argparse.Namespace) -> int:
         print()
     else:
         print(frame.to_string(index=False))
+    return 0
+
+
+def _print_frame(frame: pd.DataFrame, fmt: str) -> None:
+    if fmt == "csv":
+        frame.to_csv(sys.stdout, index=False)
+    elif fmt == "json":
+        # Through Python floats, not DataFrame.to_json, which rounds to 10 significant digits.
+        records = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+        json.dump(records, sys.stdout, default=lambda v: v.item() if hasattr(v, "item") else str(v))
+        print()
+    else:
+        print(frame.to_string(index=False) if len(frame) else "(no rows)")
+
+
+def _analysis_frame(args: argparse.Namespace) -> pd.DataFrame:
+    """The runs' long table with one setting per metric (``--setting METRIC=LABEL`` picks; default: most
+    checkpoints)."""
+    from analysis.settings import select_settings
+
+    store = Store(args.db)
+    known = set(store.runs().get("name", []))
+    for run in args.run:
+        if run not in known:
+            hint = ", ".join(sorted(known)) or "none; add one with add-run or import-evals"
+            raise ValueError(f"unknown run {run!r} in {args.db}; known runs: {hint}")
+    chosen = {}
+    for item in args.setting or []:
+        metric, sep, label = item.rpartition("=")
+        if not sep or not metric:
+            raise ValueError(f"--setting {item!r}: write METRIC=SETTING, e.g. arc_easy/acc,none=5-shot")
+        chosen[metric] = label
+    return select_settings(store.long_table(args.run), chosen)
+
+
+def _default_loss(frame: pd.DataFrame) -> str:
+    from analysis.divergence import loss_metrics
+
+    losses = loss_metrics(frame["metric"].astype(str).unique())
+    if not losses:
+        raise ValueError("these runs have no loss: give --loss METRIC, or evaluate heldout_loss first")
+    return losses[0]
+
+
+def cmd_windows(args: argparse.Namespace) -> int:
+    from analysis.divergence import divergence_windows
+
+    frame = _analysis_frame(args)
+    loss = args.loss or _default_loss(frame)
+    windows = divergence_windows(
+        frame, loss, args.score, loss_tol=args.tol, alpha=args.alpha, x=args.x, n_sim=args.n_sim, seed=args.seed
+    )
+    _print_frame(windows, args.format)
+    return 0
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    from analysis.divergence import predictor_ranking, ranking_verdict
+
+    frame = _analysis_frame(args)
+    loss = args.loss or _default_loss(frame)
+    ranking = predictor_ranking(
+        frame,
+        args.score,
+        candidates=args.candidates,
+        loss_metric=loss,
+        alpha=args.alpha,
+        x=args.x,
+        per_run=args.per_run,
+    )
+    _print_frame(ranking, args.format)
+    if args.format == "table":
+        print(ranking_verdict(ranking, loss))
     return 0
 
 
@@ -378,6 +455,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", type=_split, help="only these metrics (comma-separated)")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.set_defaults(func=cmd_query)
+
+    stats = argparse.ArgumentParser(add_help=False)
+    stats.add_argument("--run", action="append", required=True, help="run name (repeat for several)")
+    stats.add_argument("--score", required=True, help="downstream metric, e.g. arc_easy/acc,none")
+    stats.add_argument("--loss", help="loss metric (default: eval/loss, then train/loss, then a held-out loss)")
+    stats.add_argument("--x", choices=["step", "tokens"], default="step", help="x-axis to align on (default step)")
+    stats.add_argument("--alpha", type=float, default=0.05, help="family-wise false-positive rate (default 0.05)")
+    stats.add_argument("--setting", action="append", help="METRIC=SETTING to pick a setting (default: most points)")
+    stats.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
+    p = sub.add_parser("windows", parents=[common, stats], help="divergence windows with adjusted p-values")
+    p.add_argument("--tol", type=float, default=0.02, help="loss counts as flat within this fraction (default 0.02)")
+    p.add_argument("--n-sim", type=int, default=2000, help="simulated null runs per run (default 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_windows)
+
+    p = sub.add_parser("rank", parents=[common, stats], help="rank signals by how well they predict a score")
+    p.add_argument("--candidates", type=_split, help="signals to rank (default: every cached non-score metric)")
+    p.add_argument("--per-run", action="store_true", help="also rank within each run")
+    p.set_defaults(func=cmd_rank)
 
     p = sub.add_parser("eval", parents=[common], help="compute what is missing for a run's checkpoints")
     p.add_argument("--run", required=True)

@@ -7,22 +7,32 @@ the aligned frame ``align`` returns, and gives back a plain data frame. Conventi
   which is the sparse one (downstream scores at checkpoints); the first ("left") series, often logged every
   step, is interpolated there, on log-x by default because checkpoints are usually log-spaced. Nothing is
   extrapolated: right-series points outside the left series' x range are left out.
-- **Loss is lower-is-better, downstream higher-is-better.**
+- **Directions.** Every metric is oriented by :func:`analysis.directions.higher_is_better` (declared by its
+  producer, registered, or read from its name): "improves" means "moves the better way".
+- **One setting per series.** A series is a metric under one setting: a frame that holds one metric under
+  two parameter sets (``params_hash``) is refused with a one-line error; pick one first with
+  :func:`analysis.settings.select_settings`. Estimates that did not converge (``converged`` False) are left
+  out unless ``include_unconverged``.
 - **Missing values.** Rows whose value or x is missing are dropped before anything is computed; a missing
-  stderr stays missing (and counts as 0 where a test needs a number, see ``divergence_windows``).
-  Duplicate rows for one (run, metric, x), e.g. the same metric cached under two parameter sets, are averaged.
+  stderr stays missing (``divergence_windows`` then estimates one from the series).
+- **Claims carry their error rate.** Windows, change correlations and "beats the loss" are tested by the
+  procedures of :mod:`analysis.significance`, whose false-positive rates and coverage are checked by
+  simulation (tests/test_significance.py, ``python -m bench.calibration``).
 - **Too few points** give an empty frame with the documented columns, never an exception.
 - **Bad input** (an unknown metric, run or axis) raises a one-line ``ValueError`` saying what is available.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from numbers import Integral
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import isotonic_regression
+
+from analysis import significance as sig
+from analysis.directions import orientation
 
 X_AXES = ("step", "tokens", "flops")
 POOLED = "(pooled)"
@@ -31,11 +41,12 @@ ALIGNED_COLUMNS = [
     "run", "x", "step", "tokens", "left_metric", "right_metric", "left", "left_stderr", "right", "right_stderr",
 ]  # fmt: skip
 CORRELATION_COLUMNS = [
-    "run", "downstream", "n", "spearman", "spearman_lo", "spearman_hi", "pearson", "pearson_lo", "pearson_hi",
+    "run", "downstream", "n", "spearman", "pearson", "change_spearman", "change_lo", "change_hi", "change_p",
+    "n_effective",
 ]  # fmt: skip
 WINDOW_COLUMNS = [
-    "run", "kind", "start", "end", "n_points", "loss_change", "loss_range", "downstream_change", "z_score",
-    "stderr_source",
+    "run", "kind", "start", "end", "n_points", "loss_change", "loss_range", "downstream_change", "change_lo",
+    "change_hi", "z_score", "p_adjusted", "n_spans", "stderr_source",
 ]  # fmt: skip
 MATCHED_COLUMNS = ["loss_level", "run", "downstream", "stderr", "reference", "gap", "gap_stderr"]
 RESIDUAL_COLUMNS = [
@@ -44,6 +55,7 @@ RESIDUAL_COLUMNS = [
 ]  # fmt: skip
 RANKING_COLUMNS = [
     "run", "predictor", "downstream", "n", "spearman", "abs_spearman", "sign", "loo_rmse", "loo_r2", "is_loss",
+    "beats_loss_p", "beats_loss",
 ]  # fmt: skip
 
 # Logged bookkeeping that is not a signal about the model (the schedule predicts everything monotone).
@@ -110,15 +122,36 @@ def add_flops(frame: pd.DataFrame, n_params: int | float | Mapping[str, float]) 
     return out
 
 
+def _one_setting(data: pd.DataFrame) -> None:
+    """Refuse a frame holding one (run, metric) under two settings: averaging them would mix experiments."""
+    if "params_hash" not in data or data.empty:
+        return
+    counts = data.groupby(["run", "metric"])["params_hash"].nunique()
+    mixed = counts[counts > 1]
+    if len(mixed):
+        (run, metric), k = mixed.index[0], int(mixed.iloc[0])
+        raise ValueError(
+            f"metric {metric!r} of run {run!r} has {k} settings in the data; pick one per metric first "
+            "(analysis.settings.select_settings, or the variant picker on the page)"
+        )
+
+
 def _prepare(
-    frame: pd.DataFrame, metrics: Sequence[str], *, x: str, n_params: int | float | Mapping[str, float] | None
+    frame: pd.DataFrame,
+    metrics: Sequence[str],
+    *,
+    x: str,
+    n_params: int | float | Mapping[str, float] | None,
+    include_unconverged: bool = False,
 ) -> pd.DataFrame:
-    """Rows of ``metrics`` with numeric run/x/step/tokens/value/stderr, NaNs dropped, duplicates averaged."""
+    """Rows of ``metrics`` with numeric run/x/step/tokens/value/stderr, NaNs and unconverged rows dropped."""
     _check_frame(frame)
     _check_x(x)
     for metric in metrics:
         _check_metric(frame, metric)
     data = frame[frame["metric"].astype(str).isin(list(metrics))].copy()
+    if not include_unconverged and "converged" in data:
+        data = data[~data["converged"].eq(False).fillna(False).astype(bool)]
     if x == "flops":
         if n_params is not None:
             data = add_flops(data, n_params)
@@ -129,12 +162,14 @@ def _prepare(
             data[column] = np.nan
     data["run"] = data["run"].astype(str)
     data["metric"] = data["metric"].astype(str)
+    _one_setting(data)
     for column in ("step", "tokens", "value", "stderr", *(("flops",) if x == "flops" else ())):
         data[column] = pd.to_numeric(data[column], errors="coerce").astype(float)
     data["x"] = data[x]
     data = data[np.isfinite(data["x"]) & np.isfinite(data["value"])]
     if data.empty:
         return pd.DataFrame(columns=["run", "metric", "x", "step", "tokens", "value", "stderr"])
+    # One value per (run, metric, x) remains; a log that repeats a step keeps their mean.
     return data.groupby(["run", "metric", "x"], as_index=False, sort=True).agg(
         step=("step", "min"), tokens=("tokens", "min"), value=("value", "mean"), stderr=("stderr", "mean")
     )
@@ -155,6 +190,7 @@ def align(
     x: str = "step",
     n_params: int | float | Mapping[str, float] | None = None,
     log_interp: bool = True,
+    include_unconverged: bool = False,
 ) -> pd.DataFrame:
     """Two series of each run side by side at the right series' x positions.
 
@@ -166,7 +202,7 @@ def align(
 
     Columns: run, x, step, tokens, left_metric, right_metric, left, left_stderr, right, right_stderr.
     """
-    data = _prepare(frame, [left_metric, right_metric], x=x, n_params=n_params)
+    data = _prepare(frame, [left_metric, right_metric], x=x, n_params=n_params, include_unconverged=include_unconverged)
     pieces = []
     for run, group in data.groupby("run", sort=True):
         left = group[group["metric"] == left_metric]
@@ -271,87 +307,41 @@ def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -
     return pearson(rankdata(a), rankdata(b))
 
 
-def _weighted_corr(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Row-wise weighted Pearson r of (x, y) with weights ``w`` (n_boot, n); x, y broadcast against w."""
-    total = w.sum(axis=1, keepdims=True)
-    mx = (w * x).sum(axis=1, keepdims=True) / total
-    my = (w * y).sum(axis=1, keepdims=True) / total
-    dx, dy = x - mx, y - my
-    cov = (w * dx * dy).sum(axis=1)
-    vx = (w * dx * dx).sum(axis=1)
-    vy = (w * dy * dy).sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.clip(cov / np.sqrt(vx * vy), -1.0, 1.0)
-
-
-def _resample_ranks(values: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Average ranks of every original point inside each bootstrap resample given by ``counts``.
-
-    A resample that holds point k c_k times is the multiset {values[k] x c_k}; the average rank of a value u
-    in it is (number of resampled values below u) + (count of u + 1) / 2. Also returns, per resample, whether
-    it holds at least two distinct values (otherwise the correlation is undefined).
-    """
-    unique, inverse = np.unique(values, return_inverse=True)
-    per_value = counts @ (inverse[:, None] == np.arange(len(unique))[None, :])  # tied points' counts summed
-    below = np.cumsum(per_value, axis=1) - per_value
-    ranks = (below + (per_value + 1) / 2.0)[:, inverse]
-    varied = (per_value > 0).sum(axis=1) >= 2
-    return ranks, varied
-
-
-def _bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Spearman and Pearson over ``n_boot`` resamples of the points (with replacement)."""
-    n = len(a)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    counts = np.bincount((idx + n * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * n)
-    counts = counts.reshape(n_boot, n).astype(float)
-    ra, varied_a = _resample_ranks(a, counts)
-    rb, varied_b = _resample_ranks(b, counts)
-    ok = varied_a & varied_b
-    rho = np.where(ok, _weighted_corr(ra, rb, counts), np.nan)
-    r = np.where(ok, _weighted_corr(a[None, :], b[None, :], counts), np.nan)
-    return rho, r
-
-
-def _interval(samples: np.ndarray) -> tuple[float, float]:
-    finite = samples[np.isfinite(samples)]
-    if len(finite) < 2:
-        return float("nan"), float("nan")
-    lo, hi = np.percentile(finite, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
 def correlations(
     aligned_or_frame: pd.DataFrame,
     loss_metric: str,
     downstream_metrics: str | Sequence[str],
     *,
     window: tuple[float, float] | None = None,
-    n_boot: int = 1000,
-    seed: int = 0,
     x: str = "step",
     n_params: int | float | Mapping[str, float] | None = None,
     log_interp: bool = True,
     min_points: int = 3,
+    level: float = 0.95,
 ) -> pd.DataFrame:
-    """Rank and linear correlation between loss and each downstream score, per run, with bootstrap intervals.
+    """Correlation of loss and each downstream score across a run's checkpoints, levels and changes.
 
-    Takes the long table or the output of ``align`` (several ``align`` outputs concatenated also work).
-    ``window=(lo, hi)`` keeps checkpoints with lo <= x <= hi. The 95% intervals are percentile intervals over
-    ``n_boot`` resamples of the checkpoints with replacement (resamples whose loss or score is constant are
-    skipped); the generator is seeded with ``seed`` for every (run, metric) so results do not depend on which
-    other runs are in the frame. Runs with fewer than ``min_points`` checkpoints are left out.
+    Takes the long table or the output of ``align`` (several concatenated also work). ``window=(lo, hi)``
+    keeps checkpoints with lo <= x <= hi; runs with fewer than ``min_points`` checkpoints are left out.
 
-    Columns: run, downstream, n, spearman, spearman_lo, spearman_hi, pearson, pearson_lo, pearson_hi.
+    ``spearman`` and ``pearson`` describe the levels. They carry no interval on purpose: two series that
+    both trend with training correlate whether or not they are related (a random-walk score against a
+    falling loss gives |rho| near 1 half the time), and resampling checkpoints cannot tell. The inference is
+    on the *changes* from one checkpoint to the next: ``change_spearman`` with a ``level`` interval
+    (``change_lo``, ``change_hi``) and a two-sided ``change_p`` against "the score's changes are unrelated
+    to the loss's" (:func:`analysis.significance.change_correlation`; NaN with fewer than about 5
+    checkpoints). ``n_effective`` is the number of independent changes the interval is worth.
+
+    Columns: run, downstream, n, spearman, pearson, change_spearman, change_lo, change_hi, change_p,
+    n_effective.
     """
     metrics = [downstream_metrics] if isinstance(downstream_metrics, str) else list(downstream_metrics)
     if not metrics:
         raise ValueError("downstream_metrics is empty: name at least one downstream metric")
-    if n_boot < 0:
-        raise ValueError(f"n_boot={n_boot} must be >= 0")
     if min_points < 3:
         raise ValueError(f"min_points={min_points}: a correlation needs at least 3 points")
+    if not 0 < level < 1:
+        raise ValueError(f"level={level} must be between 0 and 1")
     if window is not None:
         lo, hi = window
         if not lo <= hi:
@@ -359,36 +349,52 @@ def correlations(
     points = _aligned_for(aligned_or_frame, loss_metric, metrics, x=x, n_params=n_params, log_interp=log_interp)
     rows = []
     for (run, metric), group in points.groupby(["run", "right_metric"], sort=True):
-        group = _finite_pairs(group)
+        group = _finite_pairs(group).sort_values("x")
         if window is not None:
             group = group[(group["x"] >= window[0]) & (group["x"] <= window[1])]
         if len(group) < min_points:
             continue
         a = group["left"].to_numpy(dtype=float)
         b = group["right"].to_numpy(dtype=float)
-        row = {"run": run, "downstream": metric, "n": len(a), "spearman": spearman(a, b), "pearson": pearson(a, b)}
-        if n_boot > 0:
-            rho, r = _bootstrap(a, b, n_boot, seed)
-            row["spearman_lo"], row["spearman_hi"] = _interval(rho)
-            row["pearson_lo"], row["pearson_hi"] = _interval(r)
-        rows.append(row)
+        change = sig.change_correlation(a, b, level=level)
+        rows.append(
+            {
+                "run": run,
+                "downstream": metric,
+                "n": len(a),
+                "spearman": spearman(a, b),
+                "pearson": pearson(a, b),
+                "change_spearman": change.rho,
+                "change_lo": change.lo,
+                "change_hi": change.hi,
+                "change_p": change.p_value,
+                "n_effective": change.n_effective,
+            }
+        )
     if not rows:
         return _empty(CORRELATION_COLUMNS)
-    return pd.DataFrame(rows).reindex(columns=CORRELATION_COLUMNS)
+    out = pd.DataFrame(rows).reindex(columns=CORRELATION_COLUMNS)
+    out.attrs["level"] = level
+    return out
 
 
 # -- divergence windows -------------------------------------------------------------------------------------
 
 
-def _merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Union of index spans [i, j]; spans that overlap or share an endpoint become one."""
-    merged: list[tuple[int, int]] = []
-    for i, j in sorted(spans):
-        if merged and i <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], j))
-        else:
-            merged.append((i, j))
-    return merged
+def _candidate_spans(loss: np.ndarray, loss_sign: float, tol: np.ndarray, min_points: int) -> dict[str, tuple]:
+    """Index pairs (i, j), i < j, that qualify for each kind on the loss alone.
+
+    grokking: the loss stays within ``tol[i]`` over the whole span (max - min of points i..j);
+    inverse: the loss improved by more than ``tol[i]`` from i to j (``loss_sign`` = +1 when higher is better).
+    """
+    n = len(loss)
+    i_idx, j_idx = np.triu_indices(n, k=max(1, min_points - 1))
+    span_range = np.zeros((n, n))
+    for i in range(n):
+        span_range[i, i:] = np.maximum.accumulate(loss[i:]) - np.minimum.accumulate(loss[i:])
+    flat = span_range[i_idx, j_idx] <= tol[i_idx]
+    improved = loss_sign * (loss[j_idx] - loss[i_idx]) > tol[i_idx]
+    return {"grokking": (i_idx[flat], j_idx[flat]), "inverse": (i_idx[improved], j_idx[improved])}
 
 
 def _windows_of_run(
@@ -397,36 +403,32 @@ def _windows_of_run(
     score: np.ndarray,
     se: np.ndarray,
     *,
+    loss_sign: float,
+    score_sign: float,
     loss_tol: float,
     relative: bool,
-    z: float,
+    alpha: float,
     min_points: int,
-    trim: bool,
-) -> list[dict]:
+    n_sim: int,
+    seed: int,
+) -> tuple[list[dict], str]:
     n = len(xs)
-    tol = loss_tol * np.abs(loss) if relative else np.full(n, loss_tol)  # tolerance per window start
-    # Loss range over every span [i, j]: running max/min from each start.
-    span_range = np.full((n, n), np.inf)
-    for i in range(n):
-        span_range[i, i:] = np.maximum.accumulate(loss[i:]) - np.minimum.accumulate(loss[i:])
-    rise = score[None, :] - score[:, None]  # score[j] - score[i]
-    drop_in_loss = loss[:, None] - loss[None, :]  # loss[i] - loss[j], > 0 when loss improved
-    pair_se = np.sqrt(se[:, None] ** 2 + se[None, :] ** 2)
-    i_idx, j_idx = np.indices((n, n))
-    long_enough = (j_idx - i_idx + 1) >= max(2, min_points)
-    kinds = {
-        "grokking": long_enough & (span_range <= tol[:, None]) & (rise > 0) & (rise > z * pair_se),
-        "inverse": long_enough & (drop_in_loss > tol[:, None]) & (rise < 0) & (-rise > z * pair_se),
-    }
+    tol = loss_tol * np.abs(loss) if relative else np.full(n, loss_tol)
+    spans = _candidate_spans(loss, loss_sign, tol, min_points)
+    # grokking: the score improves (in its own direction) at flat loss; inverse: it worsens as loss improves.
+    starts = np.concatenate([spans["grokking"][0], spans["inverse"][0]])
+    ends = np.concatenate([spans["grokking"][1], spans["inverse"][1]])
+    kinds = np.array(["grokking"] * len(spans["grokking"][0]) + ["inverse"] * len(spans["inverse"][0]))
+    signs = np.where(kinds == "grokking", score_sign, -score_sign)
+    test = sig.span_test(score, se, starts, ends, signs, alpha=alpha, n_sim=n_sim, seed=seed)
+    if test is None:
+        return [], "none"
     out = []
-    for kind, ok in kinds.items():
-        spans = [(int(i), int(np.flatnonzero(ok[i])[-1])) for i in range(n) if ok[i].any()]
-        for a, b in _merge_spans(spans):
-            if trim:
-                a, b = _trim(kind, a, b, score, se, z=z, min_points=min_points)
-            change = score[b] - score[a]
-            combined = float(np.sqrt(se[a] ** 2 + se[b] ** 2))
-            z_score = change / combined if combined > 0 else float(np.copysign(np.inf, change))
+    for kind in ("grokking", "inverse"):
+        of_kind = kinds == kind
+        keep = of_kind & (test.p_adjusted <= alpha)
+        for k in sig.report_spans(test.start, test.end, keep):
+            a, b = int(test.start[k]), int(test.end[k])
             out.append(
                 {
                     "kind": kind,
@@ -435,31 +437,15 @@ def _windows_of_run(
                     "n_points": b - a + 1,
                     "loss_change": float(loss[b] - loss[a]),
                     "loss_range": float(np.ptp(loss[a : b + 1])),
-                    "downstream_change": float(change),
-                    "z_score": float(z_score),
+                    "downstream_change": float(test.change[k]),
+                    "change_lo": float(test.change_lo[k]),
+                    "change_hi": float(test.change_hi[k]),
+                    "z_score": float(test.stat[k]),
+                    "p_adjusted": float(test.p_adjusted[k]),
+                    "n_spans": len(starts),
                 }
             )
-    return out
-
-
-def _trim(
-    kind: str, a: int, b: int, score: np.ndarray, se: np.ndarray, *, z: float, min_points: int
-) -> tuple[int, int]:
-    """Shrink a merged window to the move itself: from the lowest score to the first highest one after it
-    (grokking), or from the highest to the first lowest after it (inverse). Kept only if still significant.
-
-    "Highest" and "lowest" are up to each point's stderr, so noise on a plateau does not drag the end of
-    the window to the plateau's luckiest point."""
-    s = score[a : b + 1] if kind == "grokking" else -score[a : b + 1]
-    band = se[a : b + 1]
-    end = int(np.argmax(s >= s.max() - band))  # first point within a stderr of the peak
-    head = s[: end + 1]
-    start = int(end - np.argmax((head <= head.min() + band[: end + 1])[::-1]))  # last one near the trough
-    ta, tb = a + start, a + end
-    moved = s[end] - s[start]
-    if tb - ta + 1 >= max(2, min_points) and moved > 0 and moved > z * np.sqrt(se[ta] ** 2 + se[tb] ** 2):
-        return ta, tb
-    return a, b
+    return out, test.stderr_source
 
 
 def divergence_windows(
@@ -469,94 +455,78 @@ def divergence_windows(
     *,
     loss_tol: float = 0.02,
     relative: bool = True,
-    z: float = 2.0,
+    alpha: float = 0.05,
     min_points: int = 2,
-    trim: bool = True,
     x: str = "step",
     n_params: int | float | Mapping[str, float] | None = None,
     log_interp: bool = True,
-    missing_stderr: str = "scatter",
+    n_sim: int = 2000,
+    seed: int = 0,
 ) -> pd.DataFrame:
-    """Spans of checkpoints where loss and downstream part ways, per run.
+    """Spans of checkpoints where loss and downstream part ways, per run, with a controlled error rate.
 
     Points are the checkpoints where the downstream score was measured, with the loss interpolated there
-    (``align``). For a span of consecutive points i..j:
+    (``align``). Every span i..j of at least ``min_points`` points is a candidate:
 
-    - **flat loss**: max(loss) - min(loss) over the span's points <= tol, where tol = ``loss_tol`` * |loss_i|
-      when ``relative`` (default: 2% of the loss at the span's start) and ``loss_tol`` itself otherwise;
-    - **loss improves**: loss_i - loss_j > tol (it fell by more than what counts as flat);
-    - **significant move**: |score_j - score_i| > ``z`` * sqrt(se_i^2 + se_j^2), the stderrs of the two
-      endpoint scores combined. A score logged without a stderr (a training log's ``eval/accuracy``) gets
-      one from the series itself with ``missing_stderr="scatter"`` (default, see :func:`scatter_stderr`),
-      so checkpoint-to-checkpoint jitter is not read as a move; with ``"zero"`` it counts as 0, so any
-      move qualifies (z_score inf). Column ``stderr_source`` says which: reported, scatter or none.
+    - **grokking**: the loss stays flat (max - min over the span <= tol, tol = ``loss_tol`` * |loss_i| when
+      ``relative``, else ``loss_tol``) and the score improves from i to j;
+    - **inverse**: the loss improves by more than tol from i to j and the score gets worse.
 
-    ``grokking`` spans have flat loss and a significant rise; ``inverse`` spans have improving loss and a
-    significant fall. Every qualifying span of at least ``min_points`` points is found; spans of one kind
-    that overlap or share an endpoint are merged into one maximal window. With ``trim`` (default), a merged
-    window is then shrunk to the move itself (grokking: from the last lowest score to the first highest score
-    after it; inverse: the mirror), unless the trimmed span would no longer be significant; so a long flat
-    stretch with the rise in its middle reports the rise's bounds.
+    "Improves" follows each metric's direction (:mod:`analysis.directions`): a perplexity that falls
+    improves. Every candidate's statistic is its score change over the combined stderr of its endpoints; the
+    null distribution of the largest statistic over *all* candidates of the run is simulated from the
+    stderrs (``n_sim`` runs, ``seed``; :func:`analysis.significance.span_test`), so the chance that a run
+    with no real move gets any window is ``alpha`` whatever its number of checkpoints. A score without
+    stderrs (a logged accuracy) is studentized by its own scatter, re-estimated in every simulated run.
+    Each move is reported once: the tightest significant spans around it, joined while the joined span is
+    still significant (:func:`analysis.significance.report_spans`); a window's numbers are its own test's.
 
-    Columns: run, kind, start, end (x units), n_points, loss_change (loss_end - loss_start), loss_range
-    (max - min inside the window), downstream_change (score_end - score_start), z_score (that change over
-    the combined endpoint stderr).
+    Columns: run, kind, start, end (x units), n_points, loss_change (end - start), loss_range (inside the
+    window), downstream_change (score_end - score_start, raw units), change_lo / change_hi (simultaneous
+    bounds: each holds with probability >= 1 - alpha for every candidate at once, together a (1 - 2 alpha)
+    interval; the improving end excludes 0 exactly when the window is significant), z_score, p_adjusted
+    (family-wise over the run's n_spans candidates), n_spans, stderr_source (reported, scatter, mixed).
     """
     if loss_tol < 0:
         raise ValueError(f"loss_tol={loss_tol} must be >= 0")
-    if z < 0:
-        raise ValueError(f"z={z} must be >= 0")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha={alpha} must be between 0 and 1")
     if min_points < 2:
         raise ValueError(f"min_points={min_points}: a window needs at least 2 points")
-    if missing_stderr not in ("scatter", "zero"):
-        raise ValueError(f"missing_stderr={missing_stderr!r}: use 'scatter' or 'zero'")
+    if n_sim < 100:
+        raise ValueError(f"n_sim={n_sim}: simulate at least 100 null runs (1000+ for p-values near alpha)")
     points = align(frame, loss_metric, downstream_metric, x=x, n_params=n_params, log_interp=log_interp)
+    loss_sign = orientation(loss_metric, frame)
+    score_sign = orientation(downstream_metric, frame)
     rows = []
     for run, group in points.groupby("run", sort=True):
         group = _finite_pairs(group).sort_values("x")
         if len(group) < min_points:
             continue
-        score = group["right"].to_numpy(dtype=float)
-        se = np.abs(group["right_stderr"].to_numpy(dtype=float))
-        source = "reported"
-        if np.isnan(se).any():
-            fill = scatter_stderr(score) if missing_stderr == "scatter" else 0.0
-            source = "scatter" if fill > 0 else "none"
-            if not np.isnan(se).all():
-                source = f"reported+{source}"
-            se = np.where(np.isnan(se), fill, se)
-        found = _windows_of_run(
+        found, source = _windows_of_run(
             group["x"].to_numpy(dtype=float),
             group["left"].to_numpy(dtype=float),
-            score,
-            se,
+            group["right"].to_numpy(dtype=float),
+            group["right_stderr"].to_numpy(dtype=float),
+            loss_sign=loss_sign,
+            score_sign=score_sign,
             loss_tol=loss_tol,
             relative=relative,
-            z=z,
+            alpha=alpha,
             min_points=min_points,
-            trim=trim,
+            n_sim=n_sim,
+            seed=seed,
         )
         rows.extend({"run": run, **w, "stderr_source": source} for w in found)
-    if not rows:
-        return _empty(WINDOW_COLUMNS)
-    return pd.DataFrame(rows).sort_values(["run", "start", "kind"], ignore_index=True)[WINDOW_COLUMNS]
+    out = pd.DataFrame(rows).sort_values(["run", "start", "kind"], ignore_index=True) if rows else None
+    out = out[WINDOW_COLUMNS] if out is not None else _empty(WINDOW_COLUMNS)
+    out.attrs["alpha"] = alpha
+    return out
 
 
 def scatter_stderr(values: np.ndarray) -> float:
-    """Per-point noise of a series from its own checkpoint-to-checkpoint jitter.
-
-    sigma = 1.4826 * MAD(first differences) / sqrt(2): a difference of two independent points has
-    twice a point's variance, and the median absolute deviation ignores the few large differences
-    of a real move, so a sharp rise does not inflate its own noise estimate. 0 for fewer than
-    three points or a series without jitter.
-    """
-    values = np.asarray(values, dtype=float)
-    values = values[np.isfinite(values)]
-    if len(values) < 3:
-        return 0.0
-    diffs = np.diff(values)
-    mad = float(np.median(np.abs(diffs - np.median(diffs))))
-    return 1.4826 * mad / math.sqrt(2)
+    """Per-point noise of a series from its own jitter (see :func:`analysis.significance.scatter_stderr`)."""
+    return sig.scatter_stderr(values)
 
 
 # -- matched loss -------------------------------------------------------------------------------------------
@@ -753,8 +723,9 @@ def isotonic_fit(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Monotone least-squares fit of y on x: returns the distinct x values (sorted) and the fit at each.
 
-    Points with equal x are first averaged (weighted by their count), then ``pava`` runs on the sorted
-    means; ``increasing=False`` fits a non-increasing function. Predict elsewhere with ``np.interp``.
+    Points with equal x are first averaged (weighted by their count), then the pool-adjacent-violators fit
+    runs on the sorted means (scipy's, in C; :func:`pava` is the readable reference the tests compare it
+    with); ``increasing=False`` fits a non-increasing function. Predict elsewhere with ``np.interp``.
     """
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
@@ -763,38 +734,42 @@ def isotonic_fit(
     ux, inverse = np.unique(x, return_inverse=True)
     counts = np.bincount(inverse).astype(float)
     means = np.bincount(inverse, weights=y) / counts
-    sign = 1.0 if increasing else -1.0
-    return ux, sign * pava(sign * means, counts)
+    return ux, isotonic_regression(means, weights=counts, increasing=increasing).x
 
 
-def _loo_errors(x: np.ndarray, y: np.ndarray, increasing: bool, max_held_out: int = 200) -> tuple[float, float]:
-    """Leave-one-out RMSE of the isotonic fit, and 1 - SSE / SSE of the leave-one-out mean (an R^2).
+def _loo_errors(x: np.ndarray, y: np.ndarray, held_out: np.ndarray | None = None) -> np.ndarray:
+    """Leave-one-out errors of a monotone fit of y on x, the direction chosen without the held-out point.
 
-    Every point is held out in turn and predicted by the fit on all the others. Above ``max_held_out``
-    points, only that many evenly spaced points are held out (each still against all the others), which
-    bounds the cost at ``max_held_out`` fits.
+    Each point in ``held_out`` (default: all) is predicted by the isotonic fit on all the others, increasing
+    or decreasing as Spearman's rho of those others says, so the held-out point never picks its own
+    direction. Returns y - prediction at each held-out point.
     """
     n = len(x)
-    held_out = np.arange(n) if n <= max_held_out else np.unique(np.linspace(0, n - 1, max_held_out).round()).astype(int)
-    # Group equal x once; holding a point out then only changes its group's count and sum.
-    ux, inverse = np.unique(x, return_inverse=True)
-    counts = np.bincount(inverse).astype(float)
-    sums = np.bincount(inverse, weights=y)
-    sign = 1.0 if increasing else -1.0
+    held_out = np.arange(n) if held_out is None else held_out
     errors = np.empty(len(held_out))
+    mask = np.ones(n, dtype=bool)
     for k, i in enumerate(held_out):
-        g = inverse[i]
-        c, t = counts.copy(), sums.copy()
-        c[g] -= 1
-        t[g] -= y[i]
-        keep = c > 0
-        fit = sign * pava(sign * t[keep] / c[keep], c[keep])
-        errors[k] = y[i] - np.interp(x[i], ux[keep], fit)
-    loo_mean = (y.sum() - y[held_out]) / (n - 1)
+        mask[i] = False
+        xs, ys = x[mask], y[mask]
+        rho = spearman(xs, ys)
+        ux, fit = isotonic_fit(xs, ys, increasing=not (np.isfinite(rho) and rho < 0))
+        errors[k] = y[i] - np.interp(x[i], ux, fit)
+        mask[i] = True
+    return errors
+
+
+def _held_out(n: int, max_held_out: int) -> np.ndarray:
+    """Every index, or ``max_held_out`` evenly spaced ones (bounds the cost at that many fits)."""
+    if n <= max_held_out:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, max_held_out).round()).astype(int)
+
+
+def _r2(errors: np.ndarray, y: np.ndarray, held_out: np.ndarray) -> float:
+    """1 - SSE / SSE of predicting each held-out point by the mean of the others."""
+    loo_mean = (y.sum() - y[held_out]) / (len(y) - 1)
     baseline = float(((y[held_out] - loo_mean) ** 2).sum())
-    sse = float((errors**2).sum())
-    r2 = 1.0 - sse / baseline if baseline > 0 else float("nan")
-    return float(np.sqrt(sse / len(held_out))), r2
+    return 1.0 - float((errors**2).sum()) / baseline if baseline > 0 else float("nan")
 
 
 def _default_candidates(metrics: Sequence[str], downstream_metric: str) -> list[str]:
@@ -807,10 +782,12 @@ def _default_candidates(metrics: Sequence[str], downstream_metric: str) -> list[
     return out
 
 
-def _rank_one(run: str, predictor: str, downstream: str, a: np.ndarray, b: np.ndarray, is_loss: bool) -> dict:
+def _rank_one(run: str, predictor: str, downstream: str, points: pd.DataFrame, is_loss: bool) -> dict:
+    a = points["left"].to_numpy(dtype=float)
+    b = points["right"].to_numpy(dtype=float)
     rho = spearman(a, b)
-    sign = 0 if not np.isfinite(rho) or rho == 0 else int(np.sign(rho))
-    rmse, r2 = _loo_errors(a, b, increasing=sign >= 0)
+    held = _held_out(len(a), 200)
+    errors = _loo_errors(a, b, held)
     return {
         "run": run,
         "predictor": predictor,
@@ -818,11 +795,35 @@ def _rank_one(run: str, predictor: str, downstream: str, a: np.ndarray, b: np.nd
         "n": len(a),
         "spearman": rho,
         "abs_spearman": abs(rho),
-        "sign": sign,
-        "loo_rmse": rmse,
-        "loo_r2": r2,
+        "sign": 0 if not np.isfinite(rho) or rho == 0 else int(np.sign(rho)),
+        "loo_rmse": float(np.sqrt(np.mean(errors**2))),
+        "loo_r2": _r2(errors, b, held),
         "is_loss": is_loss,
     }
+
+
+def _versus_loss(aligned: dict[str, pd.DataFrame], loss_metric: str, names: list[str], n_sim: int) -> dict:
+    """Holm-adjusted p-values that each candidate's out-of-sample error is below the loss's.
+
+    Each candidate is compared with the loss on the checkpoints both have, the loss's leave-one-out errors
+    recomputed on exactly those (:func:`analysis.significance.beats_baseline`), then the p-values are
+    adjusted by Holm's step-down for the number of candidates tried. Returns {candidate: p_adjusted}.
+    """
+    key = ["run", "x"]
+    loss_points = aligned[loss_metric][[*key, "left", "right"]].rename(columns={"left": "loss"})
+    raw, baselines = {}, {}
+    for name in names:
+        shared = loss_points.merge(aligned[name][[*key, "left"]], on=key).sort_values(key, ignore_index=True)
+        if len(shared) < 4:
+            continue
+        y = shared["right"].to_numpy(dtype=float)
+        points = tuple(zip(shared["run"], shared["x"], strict=True))  # candidates on the same points share it
+        if points not in baselines:
+            baselines[points] = _loo_errors(shared["loss"].to_numpy(dtype=float), y) ** 2
+        base = baselines[points]
+        errors = _loo_errors(shared["left"].to_numpy(dtype=float), y) ** 2
+        raw[name] = float(sig.beats_baseline(errors[None, :], base, shared["run"].to_numpy(), n_sim=n_sim)[0])
+    return dict(zip(raw, sig.holm(list(raw.values())), strict=True))
 
 
 def predictor_ranking(
@@ -833,30 +834,37 @@ def predictor_ranking(
     loss_metric: str | None = None,
     per_run: bool = False,
     min_points: int = 4,
+    alpha: float = 0.05,
     x: str = "step",
     n_params: int | float | Mapping[str, float] | None = None,
     log_interp: bool = True,
+    n_sim: int = 4000,
 ) -> pd.DataFrame:
-    """How well each signal predicts the downstream score across checkpoints, strongest first.
+    """How well each signal predicts the downstream score out of sample, best first, and whether it beats
+    the loss.
 
     Each candidate is aligned to the downstream checkpoints (``align``: interpolated at the checkpoints'
     x, never extrapolated) and checkpoints of all runs are pooled (``run`` = ``"(pooled)"``); with
-    ``per_run`` each run is also scored alone, in rows after the pooled ones. Per candidate:
-    ``spearman`` (signed) and ``abs_spearman``, ``sign`` (+1: higher signal, higher score), and the
-    leave-one-out error of an isotonic fit whose direction is the sign of the Spearman on all points:
-    ``loo_rmse``, and ``loo_r2`` = 1 - SSE / SSE of predicting each point by the mean of the others
-    (above 200 points, 200 evenly spaced points are held out, each against all the others).
-    ``candidates=None`` takes every other metric except lm-eval scores (names with a comma, e.g.
-    ``arc_easy/acc,none``) and schedule bookkeeping (``lr``, ``epoch``, ...). ``loss_metric`` is always
-    scored and flagged ``is_loss``: the baseline a signal has to beat. Candidates with fewer than
-    ``min_points`` checkpoints are left out. Sorted by abs_spearman (descending), then loo_rmse.
+    ``per_run`` each run is also scored alone, in rows after the pooled ones. Per candidate: ``spearman``
+    (signed, descriptive) and ``abs_spearman``, ``sign`` (+1: higher signal, higher score), and the
+    leave-one-out error of a monotone (isotonic) fit whose direction is chosen inside each fold, without the
+    held-out point: ``loo_rmse`` and ``loo_r2`` = 1 - SSE / SSE of predicting each point by the mean of the
+    others (above 200 points, 200 evenly spaced points are held out). With ``loss_metric``, the loss is
+    scored too (``is_loss``) and every other candidate is tested against it on the checkpoints all of them
+    share: ``beats_loss_p`` is the probability, adjusted for the number of candidates, of an advantage this
+    large in out-of-sample squared error if the candidate were no better than the loss
+    (:func:`analysis.significance.beats_baseline`); ``beats_loss`` is ``beats_loss_p <= alpha``. With few
+    checkpoints nothing can beat the loss, and the column says so. Unconverged estimates are left out.
+    ``candidates=None`` takes every other metric except lm-eval scores and schedule bookkeeping.
+    Sorted by loo_r2 (best first), then abs_spearman.
 
-    Columns: run, predictor, downstream, n, spearman, abs_spearman, sign, loo_rmse, loo_r2, is_loss.
+    Columns: run, predictor, downstream, n, spearman, abs_spearman, sign, loo_rmse, loo_r2, is_loss,
+    beats_loss_p, beats_loss.
     """
     _check_frame(frame)
     _check_metric(frame, downstream_metric)
-    if min_points < 3:
-        raise ValueError(f"min_points={min_points}: leave-one-out needs at least 3 points")
+    if min_points < 4:
+        raise ValueError(f"min_points={min_points}: leave-one-out with a chosen direction needs at least 4 points")
     if candidates is None:
         names = _default_candidates(frame["metric"].astype(str).unique(), downstream_metric)
     else:
@@ -867,29 +875,78 @@ def predictor_ranking(
         _check_metric(frame, loss_metric)
         if loss_metric not in names:
             names.append(loss_metric)
-    rows, run_rows = [], []
+    rows, run_rows, aligned = [], [], {}
     for name in names:
         if name == downstream_metric:
             continue
         points = _finite_pairs(align(frame, name, downstream_metric, x=x, n_params=n_params, log_interp=log_interp))
-        a = points["left"].to_numpy(dtype=float)
-        b = points["right"].to_numpy(dtype=float)
-        if len(a) >= min_points:
-            rows.append(_rank_one(POOLED, name, downstream_metric, a, b, name == loss_metric))
+        if len(points) >= min_points:
+            aligned[name] = points
+            rows.append(_rank_one(POOLED, name, downstream_metric, points, name == loss_metric))
         if per_run:
             for run, group in points.groupby("run", sort=True):
                 if len(group) >= min_points:
-                    ga = group["left"].to_numpy(dtype=float)
-                    gb = group["right"].to_numpy(dtype=float)
-                    run_rows.append(_rank_one(run, name, downstream_metric, ga, gb, name == loss_metric))
+                    run_rows.append(_rank_one(run, name, downstream_metric, group, name == loss_metric))
     if not rows and not run_rows:
         return _empty(RANKING_COLUMNS)
+    tested = {}
+    if loss_metric in aligned:
+        others = [r["predictor"] for r in rows if not r["is_loss"]]
+        tested = _versus_loss(aligned, loss_metric, others, n_sim) if others else {}
+    for row in rows:
+        p = tested.get(row["predictor"], float("nan"))
+        row["beats_loss_p"] = p
+        row["beats_loss"] = bool(p <= alpha) if np.isfinite(p) else False
     parts = []
-    for chunk, keys in ((rows, ["abs_spearman", "loo_rmse"]), (run_rows, ["run", "abs_spearman", "loo_rmse"])):
+    for chunk, keys in ((rows, ["loo_r2", "abs_spearman"]), (run_rows, ["run", "loo_r2", "abs_spearman"])):
         if chunk:
-            ascending = [True, False, True] if len(keys) == 3 else [False, True]
+            ascending = [True, False, False] if len(keys) == 3 else [False, False]
             parts.append(pd.DataFrame(chunk).sort_values(keys, ascending=ascending, na_position="last"))
-    return pd.concat(parts, ignore_index=True)[RANKING_COLUMNS]
+    out = pd.concat(parts, ignore_index=True).reindex(columns=RANKING_COLUMNS)
+    out["beats_loss"] = out["beats_loss"].fillna(False).astype(bool)
+    out.attrs["alpha"] = alpha
+    return out
+
+
+# --- what the views say about the results ----------------------------------------------------------
+
+CORRELATION_NOTE = (
+    "spearman and pearson describe the levels (two trends correlate whether or not they are related, so "
+    "they carry no interval). change_spearman correlates the changes from checkpoint to checkpoint; its 95% "
+    "interval (change_lo, change_hi) and p-value account for the autocorrelation left in the changes."
+)
+
+
+def windows_caption(windows: pd.DataFrame, score: str, tol: float, alpha: float) -> str:
+    """One sentence that says what the windows table claims and at which error rate."""
+    rule = (
+        f"Grokking: the loss stays flat within {tol:.0%} while {score} improves; inverse: the loss improves while "
+        f"{score} gets worse. Every span of checkpoints is tested, and a run with no real move gets any window "
+        f"at all with probability {alpha:g} (p_adjusted is family-wise over the run's n_spans spans; "
+        f"change_lo..change_hi is a {1 - 2 * alpha:.0%} simultaneous interval)."
+    )
+    if not len(windows):
+        return f"No window at α = {alpha:g}. {rule}"
+    return rule
+
+
+def ranking_verdict(ranking: pd.DataFrame, loss_metric: str | None) -> str:
+    """One plain sentence: which signals beat the loss out of sample, or that none does."""
+    pooled = ranking[ranking["run"] == POOLED] if len(ranking) else ranking
+    if loss_metric is None or not len(pooled) or not pooled["is_loss"].any():
+        return "No loss to compare with: the ranking orders signals by out-of-sample fit only."
+    alpha = ranking.attrs.get("alpha", 0.05)
+    winners = pooled[pooled["beats_loss"].astype(bool)]
+    if len(winners):
+        named = ", ".join(f"{r.predictor} (p = {r.beats_loss_p:.3g})" for r in winners.itertuples())
+        return f"Predicts {pooled.iloc[0]['downstream']} better than {loss_metric} out of sample: {named}."
+    tested = pooled["beats_loss_p"].notna().sum()
+    if tested == 0:
+        return f"No signal shares enough checkpoints with {loss_metric} to be compared with it."
+    return (
+        f"No signal predicts {pooled.iloc[0]['downstream']} better than {loss_metric} out of sample "
+        f"({tested} tested, α = {alpha:g}, adjusted for the number tried)."
+    )
 
 
 # --- choosing sensible defaults for the views -------------------------------------------------------

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from bench import eval_sweep, hvp, load, pathways, ray_sweep, render, store_write
+from bench import calibration, coverage, eval_sweep, hvp, load, pathways, ray_sweep, render, store_write
 
 if __name__ == "__main__":
+    calibration.main([])
+    coverage.main([])
     hvp.main([])
     eval_sweep.main([])
     pathways.main([])

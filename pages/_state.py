@@ -322,10 +322,10 @@ def _aligned(db: str, gen: int, runs: tuple[str, ...], loss: str, score: str, x:
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def _windows(db: str, gen: int, runs: tuple[str, ...], loss: str, score: str, tol: float, z: float, x: str, c: Chosen):
+def _windows(db: str, gen: int, runs: tuple[str, ...], loss: str, score: str, tol: float, a: float, x: str, c: Chosen):
     from analysis import divergence as dv
 
-    return dv.divergence_windows(_selected(db, gen, runs, c), loss, score, loss_tol=tol, z=z, x=x)
+    return dv.divergence_windows(_selected(db, gen, runs, c), loss, score, loss_tol=tol, alpha=a, x=x)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -336,11 +336,20 @@ def _correlations(db: str, gen: int, runs: tuple[str, ...], loss: str, score: st
 
 
 def divergence(
-    runs: tuple[str, ...], loss: str, score: str, tol: float, z: float, x: str, chosen: Mapping[str, str] | None = None
+    runs: tuple[str, ...],
+    loss: str,
+    score: str,
+    tol: float,
+    alpha: float,
+    x: str,
+    chosen: Mapping[str, str] | None = None,
 ):
-    """(windows, aligned checkpoints) of ``loss`` against ``score`` (``chosen`` settings); errors stop the page."""
+    """(windows, aligned checkpoints) of ``loss`` against ``score`` (``chosen`` settings); errors stop the page.
+
+    ``alpha`` is the chance that a run with no real move gets any window (``divergence.divergence_windows``).
+    """
     db, runs, c = str(db_path()), tuple(sorted(runs)), _chosen(chosen)
-    windows = guarded(lambda: _windows(db, generation(), runs, loss, score, tol, z, x, c))
+    windows = guarded(lambda: _windows(db, generation(), runs, loss, score, tol, alpha, x, c))
     return windows, guarded(lambda: _aligned(db, generation(), runs, loss, score, x, c))
 
 

@@ -27,12 +27,15 @@ loss = _state.metric_picker(c1, "Loss", losses, losses, "loss")
 score = _state.metric_picker(c2, "Downstream", scores, scores, "score")
 smoothing = c3.slider("Smoothing", 0.0, 0.99, 0.0, 0.01, key="smooth", bind="query-params")
 tol = c4.number_input("Flat loss within (relative)", 0.0, 1.0, 0.02, 0.01, key="tol", bind="query-params")
-z = c5.number_input("Significance (z)", 0.5, 10.0, 3.0, 0.5, key="z", bind="query-params")
+alpha = c5.number_input(
+    "False-alarm rate (α)", 0.001, 0.5, 0.05, 0.01, key="alpha", bind="query-params", format="%.3f",
+    help="The chance that a run with no real move gets any window at all, whatever its number of checkpoints.",
+)  # fmt: skip
 log_x = c3.toggle("Log x", value=True, key="logx", bind="query-params")
 chosen = _state.setting_picker(sel.runs, [loss, score])  # one setting per metric: never an average of several
 frame = _state.long_table(sel.runs, chosen)
 
-windows, aligned = _state.divergence(sel.runs, loss, score, tol, z, sel.x, chosen)
+windows, aligned = _state.divergence(sel.runs, loss, score, tol, alpha, sel.x, chosen)
 
 fig = loss_downstream_figure(
     frame, loss, score, x=sel.x, smoothing=smoothing, log_x=log_x, colors=sel.colors, style=sel.style, windows=windows
@@ -42,11 +45,9 @@ st.plotly_chart(fig, width="stretch", key="divergence")
 left, right = st.columns(2)
 with left:
     st.subheader("Windows")
+    st.caption(dv.windows_caption(windows, _state.md_text(score), tol, alpha))
     if len(windows):
         st.dataframe(windows.round(4), hide_index=True, width="stretch")
-    else:
-        what = _state.md_text(score)
-        st.caption(f"No window where the loss is flat within {tol:.0%} while {what} moves by more than {z} stderr.")
     st.subheader("Loss vs downstream correlation")
     # Over a chosen span of checkpoints (e.g. only after the loss flattened); the span is in the URL.
     xs = sorted({int(v) if float(v).is_integer() else float(v) for v in aligned["x"].dropna()})
@@ -59,6 +60,7 @@ with left:
         span = (min(lo, hi), max(lo, hi))
     corr = _state.correlations(sel.runs, loss, score, sel.x, span, chosen)
     if len(corr):
+        st.caption(dv.CORRELATION_NOTE)
         st.dataframe(corr.round(3), hide_index=True, width="stretch")
     else:
         st.caption("Fewer than 3 checkpoints of any run in this span: widen it to correlate.")
@@ -68,6 +70,7 @@ with right:
 st.subheader("Which signal predicts the downstream score?")
 ranking = _state.predictor_ranking(sel.runs, score, loss, sel.x, chosen)
 if len(ranking):
+    st.markdown(_state.md_text(dv.ranking_verdict(ranking, loss)))
     st.plotly_chart(ranking_heatmap(ranking, style=sel.style), width="stretch", key="ranking")
     st.dataframe(ranking.round(3), hide_index=True, width="stretch")
 else:

@@ -330,7 +330,15 @@ def test_unicode_run_folder_round_trips_through_the_cli(case_dir: Path, good_che
     code, out, _ = cli("query", "--run", "run ü 1", "--format", "json", "--db", str(db))
     assert code == 0
     assert json.loads(out) == [
-        {"run": "run ü 1", "step": 10, "tokens": None, "metric": "train/loss", "value": 1.5, "stderr": None}
+        {
+            "run": "run ü 1",
+            "step": 10,
+            "tokens": None,
+            "metric": "train/loss",
+            "value": 1.5,
+            "stderr": None,
+            "setting": "",
+        }
     ]
     [path] = Store(db).checkpoints("run ü 1")["path"].tolist()
     assert path == str((run / "step_10").resolve())

@@ -157,3 +157,42 @@ def test_real_process_prints_no_traceback_on_bad_input(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_windows_prints_each_window_with_its_adjusted_p_value(divergence_db: Path) -> None:
+    args = ("--run", "grok", "--run", "stuck", "--score", "toy/acc,none", "--db", str(divergence_db))
+    code, out, err = cli("windows", *args, "--format", "json")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [(r["run"], r["kind"]) for r in rows] == [("grok", "grokking")]  # the flat run claims nothing
+    w = rows[0]
+    assert w["start"] >= 40 and w["end"] <= 120 and w["p_adjusted"] <= 0.05
+    assert w["change_lo"] > 0 and w["change_lo"] <= w["downstream_change"] <= w["change_hi"]
+    code, out, _ = cli("windows", *args, "--format", "csv", "--alpha", "0.01")
+    assert code == 0 and out.splitlines()[0].startswith("run,kind,start,end,n_points")
+    code, _, err = cli("windows", *args, "--alpha", "2")
+    assert code == 2 and err.count("\n") == 1 and "alpha" in err
+
+
+def test_rank_prints_the_ranking_and_says_whether_anything_beats_the_loss(divergence_db: Path) -> None:
+    code, out, err = cli(
+        "rank", "--run", "grok", "--run", "stuck", "--score", "toy/acc,none", "--db", str(divergence_db)
+    )
+    assert code == 0, err
+    assert "train/loss" in out and "(pooled)" in out
+    assert "No signal shares enough checkpoints" in out or "better than train/loss" in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--run", "nope", "--score", "toy/acc,none"), "unknown run 'nope'"),
+        (("--run", "grok", "--score", "nope"), "metric 'nope' not in the data"),
+        (("--run", "grok", "--score", "toy/acc,none", "--setting", "oops"), "write METRIC=SETTING"),
+        (("--run", "grok", "--score", "toy/acc,none", "--setting", "toy/acc,none=9-shot"), "no setting '9-shot'"),
+    ],
+)
+def test_windows_and_rank_refuse_bad_input_in_one_line(divergence_db: Path, extra, message) -> None:
+    for command in ("windows", "rank"):
+        code, out, err = cli(command, *extra, "--db", str(divergence_db))
+        assert code == 2 and out == "" and message in err and err.count("\n") == 1, (command, err)

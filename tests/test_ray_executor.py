@@ -223,7 +223,7 @@ def test_cancelling_a_ray_job_stops_its_tasks_and_keeps_nothing_partial(tmp_path
     store.register_run(load_run(run_dir))
     slow = spec(
         run_dir, steps=(10, 20, 40), tasks=(), metrics=("hessian_trace",),
-        metric_params={"hessian_trace": {"n_probes": "200"}},
+        metric_params={"hessian_trace": {"n_probes": "1000"}},  # long enough to be cancelled mid-unit
     )  # fmt: skip
     job = submit(store, slow)
 

@@ -61,18 +61,19 @@ class ReportOptions:
     downstream_metric: str | None = None  # None: the first lm-eval score
     x: str = "step"  # step, tokens or flops
     loss_tol: float = 0.02  # loss counts as flat within this fraction of its value
-    z: float = 3.0  # a downstream move counts when larger than z combined stderrs
+    alpha: float = 0.05  # chance that a run with no real move gets any window (family-wise)
     levels: int = 8  # matched-loss levels
     log_x: bool = True
-    n_boot: int = 1000  # bootstrap resamples for the correlation intervals
     # (metric, setting label or params hash) pairs; a metric not named keeps the setting with most checkpoints.
     settings: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.x not in dv.X_AXES:
             raise ValueError(f"x-axis {self.x!r}: choose one of {', '.join(dv.X_AXES)}")
-        if self.loss_tol < 0 or self.z < 0:
-            raise ValueError("loss_tol and z must be >= 0")
+        if self.loss_tol < 0:
+            raise ValueError("loss_tol must be >= 0")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha={self.alpha} must be between 0 and 1")
         if self.levels < 1:
             raise ValueError(f"levels={self.levels}: ask for at least one loss level")
 
@@ -350,9 +351,8 @@ def _runs_section(ctx: _Context, info: pd.DataFrame) -> Section:
             ("downstream metric", ctx.named(o.downstream_metric) or "(none cached)"),
             ("x-axis", o.x),
             ("flat loss within (relative)", f"{o.loss_tol:.0%}"),
-            ("significance (z, combined stderr)", fmt_number(o.z)),
+            ("window false-alarm rate per run (alpha)", fmt_number(o.alpha)),
             ("matched-loss levels", str(o.levels)),
-            ("bootstrap resamples (95% intervals)", str(o.n_boot)),
         ],
         columns=["setting", "value"],
     )
@@ -415,9 +415,9 @@ def _divergence_sections(ctx: _Context) -> list[Section]:
         windows_section.missing.append(Missing("needs a loss and a downstream score (see the section above)"))
         return [curves, windows_section]
     loss, score = o.loss_metric, o.downstream_metric
-    windows = dv.divergence_windows(ctx.frame, loss, score, loss_tol=o.loss_tol, z=o.z, x=o.x)
+    windows = dv.divergence_windows(ctx.frame, loss, score, loss_tol=o.loss_tol, alpha=o.alpha, x=o.x)
     aligned = dv.align(ctx.frame, loss, score, x=o.x)
-    corr = dv.correlations(aligned, loss, [score], n_boot=o.n_boot)
+    corr = dv.correlations(aligned, loss, [score])
     ctx.tables |= {"windows": windows, "aligned": aligned, "correlations": corr}
     nl, ns = ctx.named(loss), ctx.named(score)  # with the setting beside a metric cached under several
 
@@ -443,7 +443,7 @@ def _divergence_sections(ctx: _Context) -> list[Section]:
             "correlations",
             "Correlation of loss and downstream across checkpoints",
             corr,
-            f"Spearman and Pearson with 95% bootstrap intervals ({o.n_boot} resamples, seed 0).",
+            dv.CORRELATION_NOTE,
         )
     )
     points = aligned[["run", "step", "tokens", "left", "right", "right_stderr"]].rename(
@@ -452,14 +452,10 @@ def _divergence_sections(ctx: _Context) -> list[Section]:
     curves.tables.append(ReportTable("checkpoint_scores", "Loss and downstream at each checkpoint", points))
 
     windows_section.text.append(
-        f"Spans of checkpoints where {nl} stays flat within {o.loss_tol:.0%} while {ns} rises by more than "
-        f"{fmt_number(o.z)} combined stderrs (grokking), or where the loss improves while {ns} falls by as "
-        f"much (inverse). start and end are in {o.x} units."
+        dv.windows_caption(windows, ns, o.loss_tol, o.alpha) + f" start and end are in {o.x} units."
     )
     if len(windows):
         windows_section.tables.append(ReportTable("windows", "Windows found", windows))
-    else:
-        windows_section.text.append("No such window in these runs.")
     return [curves, windows_section]
 
 
@@ -527,9 +523,12 @@ def _ranking_section(ctx: _Context) -> Section:
     ctx.tables["ranking"] = ranking
     s.text.append(
         f"Every cached signal ranked by how well it predicts {ctx.named(o.downstream_metric)} across the checkpoints "
-        "of all runs pooled: Spearman's rho, and the leave-one-out error of a monotone fit. The loss is the baseline "
-        "a signal has to beat."
+        "of all runs pooled: Spearman's rho, and the leave-one-out error of a monotone fit whose direction is chosen "
+        "without the held-out point. The loss is the baseline a signal has to beat: beats_loss_p tests a lower "
+        "out-of-sample error than the loss's on the same checkpoints, adjusted for the number of signals tried."
     )
+    if len(ranking):
+        s.text.append(dv.ranking_verdict(ranking, o.loss_metric))
     if not len(ranking):
         s.missing.append(
             Missing(

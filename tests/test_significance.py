@@ -1,0 +1,262 @@
+"""Statistics tested like code: every "significant" has its false-positive rate checked on pure noise, and its
+power on planted signals, across the numbers of checkpoints users have (3 to 500).
+
+Rates are asserted within Monte-Carlo error: with R replications a true rate p is seen as p +- 3.5 sqrt(p(1-p)/R).
+The larger sweep (more replications, more sizes) is ``python -m bench.calibration``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import significance as sig
+from analysis.divergence import correlations, divergence_windows, predictor_ranking
+
+LOSS, ACC, PPL = "train/loss", "arc_easy/acc,none", "wikitext/word_perplexity,none"
+ALPHA = 0.05
+
+
+def mc_bound(p: float, reps: int) -> float:
+    return 3.5 * math.sqrt(p * (1 - p) / reps)
+
+
+def frame_of(loss: np.ndarray, score: np.ndarray, stderr: float | None, metric: str = ACC) -> pd.DataFrame:
+    steps = np.arange(1, len(score) + 1) * 100
+    return pd.DataFrame(
+        {
+            "run": "r",
+            "step": np.r_[steps, steps],
+            "tokens": np.r_[steps, steps] * 1000,
+            "metric": [LOSS] * len(steps) + [metric] * len(steps),
+            "value": np.r_[loss, score],
+            "stderr": np.r_[np.full(len(steps), np.nan), np.full(len(steps), np.nan if stderr is None else stderr)],
+        }
+    )
+
+
+def false_window_rate(n: int, reps: int, *, flat_loss: bool, stderr: float | None, n_sim: int = 1000) -> float:
+    rng = np.random.default_rng(1000 + n)
+    hits = 0
+    for r in range(reps):
+        loss = np.full(n, 2.0) if flat_loss else 4.0 * np.arange(1, n + 1) ** -0.3
+        score = 0.5 + 0.02 * rng.standard_normal(n)
+        found = divergence_windows(frame_of(loss, score, stderr), LOSS, ACC, n_sim=n_sim, seed=r)
+        hits += len(found) > 0
+    return hits / reps
+
+
+# -- windows: false positives --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "reps"), [(3, 400), (5, 400), (10, 300), (20, 300), (50, 200), (150, 120)])
+def test_flat_loss_and_noisy_score_give_a_false_window_at_rate_alpha(n, reps):
+    rate = false_window_rate(n, reps, flat_loss=True, stderr=0.02)
+    assert abs(rate - ALPHA) <= mc_bound(ALPHA, reps), f"n={n}: {rate:.3f} of pure-noise runs had a window"
+
+
+def test_five_hundred_checkpoints_of_noise_stay_at_alpha():
+    reps = 40
+    rate = false_window_rate(500, reps, flat_loss=True, stderr=0.02, n_sim=400)
+    assert rate <= ALPHA + mc_bound(ALPHA, reps)
+
+
+@pytest.mark.parametrize(("n", "reps"), [(5, 300), (20, 300), (100, 150)])
+def test_improving_loss_and_flat_score_give_a_false_inverse_window_at_rate_alpha(n, reps):
+    rate = false_window_rate(n, reps, flat_loss=False, stderr=0.02)
+    assert abs(rate - ALPHA) <= mc_bound(ALPHA, reps)
+
+
+@pytest.mark.parametrize(("n", "reps"), [(5, 300), (20, 300), (100, 150)])
+def test_a_score_without_stderr_is_studentized_and_stays_at_alpha(n, reps):
+    rate = false_window_rate(n, reps, flat_loss=True, stderr=None)
+    assert abs(rate - ALPHA) <= mc_bound(ALPHA, reps)
+
+
+def test_the_error_rate_follows_alpha():
+    reps = 300
+    rng = np.random.default_rng(5)
+    hits = 0
+    for r in range(reps):
+        score = 0.5 + 0.02 * rng.standard_normal(20)
+        hits += len(divergence_windows(frame_of(np.full(20, 2.0), score, 0.02), LOSS, ACC, alpha=0.2, seed=r)) > 0
+    rate = hits / reps
+    assert abs(rate - 0.2) <= mc_bound(0.2, reps)
+
+
+# -- windows: power and intervals ----------------------------------------------------------------------------
+
+
+def planted_rise(n: int, rng: np.random.Generator, *, sigma: float = 0.02, rise: float = 8.0) -> np.ndarray:
+    """Flat, then a rise of ``rise`` stderrs over 3 checkpoints at 60% of the run, then flat."""
+    at = int(0.6 * n)
+    mean = np.where(np.arange(n) < at, 0.3, 0.3 + rise * sigma)
+    mean[at] = 0.3 + rise * sigma / 2  # the middle of the three checkpoints of the move
+    return mean + sigma * rng.standard_normal(n), mean, at
+
+
+@pytest.mark.parametrize(("n", "reps"), [(20, 60), (50, 60), (150, 30)])
+def test_a_rise_of_8_stderr_over_3_checkpoints_is_found_at_least_90_percent_of_the_time(n, reps):
+    rng = np.random.default_rng(n)
+    found = 0
+    for r in range(reps):
+        score, _, at = planted_rise(n, rng)
+        windows = divergence_windows(frame_of(np.full(n, 2.0), score, 0.02), LOSS, ACC, n_sim=1000, seed=r)
+        steps = (np.arange(n) + 1) * 100
+        hit = windows[(windows["kind"] == "grokking") & (windows["start"] < steps[at + 1])]
+        found += bool(len(hit) and (hit["end"] > steps[at - 1]).any())
+    assert found / reps >= 0.9
+
+
+def test_windows_report_simultaneous_intervals_that_cover_the_true_change():
+    """Each reported window's (change_lo, change_hi) is a (1 - 2 alpha) simultaneous interval."""
+    rng = np.random.default_rng(11)
+    reps, covered, reported = 80, 0, 0
+    for r in range(reps):
+        score, mean, _ = planted_rise(40, rng, rise=10)
+        windows = divergence_windows(frame_of(np.full(40, 2.0), score, 0.02), LOSS, ACC, seed=r)
+        steps = (np.arange(40) + 1) * 100
+        ok = True
+        for w in windows.itertuples():
+            true = mean[np.searchsorted(steps, w.end)] - mean[np.searchsorted(steps, w.start)]
+            ok &= w.change_lo <= true <= w.change_hi
+            assert w.p_adjusted <= ALPHA and w.change_lo > 0  # significant windows exclude no change
+        reported += len(windows) > 0
+        covered += ok
+    assert reported >= 0.9 * reps
+    assert covered / reps >= 1 - 2 * ALPHA - mc_bound(1 - 2 * ALPHA, reps)
+
+
+def test_a_lower_is_better_score_that_worsens_at_flat_loss_is_not_grokking():
+    rng = np.random.default_rng(2)
+    score, _, _ = planted_rise(30, rng, rise=12)  # a perplexity that rises: it got worse
+    frame = frame_of(np.full(30, 2.0), 10 + score, 0.02, metric=PPL)
+    assert divergence_windows(frame, LOSS, PPL).empty
+    better = frame_of(np.full(30, 2.0), 10 - score, 0.02, metric=PPL)  # perplexity falling: it improved
+    found = divergence_windows(better, LOSS, PPL)
+    assert found["kind"].tolist() == ["grokking"] and found.iloc[0]["downstream_change"] < 0
+
+
+def test_report_spans_joins_a_gradual_rise_into_one_window():
+    n = 8
+    i, j = np.triu_indices(n, 1)
+    keep = (j - i >= 2) & (i >= 1) & (j <= 6)  # every span of 3+ points inside 1..6 is significant
+    reported = sig.report_spans(i, j, keep)
+    assert [(int(i[k]), int(j[k])) for k in reported] == [(1, 6)]
+    keep = ((i == 1) & (j == 2)) | ((i == 5) & (j == 6))  # two separate moves, nothing joins them
+    assert [(int(i[k]), int(j[k])) for k in sig.report_spans(i, j, keep)] == [(1, 2), (5, 6)]
+
+
+# -- correlations of changes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [10, 20, 50, 150, 500])
+def test_a_random_walk_score_unrelated_to_a_falling_loss_has_a_change_interval_covering_zero(n):
+    rng = np.random.default_rng(n)
+    reps, excluded, level_rho = 300, 0, []
+    for _ in range(reps):
+        loss = 4.0 * np.arange(1, n + 1) ** -0.3 + 0.005 * rng.standard_normal(n)
+        score = 0.5 + np.cumsum(0.01 * rng.standard_normal(n)) + 0.005 * rng.standard_normal(n)
+        change = sig.change_correlation(loss, score)
+        excluded += not change.lo <= 0 <= change.hi
+        level_rho.append(abs(sig.stats.spearmanr(loss, score).statistic))
+    assert excluded / reps <= ALPHA + mc_bound(ALPHA, reps)
+    # Levels, by contrast, correlate strongly half the time: why they carry no interval.
+    assert np.median(level_rho) > 0.3
+
+
+@pytest.mark.parametrize("n", [20, 100, 500])
+def test_the_change_interval_covers_the_true_rank_correlation_at_95_percent(n):
+    rho = 0.6
+    truth = 6 / np.pi * np.arcsin(rho / 2)  # Spearman's rho of a bivariate normal with Pearson rho
+    rng = np.random.default_rng(n)
+    reps, covered = 300, 0
+    cov = [[1, rho], [rho, 1]]
+    for _ in range(reps):
+        steps = rng.multivariate_normal([0, 0], cov, size=n - 1)
+        change = sig.change_correlation(np.r_[0, np.cumsum(steps[:, 0])], np.r_[0, np.cumsum(steps[:, 1])])
+        covered += change.lo <= truth <= change.hi
+    assert abs(covered / reps - 0.95) <= mc_bound(0.95, reps)
+
+
+def test_correlations_find_a_score_whose_changes_follow_the_loss():
+    rng = np.random.default_rng(4)
+    n = 30
+    loss = 3.0 + np.cumsum(-np.abs(rng.standard_normal(n)) * 0.05)
+    score = 0.9 - 0.3 * loss + 0.002 * rng.standard_normal(n)
+    out = correlations(frame_of(loss, score, 0.002), LOSS, ACC).iloc[0]
+    assert out["change_spearman"] < -0.8 and out["change_hi"] < 0 and out["change_p"] < 1e-4
+    assert out["spearman"] == pytest.approx(-1.0, abs=0.05)
+
+
+# -- predictor ranking: "beats the loss" ---------------------------------------------------------------------
+
+
+def ranking_case(n: int, k: int, rng: np.random.Generator, *, loss_noise: float, cand_noise: float) -> pd.DataFrame:
+    steps = np.arange(1, n + 1) * 100
+    score = 1 / (1 + np.exp(-(np.linspace(-3, 3, n)))) + 0.01 * rng.standard_normal(n)
+    rows = [("r", s, "d/acc,none", v) for s, v in zip(steps, score, strict=True)]
+    rows += [("r", s, LOSS, v) for s, v in zip(steps, -score + loss_noise * rng.standard_normal(n), strict=True)]
+    for c in range(k):
+        values = score + cand_noise * rng.standard_normal(n)
+        rows += [("r", s, f"signal_{c}", v) for s, v in zip(steps, values, strict=True)]
+    frame = pd.DataFrame(rows, columns=["run", "step", "metric", "value"])
+    return frame.assign(tokens=frame["step"] * 1000, stderr=np.nan)
+
+
+@pytest.mark.parametrize(("n", "k", "reps"), [(6, 30, 60), (20, 10, 80), (60, 5, 60)])
+def test_signals_no_better_than_the_loss_beat_it_at_most_alpha_of_the_time(n, k, reps):
+    """Candidates exchangeable with the loss (the same noise around the score) must not 'beat' it."""
+    rng = np.random.default_rng(n)
+    hits = 0
+    for _ in range(reps):
+        frame = ranking_case(n, k, rng, loss_noise=0.1, cand_noise=0.1)
+        out = predictor_ranking(frame, "d/acc,none", loss_metric=LOSS, n_sim=1000)
+        hits += bool(out["beats_loss"].any())
+    assert hits / reps <= ALPHA + mc_bound(ALPHA, reps)
+
+
+def test_six_checkpoints_and_thirty_noise_signals_never_beat_the_loss():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        frame = ranking_case(6, 30, rng, loss_noise=0.05, cand_noise=5.0)
+        out = predictor_ranking(frame, "d/acc,none", loss_metric=LOSS)
+        assert not out["beats_loss"].any()
+        assert (out.loc[~out["is_loss"], "beats_loss_p"] >= 1 / 8).all()  # 3 blocks: p >= 2^-3 before Holm
+
+
+def test_a_signal_much_closer_to_the_score_beats_the_loss():
+    rng = np.random.default_rng(3)
+    reps, hits = 20, 0
+    for _ in range(reps):
+        frame = ranking_case(60, 3, rng, loss_noise=0.15, cand_noise=0.01)
+        out = predictor_ranking(frame, "d/acc,none", loss_metric=LOSS)
+        hits += bool(out["beats_loss"].sum() == 3)
+        assert out.iloc[-1]["is_loss"] or out.iloc[0]["predictor"].startswith("signal_")
+    assert hits / reps >= 0.9
+
+
+def test_the_direction_of_a_fold_never_sees_its_held_out_point():
+    # Three points: held out, the middle one leaves two whose order alone sets the direction.
+    from analysis.divergence import _loo_errors
+
+    x = np.array([0.0, 1.0, 2.0, 3.0])
+    y = np.array([0.0, 10.0, 1.0, 2.0])
+    errors = _loo_errors(x, y)
+    # Without point 1 the others increase: predicted by interpolating 0 and 1 -> 0.5.
+    assert errors[1] == pytest.approx(10.0 - 0.5)
+
+
+def test_beats_baseline_is_exact_with_few_blocks_and_calibrated_with_many():
+    rng = np.random.default_rng(9)
+    for n, reps in ((8, 300), (64, 300), (343, 150)):
+        rejections = 0
+        for _ in range(reps):
+            base = rng.chisquare(1, n)
+            cands = rng.chisquare(1, (4, n))
+            rejections += bool((sig.beats_baseline(cands, base, n_sim=500) <= ALPHA).any())
+        assert rejections / reps <= ALPHA + mc_bound(ALPHA, reps), n
+    assert sig.holm([0.01, 0.04, 0.03]).tolist() == pytest.approx([0.03, 0.06, 0.06])
