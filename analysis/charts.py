@@ -126,6 +126,11 @@ def curves_figure(
         return empty_figure(why, style)
     colors = colors or run_colors(data["run"])
     fig = go.Figure()
+    # An iterative estimate that did not converge is no value: a hollow cross off the line, never joined to it.
+    unconverged = data["converged"].eq(False).fillna(False).astype(bool) if "converged" in data else None
+    if unconverged is not None and unconverged.any():
+        _unconverged_markers(fig, data[unconverged], x, colors)
+        data = data[~unconverged]
     for run, group in data.groupby("run", sort=True):
         group = group.sort_values(x)
         color = colors.get(str(run), PALETTE[0])
@@ -174,15 +179,37 @@ def curves_figure(
                 hovertemplate="%{y:.4g}<extra>" + str(run) + "</extra>",
             )
         )
+    n_bad = 0 if unconverged is None else int(unconverged.sum())
+    note = f" ({n_bad} estimate{'s' if n_bad > 1 else ''} did not converge: ×)" if n_bad else ""
     return _layout(
         fig,
         style,
-        title=title or metric,
+        title=(title or metric) + note,
         x_title=X_LABELS[x] + (" (log)" if log_x else ""),
         y_title=metric,
         log_x=log_x,
         log_y=log_y,
     )
+
+
+def _unconverged_markers(fig: go.Figure, rows: pd.DataFrame, x: str, colors: dict[str, str]) -> None:
+    for run, group in rows.groupby("run", sort=True):
+        fig.add_trace(
+            go.Scatter(
+                x=group[x].to_numpy(dtype=float),
+                y=group["value"].to_numpy(dtype=float),
+                mode="markers",
+                marker={
+                    "color": colors.get(str(run), PALETTE[0]),
+                    "size": 10,
+                    "symbol": "x-thin-open",
+                    "line": {"width": 2},
+                },
+                name=f"{run} (not converged)",
+                legendgroup=str(run),
+                hovertemplate="%{y:.4g} — did not converge<extra>" + str(run) + "</extra>",
+            )
+        )
 
 
 # -- divergence figures -------------------------------------------------------------------------------------
@@ -597,7 +624,9 @@ def residual_figure(
         style,
         title=title or f"score minus what loss predicts (score = {intercept:.3g} {slope:+.3g} · loss, all runs)",
         x_title=X_LABELS.get(x, x) + (" (log)" if log_x else ""),
-        y_title="residual",
+        y_title="residual (above 0: better than loss says)"
+        if residual.attrs.get("higher_is_better", True)
+        else "residual (below 0: better than loss says)",
         log_x=log_x,
         log_y=False,
     )

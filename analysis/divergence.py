@@ -620,8 +620,9 @@ def matched_loss(
                 }
             )
         )
-    out = pd.concat(pieces, ignore_index=True).sort_values("_order", ignore_index=True)
-    return out[MATCHED_COLUMNS]
+    out = pd.concat(pieces, ignore_index=True).sort_values("_order", ignore_index=True)[MATCHED_COLUMNS]
+    out.attrs["higher_is_better"] = orientation(downstream_metric, frame) > 0
+    return out
 
 
 # -- residuals ----------------------------------------------------------------------------------------------
@@ -683,7 +684,9 @@ def residuals(
         out.loc[mask, "run_slope"] = b
         out.loc[mask, "run_fitted"] = a + b * loss[mask]
         out.loc[mask, "run_residual"] = score[mask] - (a + b * loss[mask])
-    return out[RESIDUAL_COLUMNS]
+    out = out[RESIDUAL_COLUMNS]
+    out.attrs["higher_is_better"] = orientation(downstream_metric, frame) > 0
+    return out
 
 
 def last_residuals(residual: pd.DataFrame) -> pd.Series:
@@ -915,6 +918,14 @@ CORRELATION_NOTE = (
     "they carry no interval). change_spearman correlates the changes from checkpoint to checkpoint; its 95% "
     "interval (change_lo, change_hi) and p-value account for the autocorrelation left in the changes."
 )
+
+
+def better_sign(result: pd.DataFrame, what: str) -> str:
+    """Which sign of a gap or residual is the good one, e.g. "(positive: better than the reference)".
+
+    ``result`` is ``matched_loss`` or ``residuals`` output, which keeps the score's direction in its attrs.
+    """
+    return f"({'positive' if result.attrs.get('higher_is_better', True) else 'negative'}: better than {what})"
 
 
 def windows_caption(windows: pd.DataFrame, score: str, tol: float, alpha: float) -> str:

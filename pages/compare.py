@@ -46,7 +46,7 @@ if len(gaps):
     st.metric(
         f"Largest gap to {reference} at the same {loss}",
         f"{best['gap']:+.3f} ± {best['gap_stderr']:.3f}",
-        help=f"{best['run']} at {loss} = {best['loss_level']:.4g}",
+        help=f"{best['run']} at {loss} = {best['loss_level']:.4g} {dv.better_sign(matched, 'the reference')}",
     )
 st.dataframe(matched.round(4), hide_index=True, width="stretch")
 st.plotly_chart(metric_vs_figure(frame, loss, score, x=sel.x, colors=sel.colors, style=sel.style), width="stretch")

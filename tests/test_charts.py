@@ -175,3 +175,25 @@ def test_a_narrow_windows_label_runs_up_its_middle_and_a_wide_ones_sits_in_a_cor
     # On a log axis, width is measured in decades: 1000..3000 is 0.48 of 2.7 decades, still wide.
     log_fig = charts.loss_downstream_figure(frame, LOSS, ACC, windows=windows.iloc[:1], log_x=True)
     assert log_fig.layout.shapes[0].label.textangle == 0
+
+
+def test_an_unconverged_estimate_is_a_hollow_cross_off_the_line():
+    import pandas as pd
+
+    from analysis.charts import curves_figure
+
+    frame = pd.DataFrame(
+        {
+            "run": "r",
+            "step": [1, 2, 3],
+            "metric": "hessian_top_eigenvalue",
+            "value": [3.0, 0.001, 5.0],
+            "stderr": None,
+            "converged": [True, False, True],
+        }
+    )
+    fig = curves_figure(frame, "hessian_top_eigenvalue")
+    line = next(t for t in fig.data if t.name == "r")
+    cross = next(t for t in fig.data if t.name == "r (not converged)")
+    assert list(line.y) == [3.0, 5.0] and list(cross.y) == [0.001]
+    assert cross.mode == "markers" and "did not converge" in fig.layout.title.text

@@ -477,3 +477,16 @@ def test_empty_input_gives_empty_frames():
     assert matched_loss(frame, LOSS, ACC).empty
     assert residuals(frame, LOSS, ACC).empty
     assert predictor_ranking(frame, ACC).empty
+
+
+def test_gaps_and_residuals_say_which_sign_is_better_by_the_scores_direction():
+    frame = two_runs_frame()
+    assert matched_loss(frame, LOSS, ACC).attrs["higher_is_better"] is True
+    assert dv.better_sign(residuals(frame, LOSS, ACC), "the loss") == "(positive: better than the loss)"
+    ppl = frame.assign(metric=frame["metric"].replace({ACC: "wikitext/word_perplexity,none"}))
+    matched = matched_loss(ppl, LOSS, "wikitext/word_perplexity,none")
+    assert dv.better_sign(matched, "the reference") == "(negative: better than the reference)"
+    from analysis.charts import residual_figure
+
+    fig = residual_figure(residuals(ppl, LOSS, "wikitext/word_perplexity,none"), x="step")
+    assert "below 0: better" in fig.layout.yaxis.title.text

@@ -491,7 +491,7 @@ def _matched_section(ctx: _Context) -> Section:
     best = gaps.loc[gaps["gap"].abs().idxmax()]
     s.text.append(
         f"Largest gap to {reference} at the same {nl}: {best['gap']:+.3f} ± {best['gap_stderr']:.3f} "
-        f"({best['run']} at {loss} = {best['loss_level']:.4g})."
+        f"({best['run']} at {loss} = {best['loss_level']:.4g}; {dv.better_sign(matched, 'the reference')[1:-1]})."
     )
     s.figures.append(
         ReportFigure(
