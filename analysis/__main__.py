@@ -204,12 +204,15 @@ def _default_loss(frame: pd.DataFrame) -> str:
 
 def cmd_windows(args: argparse.Namespace) -> int:
     from analysis.divergence import divergence_windows
+    from analysis.samples import score_items
 
     frame = _analysis_frame(args)
     loss = args.loss or _default_loss(frame)
+    items = score_items(Store(args.db), args.run, args.score, frame)  # the paired test where items exist
     windows = divergence_windows(
-        frame, loss, args.score, loss_tol=args.tol, alpha=args.alpha, x=args.x, n_sim=args.n_sim, seed=args.seed
-    )
+        frame, loss, args.score, loss_tol=args.tol, alpha=args.alpha, x=args.x, n_sim=args.n_sim, seed=args.seed,
+        samples=items,
+    )  # fmt: skip
     _print_frame(windows, args.format)
     return 0
 

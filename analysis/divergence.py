@@ -41,12 +41,12 @@ ALIGNED_COLUMNS = [
     "run", "x", "step", "tokens", "left_metric", "right_metric", "left", "left_stderr", "right", "right_stderr",
 ]  # fmt: skip
 CORRELATION_COLUMNS = [
-    "run", "downstream", "n", "spearman", "pearson", "change_spearman", "change_lo", "change_hi", "change_p",
+    "run", "downstream", "n", "spearman", "change_spearman", "change_lo", "change_hi", "change_p", "pearson",
     "n_effective",
 ]  # fmt: skip
 WINDOW_COLUMNS = [
-    "run", "kind", "start", "end", "n_points", "loss_change", "loss_range", "downstream_change", "change_lo",
-    "change_hi", "z_score", "p_adjusted", "n_spans", "stderr_source",
+    "run", "kind", "start", "end", "downstream_change", "change_lo", "change_hi", "p_adjusted", "z_score",
+    "n_points", "loss_change", "loss_range", "n_spans", "stderr_source",
 ]  # fmt: skip
 MATCHED_COLUMNS = ["loss_level", "run", "downstream", "stderr", "reference", "gap", "gap_stderr"]
 RESIDUAL_COLUMNS = [
@@ -332,7 +332,7 @@ def correlations(
     to the loss's" (:func:`analysis.significance.change_correlation`; NaN with fewer than about 5
     checkpoints). ``n_effective`` is the number of independent changes the interval is worth.
 
-    Columns: run, downstream, n, spearman, pearson, change_spearman, change_lo, change_hi, change_p,
+    Columns: run, downstream, n, spearman, change_spearman, change_lo, change_hi, change_p, pearson,
     n_effective.
     """
     metrics = [downstream_metrics] if isinstance(downstream_metrics, str) else list(downstream_metrics)
@@ -411,6 +411,7 @@ def _windows_of_run(
     min_points: int,
     n_sim: int,
     seed: int,
+    cov: np.ndarray | None = None,
 ) -> tuple[list[dict], str]:
     n = len(xs)
     tol = loss_tol * np.abs(loss) if relative else np.full(n, loss_tol)
@@ -420,7 +421,7 @@ def _windows_of_run(
     ends = np.concatenate([spans["grokking"][1], spans["inverse"][1]])
     kinds = np.array(["grokking"] * len(spans["grokking"][0]) + ["inverse"] * len(spans["inverse"][0]))
     signs = np.where(kinds == "grokking", score_sign, -score_sign)
-    test = sig.span_test(score, se, starts, ends, signs, alpha=alpha, n_sim=n_sim, seed=seed)
+    test = sig.span_test(score, se, starts, ends, signs, alpha=alpha, n_sim=n_sim, seed=seed, cov=cov)
     if test is None:
         return [], "none"
     out = []
@@ -448,6 +449,26 @@ def _windows_of_run(
     return out, test.stderr_source
 
 
+def _paired_cov(samples: pd.DataFrame | None, run: str, group: pd.DataFrame) -> np.ndarray | None:
+    """Covariance of a run's scores from its per-item results, or None when they cannot stand for them.
+
+    Needs the same items (at least 10) at every checkpoint of ``group`` and their mean equal to the score
+    (the per-item values are what the score averages); anything else keeps the unpaired test.
+    """
+    if samples is None or not len(samples):
+        return None
+    mine = samples[samples["run"].astype(str) == str(run)]
+    steps = group["step"].to_numpy()
+    table = mine.pivot_table(index="sample_id", columns="step", values="value", aggfunc="first")
+    if not set(steps) <= set(table.columns):
+        return None
+    items = table[list(steps)].dropna().to_numpy(dtype=float)
+    score = group["right"].to_numpy(dtype=float)
+    if len(items) < 10 or not np.allclose(items.mean(axis=0), score, rtol=1e-6, atol=1e-9):
+        return None
+    return sig.paired_covariance(items)
+
+
 def divergence_windows(
     frame: pd.DataFrame,
     loss_metric: str,
@@ -462,6 +483,7 @@ def divergence_windows(
     log_interp: bool = True,
     n_sim: int = 2000,
     seed: int = 0,
+    samples: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Spans of checkpoints where loss and downstream part ways, per run, with a controlled error rate.
 
@@ -478,14 +500,20 @@ def divergence_windows(
     stderrs (``n_sim`` runs, ``seed``; :func:`analysis.significance.span_test`), so the chance that a run
     with no real move gets any window is ``alpha`` whatever its number of checkpoints. A score without
     stderrs (a logged accuracy) is studentized by its own scatter, re-estimated in every simulated run.
+    ``samples`` (run, step, sample_id, value: the score's per-item results, e.g. ``Store.sample_results``)
+    makes the test paired where it can: when every checkpoint of a run scored the same items and their mean
+    is the score, the changes' stderrs come from the items' covariance across checkpoints
+    (:func:`analysis.significance.paired_covariance`): the same items at both ends, so much less noise
+    than two independent stderrs, and more power at the same error rate (stderr_source "paired").
     Each move is reported once: the tightest significant spans around it, joined while the joined span is
     still significant (:func:`analysis.significance.report_spans`); a window's numbers are its own test's.
 
-    Columns: run, kind, start, end (x units), n_points, loss_change (end - start), loss_range (inside the
-    window), downstream_change (score_end - score_start, raw units), change_lo / change_hi (simultaneous
-    bounds: each holds with probability >= 1 - alpha for every candidate at once, together a (1 - 2 alpha)
-    interval; the improving end excludes 0 exactly when the window is significant), z_score, p_adjusted
-    (family-wise over the run's n_spans candidates), n_spans, stderr_source (reported, scatter, mixed).
+    Columns: run, kind, start, end (x units), downstream_change (score_end - score_start, raw units),
+    change_lo / change_hi (simultaneous bounds: each holds with probability >= 1 - alpha for every candidate
+    at once, together a (1 - 2 alpha) interval; the improving end excludes 0 exactly when the window is
+    significant), p_adjusted (family-wise over the run's n_spans candidates), z_score, n_points,
+    loss_change (end - start), loss_range (inside the window), n_spans, stderr_source (reported, paired,
+    scatter, reported+scatter).
     """
     if loss_tol < 0:
         raise ValueError(f"loss_tol={loss_tol} must be >= 0")
@@ -504,10 +532,11 @@ def divergence_windows(
         if len(group) < min_points:
             continue
         found, source = _windows_of_run(
-            group["x"].to_numpy(dtype=float),
-            group["left"].to_numpy(dtype=float),
-            group["right"].to_numpy(dtype=float),
-            group["right_stderr"].to_numpy(dtype=float),
+            cov=_paired_cov(samples, run, group),
+            xs=group["x"].to_numpy(dtype=float),
+            loss=group["left"].to_numpy(dtype=float),
+            score=group["right"].to_numpy(dtype=float),
+            se=group["right_stderr"].to_numpy(dtype=float),
             loss_sign=loss_sign,
             score_sign=score_sign,
             loss_tol=loss_tol,

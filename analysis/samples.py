@@ -115,3 +115,23 @@ def _record(value) -> dict:
     except json.JSONDecodeError:
         return {}
     return parsed if isinstance(parsed, dict) else {}
+
+
+def score_items(store, runs: list[str], score_metric: str, frame: pd.DataFrame) -> pd.DataFrame | None:
+    """Per-item values behind a score, for the paired window test: run, step, sample_id, value.
+
+    The items of an lm-eval score (``task/metric,filter``) are stored under the same name
+    (``Store.sample_results``). Only the items of the setting ``frame`` holds for that score are kept (its
+    ``params_hash``), so a 5-shot score is never paired with 0-shot items. None when no run has any.
+    """
+    rows = frame[frame["metric"].astype(str) == score_metric]
+    if "params_hash" not in rows:
+        return None
+    pieces = []
+    for run in runs:
+        hashes = set(rows.loc[rows["run"].astype(str) == run, "params_hash"])
+        items = store.sample_results(run, score_metric)
+        items = items[items["params_hash"].isin(hashes)] if len(items) else items
+        if len(items):
+            pieces.append(items[["step", "sample_id", "value"]].assign(run=run))
+    return pd.concat(pieces, ignore_index=True) if pieces else None

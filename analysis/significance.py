@@ -103,14 +103,21 @@ def span_test(
     alpha: float = 0.05,
     n_sim: int = 2000,
     seed: int = 0,
+    cov: np.ndarray | None = None,
 ) -> SpanTest | None:
     """Test every candidate span (start[k], end[k]) of one series for a change in direction sign[k].
 
     ``stderr`` is each point's standard error; NaN where unknown, then estimated from the series by
     :func:`scatter_stderr` and re-estimated in every simulated series. Under the null every point is its
-    (constant) mean plus independent Gaussian noise of that stderr. Returns None when nothing can be tested
-    (no candidates, or no stderr and fewer than 3 points / no jitter to estimate one from).
+    (constant) mean plus independent Gaussian noise of that stderr. With ``cov`` (n x n, the covariance of
+    the point estimates, e.g. from the same items scored at every checkpoint: :func:`paired_covariance`)
+    the noise is correlated instead: a span's change has variance c_ii + c_jj - 2 c_ij, smaller when the
+    same items were scored at both ends, and the null is simulated from that covariance (``stderr`` is then
+    ignored). Returns None when nothing can be tested (no candidates, or no stderr and fewer than 3
+    points / no jitter to estimate one from).
     """
+    if cov is not None:
+        return _span_test_paired(score, cov, start, end, sign, alpha=alpha, n_sim=n_sim, seed=seed)
     score = np.asarray(score, dtype=float)
     stderr = np.abs(np.asarray(stderr, dtype=float))
     start, end = np.asarray(start, dtype=int), np.asarray(end, dtype=int)
@@ -161,6 +168,68 @@ def span_test(
         change_hi=change + critical * scale,
         critical=critical,
         stderr_source=source,
+        n_sim=n_sim,
+    )
+
+
+def paired_covariance(items: np.ndarray) -> np.ndarray:
+    """Covariance of per-checkpoint means of the same items: ``items`` is (n_items, n_checkpoints).
+
+    Cov(mean_i, mean_j) = sample covariance of the item values at checkpoints i and j, over n_items. An
+    item that is easy at one checkpoint tends to be easy at the next, so neighbouring scores share most of
+    their sampling noise, and their difference is far better known than two independent stderrs say.
+    """
+    items = np.asarray(items, dtype=float)
+    return np.atleast_2d(np.cov(items, rowvar=False, ddof=1)) / items.shape[0]
+
+
+def _span_test_paired(
+    score: np.ndarray,
+    cov: np.ndarray,
+    start: np.ndarray,
+    end: np.ndarray,
+    sign: np.ndarray,
+    *,
+    alpha: float,
+    n_sim: int,
+    seed: int,
+) -> SpanTest | None:
+    score, cov = np.asarray(score, dtype=float), np.asarray(cov, dtype=float)
+    start, end, sign = np.asarray(start, dtype=int), np.asarray(end, dtype=int), np.asarray(sign, dtype=float)
+    if len(start) == 0:
+        return None
+    var = np.diag(cov)[start] + np.diag(cov)[end] - 2 * cov[start, end]
+    scale = np.sqrt(np.maximum(var, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        weight = np.where(scale > 0, sign / scale, 0.0)
+    change = score[end] - score[start]
+    observed = np.where(scale > 0, change * weight, np.where(sign * change > 0, np.inf, 0.0))
+    # Draws from N(0, cov) through its symmetric square root (clipped at 0: a sample covariance can be
+    # slightly indefinite when there are fewer items than checkpoints).
+    values, vectors = np.linalg.eigh(cov)
+    root = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+    rng = np.random.default_rng(seed)
+    n = len(score)
+    chunk = max(1, int(4_000_000 // max(len(start), n)))
+    maxima = np.empty(n_sim)
+    for lo in range(0, n_sim, chunk):
+        hi = min(n_sim, lo + chunk)
+        sim = rng.standard_normal((hi - lo, n)) @ root
+        maxima[lo:hi] = ((sim[:, end] - sim[:, start]) * weight[None, :]).max(axis=1)
+    maxima.sort()
+    exceed = n_sim - np.searchsorted(maxima, observed, side="left")
+    critical = float(np.quantile(maxima, 1.0 - alpha))
+    return SpanTest(
+        start=start,
+        end=end,
+        sign=sign,
+        change=change,
+        stat=observed,
+        p_adjusted=(1.0 + exceed) / (1.0 + n_sim),
+        change_lo=change - critical * scale,
+        change_hi=change + critical * scale,
+        critical=critical,
+        stderr_source="paired",
         n_sim=n_sim,
     )
 

@@ -324,8 +324,11 @@ def _aligned(db: str, gen: int, runs: tuple[str, ...], loss: str, score: str, x:
 @st.cache_data(max_entries=32, show_spinner=False)
 def _windows(db: str, gen: int, runs: tuple[str, ...], loss: str, score: str, tol: float, a: float, x: str, c: Chosen):
     from analysis import divergence as dv
+    from analysis.samples import score_items
 
-    return dv.divergence_windows(_selected(db, gen, runs, c), loss, score, loss_tol=tol, alpha=a, x=x)
+    frame = _selected(db, gen, runs, c)
+    items = score_items(Store(db, lock_timeout=10.0), list(runs), score, frame)  # paired test where items exist
+    return dv.divergence_windows(frame, loss, score, loss_tol=tol, alpha=a, x=x, samples=items)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)

@@ -169,7 +169,9 @@ def test_windows_prints_each_window_with_its_adjusted_p_value(divergence_db: Pat
     assert w["start"] >= 40 and w["end"] <= 120 and w["p_adjusted"] <= 0.05
     assert w["change_lo"] > 0 and w["change_lo"] <= w["downstream_change"] <= w["change_hi"]
     code, out, _ = cli("windows", *args, "--format", "csv", "--alpha", "0.01")
-    assert code == 0 and out.splitlines()[0].startswith("run,kind,start,end,n_points")
+    assert code == 0 and out.splitlines()[0].startswith(
+        "run,kind,start,end,downstream_change,change_lo,change_hi,p_adjusted"
+    )
     code, _, err = cli("windows", *args, "--alpha", "2")
     assert code == 2 and err.count("\n") == 1 and "alpha" in err
 
@@ -196,3 +198,36 @@ def test_windows_and_rank_refuse_bad_input_in_one_line(divergence_db: Path, extr
     for command in ("windows", "rank"):
         code, out, err = cli(command, *extra, "--db", str(divergence_db))
         assert code == 2 and out == "" and message in err and err.count("\n") == 1, (command, err)
+
+
+def test_windows_pair_the_items_a_score_was_computed_from(divergence_db: Path) -> None:
+    """Per-item results stored beside a score make the window test paired (stderr_source 'paired')."""
+    import numpy as np
+
+    from analysis.samples import score_items
+    from analysis.settings import select_settings
+    from analysis.store import ResultRow, SampleRow, Store
+
+    store = Store(divergence_db)
+    rng = np.random.default_rng(0)
+    steps = [1, 10, 20, 40, 60, 80, 100, 120]
+    easy = rng.random(400) < 0.3  # items right from the start; 30% more are learnt from step 80
+    learnt = rng.random(400) < 0.3
+    rows, samples = [], []
+    for s in steps:
+        right = (easy | (learnt & (s >= 80))).astype(float)
+        params = {"task": "items"}
+        row = ResultRow("grok", s, "items/acc,none", float(right.mean()), f"fp-grok-{s}", 0.02, 400, params=params)
+        rows.append(row)
+        samples += [SampleRow("grok", s, row.metric, row.params_hash, str(i), v) for i, v in enumerate(right)]
+    store.write_results(rows, samples)
+    frame = select_settings(store.long_table(["grok"]))
+    items = score_items(store, ["grok"], "items/acc,none", frame)
+    assert items is not None and len(items) == 400 * len(steps)
+    code, out, err = cli(
+        "windows", "--run", "grok", "--score", "items/acc,none", "--db", str(divergence_db), "--format", "json"
+    )
+    assert code == 0, err
+    found = json.loads(out)
+    assert [w["stderr_source"] for w in found] == ["paired"]
+    assert found[0]["start"] == 60 and found[0]["end"] == 80  # the step where the items were learnt

@@ -260,3 +260,54 @@ def test_beats_baseline_is_exact_with_few_blocks_and_calibrated_with_many():
             rejections += bool((sig.beats_baseline(cands, base, n_sim=500) <= ALPHA).any())
         assert rejections / reps <= ALPHA + mc_bound(ALPHA, reps), n
     assert sig.holm([0.01, 0.04, 0.03]).tolist() == pytest.approx([0.03, 0.06, 0.06])
+
+
+# -- paired: the same items scored at every checkpoint --------------------------------------------------------
+
+
+def items_case(n: int, items: int, rng: np.random.Generator, delta: float = 0.0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-item right/wrong at each checkpoint; items keep their difficulty (most always or never right)."""
+    p = rng.beta(0.3, 0.3, items)
+    shift = np.where(np.arange(n) >= int(0.6 * n), delta, 0.0)
+    x = (rng.random((items, n)) < np.clip(p[:, None] + shift[None, :], 0, 1)).astype(float)
+    score = x.mean(axis=0)
+    frame = frame_of(np.full(n, 2.0), score, None)
+    frame.loc[frame["metric"] == ACC, "stderr"] = np.sqrt(score * (1 - score) / items)  # lm-eval's binomial
+    steps = (np.arange(n) + 1) * 100
+    samples = pd.DataFrame(
+        {"run": "r", "step": np.tile(steps, items), "sample_id": np.repeat(np.arange(items), n).astype(str),
+         "value": x.ravel()}
+    )  # fmt: skip
+    return frame, samples
+
+
+def test_paired_windows_keep_alpha_on_items_that_never_change():
+    rng = np.random.default_rng(21)
+    reps, hits = 200, 0
+    for r in range(reps):
+        frame, samples = items_case(20, 300, rng)
+        found = divergence_windows(frame, LOSS, ACC, samples=samples, n_sim=1000, seed=r)
+        hits += len(found) > 0
+    assert abs(hits / reps - ALPHA) <= mc_bound(ALPHA, reps)
+
+
+def test_paired_windows_find_a_move_that_two_independent_stderrs_miss():
+    rng = np.random.default_rng(22)
+    reps, paired, unpaired = 40, 0, 0
+    for r in range(reps):
+        frame, samples = items_case(20, 400, rng, delta=0.08)
+        with_items = divergence_windows(frame, LOSS, ACC, samples=samples, n_sim=1000, seed=r)
+        paired += len(with_items) > 0
+        unpaired += len(divergence_windows(frame, LOSS, ACC, n_sim=1000, seed=r)) > 0
+        assert (with_items["stderr_source"] == "paired").all()
+    assert paired / reps >= 0.9 and unpaired / reps <= 0.5
+
+
+def test_items_missing_at_a_checkpoint_fall_back_to_the_reported_stderrs():
+    rng = np.random.default_rng(23)
+    frame, samples = items_case(12, 200, rng, delta=0.5)
+    partial = samples[samples["step"] != 500]  # one checkpoint without its items
+    found = divergence_windows(frame, LOSS, ACC, samples=partial)
+    assert len(found) and (found["stderr_source"] == "reported").all()
+    wrong = samples.assign(value=1 - samples["value"])  # items that do not average to the score
+    assert (divergence_windows(frame, LOSS, ACC, samples=wrong)["stderr_source"] == "reported").all()

@@ -31,6 +31,7 @@ from analysis.charts import (
     run_colors,
     trajectory_figure,
 )
+from analysis.samples import score_items
 from analysis.settings import select_settings, settings_table
 from analysis.store import DEFAULT_DB, Store, library_versions
 
@@ -415,7 +416,8 @@ def _divergence_sections(ctx: _Context) -> list[Section]:
         windows_section.missing.append(Missing("needs a loss and a downstream score (see the section above)"))
         return [curves, windows_section]
     loss, score = o.loss_metric, o.downstream_metric
-    windows = dv.divergence_windows(ctx.frame, loss, score, loss_tol=o.loss_tol, alpha=o.alpha, x=o.x)
+    items = score_items(ctx.store, list(ctx.runs), score, ctx.frame)  # the paired test where items exist
+    windows = dv.divergence_windows(ctx.frame, loss, score, loss_tol=o.loss_tol, alpha=o.alpha, x=o.x, samples=items)
     aligned = dv.align(ctx.frame, loss, score, x=o.x)
     corr = dv.correlations(aligned, loss, [score])
     ctx.tables |= {"windows": windows, "aligned": aligned, "correlations": corr}
