@@ -957,6 +957,20 @@ def better_sign(result: pd.DataFrame, what: str) -> str:
     return f"({'positive' if result.attrs.get('higher_is_better', True) else 'negative'}: better than {what})"
 
 
+def window_sentences(windows: pd.DataFrame, score: str, x_label: str = "step") -> list[str]:
+    """One plain sentence per window: where, how much with its interval, and how sure."""
+    level = 1 - 2 * windows.attrs.get("alpha", 0.05)
+    out = []
+    for w in windows.itertuples():
+        what = "flat loss" if w.kind == "grokking" else "improving loss"
+        out.append(
+            f"{w.run}, {x_label} {w.start:g} to {w.end:g} ({what}): {score} {w.downstream_change:+.3g} "
+            f"({level:.0%} simultaneous interval {w.change_lo:+.3g} to {w.change_hi:+.3g}), "
+            f"adjusted p = {w.p_adjusted:.2g}, {w.stderr_source} stderrs"
+        )
+    return out
+
+
 def windows_caption(windows: pd.DataFrame, score: str, tol: float, alpha: float) -> str:
     """One sentence that says what the windows table claims and at which error rate."""
     rule = (

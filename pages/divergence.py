@@ -47,6 +47,8 @@ with left:
     st.subheader("Windows")
     st.caption(dv.windows_caption(windows, _state.md_text(score), tol, alpha))
     if len(windows):
+        label = X_LABELS.get(sel.x, sel.x)
+        st.markdown("\n".join(f"- {_state.md_text(t)}" for t in dv.window_sentences(windows, score, label)))
         st.dataframe(windows.round(4), hide_index=True, width="stretch")
     st.subheader("Loss vs downstream correlation")
     # Over a chosen span of checkpoints (e.g. only after the loss flattened); the span is in the URL.

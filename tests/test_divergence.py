@@ -490,3 +490,11 @@ def test_gaps_and_residuals_say_which_sign_is_better_by_the_scores_direction():
 
     fig = residual_figure(residuals(ppl, LOSS, "wikitext/word_perplexity,none"), x="step")
     assert "below 0: better" in fig.layout.yaxis.title.text
+
+
+def test_each_window_reads_as_one_sentence_with_its_interval_and_p_value():
+    windows = divergence_windows(grokking_frame(), LOSS, ACC)
+    (sentence,) = dv.window_sentences(windows, ACC)
+    w = windows.iloc[0]
+    assert sentence.startswith("a, step 1000 to 3000 (flat loss): arc_easy/acc,none +0.8 (90% simultaneous")
+    assert f"{w['change_lo']:+.3g} to {w['change_hi']:+.3g}" in sentence and "adjusted p = " in sentence

@@ -457,6 +457,7 @@ def _divergence_sections(ctx: _Context) -> list[Section]:
         dv.windows_caption(windows, ns, o.loss_tol, o.alpha) + f" start and end are in {o.x} units."
     )
     if len(windows):
+        windows_section.text.extend(f"{t}." for t in dv.window_sentences(windows, ns, o.x))
         windows_section.tables.append(ReportTable("windows", "Windows found", windows))
     return [curves, windows_section]
 
