@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from analysis.runs.local import check_weights_only
+from analysis.runs.base import check_not_lfs_pointer
+from analysis.runs.local import check_weights_only, is_weightless
 
 # A checkpoint folder holds its tokenizer in files named like these.
 TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "spiece", "sentencepiece")
@@ -102,6 +103,7 @@ def read_config(folder: str | Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ValueError(f"{path}: missing; a checkpoint folder needs the config.json that save_pretrained writes")
+    check_not_lfs_pointer(path)
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -127,12 +129,17 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
+    if folder.is_dir() and is_weightless(folder):
+        raise ValueError(
+            f"{folder}: no weights here, only trainer_state.json; download the weights into it and run add-run again"
+        )
     read_config(folder)  # fail early and clearly on a missing or broken config.json
     # Not every .bin is weights: Trainer checkpoints also hold training_args.bin.
     weights = [*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin"), *folder.glob("model*.bin")]
     if not weights:
         raise ValueError(f"{folder}: no *.safetensors or *.bin weights; save the checkpoint with save_pretrained")
     for file in weights:
+        check_not_lfs_pointer(file)  # else transformers fails on it with a message about headers
         if file.name.endswith(".bin"):
             check_weights_only(file)  # refuse pickled code before transformers opens the file
     if not any(p.name.startswith(TOKENIZER_FILES) for p in folder.iterdir()):

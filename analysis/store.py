@@ -35,7 +35,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from analysis.runs.base import Checkpoint, Run
+from analysis.runs.base import NO_WEIGHTS_PREFIX, Checkpoint, Run
 
 DEFAULT_DB = Path("data/cache.duckdb")
 
@@ -388,7 +388,9 @@ class Store:
         """Insert or update a run, its checkpoints and its training log, in one transaction.
 
         A checkpoint whose fingerprint changed loses its cached results (they described
-        other weights). The run's log series are replaced by ``run.log``.
+        other weights). A checkpoint without weights here (``no-weights:`` fingerprint) never
+        replaces one already registered at its step: it has nothing to compare, and the results
+        already cached there (imported ones, say) stay. The run's log series are replaced by ``run.log``.
         """
         with self._write() as con:
             con.execute(
@@ -401,6 +403,8 @@ class Store:
             new = changed = 0
             for ckpt in run.checkpoints:
                 old = known.get(ckpt.step)
+                if old is not None and ckpt.fingerprint.startswith(NO_WEIGHTS_PREFIX):
+                    continue
                 if old is None:
                     new += 1
                 elif old != ckpt.fingerprint:
@@ -482,6 +486,7 @@ class Store:
         *,
         unit: UnitUpdate | None = None,
         new_checkpoints: list[tuple[str, Checkpoint]] = (),
+        new_runs: list[Run] = (),
     ) -> int:
         """Write a unit's results (typically one checkpoint's) atomically; returns rows written.
 
@@ -491,12 +496,19 @@ class Store:
         refused: it would describe weights that are not registered. ``new_checkpoints``
         (run, checkpoint) pairs are registered first, in the same transaction, where the
         run has none at that step yet: imported results of checkpoints with no local folder.
+        ``new_runs`` are created first (name, source, config; left as they are when they exist), so
+        an import that creates its run and fails leaves no empty run behind.
         """
-        if not rows and not samples and unit is None and not new_checkpoints:
+        if not rows and not samples and unit is None and not new_checkpoints and not new_runs:
             return 0
         with self._write() as con:
             if unit is not None:
                 self._set_unit(con, unit)
+            for run in new_runs:
+                con.execute(
+                    "INSERT INTO runs (name, source, config) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING",
+                    [run.name, run.source, json.dumps(run.config, default=str)],
+                )
             for run, ckpt in new_checkpoints:
                 con.execute(
                     """INSERT INTO checkpoints (run, step, tokens, path, fingerprint) VALUES (?, ?, ?, ?, ?)

@@ -26,7 +26,7 @@ import struct
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from analysis.runs.base import MAX_STEP, Checkpoint
+from analysis.runs.base import MAX_STEP, NO_WEIGHTS_PREFIX, Checkpoint, check_not_lfs_pointer, lfs_pointer_problem
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -164,6 +164,7 @@ def read_safetensors_header(path: str | Path) -> bytes:
     header cannot be parsed or the tensors it lists run past the end of the file.
     """
     path = Path(path)
+    check_not_lfs_pointer(path)
     try:
         return _header_bytes(path)
     except ValueError as err:
@@ -202,6 +203,7 @@ def _pickle_problem(path: Path) -> str | None:
 
 def check_weights_only(path: str | Path) -> None:
     """Raise ValueError (one line naming the file) unless a ``.bin`` weights file holds only tensors."""
+    check_not_lfs_pointer(path)
     problem = _pickle_problem(Path(path))
     if problem is not None:
         raise ValueError(f"{path}: {problem}")
@@ -245,6 +247,8 @@ def _check_config(folder: Path) -> str | None:
     config = folder / "config.json"
     if not config.is_file():
         return "no config.json; skipped (save it with save_pretrained)"
+    if (pointer := lfs_pointer_problem(config)) is not None:
+        return f"{pointer} (checkpoint skipped)"
     try:
         parsed = json.loads(config.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -259,6 +263,8 @@ def _check_weights(files: list[Path]) -> str | None:
     if not files:
         return "no weights (*.safetensors or pytorch_model*.bin); skipped (save it with save_pretrained)"
     for file in files:
+        if (pointer := lfs_pointer_problem(file)) is not None:
+            return f"{pointer} (checkpoint skipped)"
         if file.stat().st_size == 0:
             return f"{file.name} is empty; skipped (copy or save it again)"
         if file.name.endswith(".safetensors"):
@@ -271,9 +277,25 @@ def _check_weights(files: list[Path]) -> str | None:
     return None
 
 
+def is_weightless(folder: Path) -> bool:
+    """Whether a checkpoint folder holds a Trainer's ``trainer_state.json`` but no weights files at all.
+
+    Published Trainer runs are often shared this way: every ``checkpoint-N/`` keeps its state and log,
+    only the weights were left out.
+    """
+    try:
+        files = [p for p in folder.iterdir() if p.is_file()]
+    except OSError:
+        return False
+    return any(p.name == "trainer_state.json" for p in files) and not any(is_weights_file(p) for p in files)
+
+
 def _make_checkpoint(path: Path, step: int, tokens: int | None, problems: list[str]) -> Checkpoint | None:
     """Validate one candidate and build its Checkpoint, or record why it is skipped."""
     folder, weights_file = checkpoint_parts(path)
+    if weights_file is None and is_weightless(folder):
+        # Listed (its step, its log), never evaluated: the fingerprint says there are no weights to match.
+        return Checkpoint(step=step, path=str(path), tokens=tokens, fingerprint=f"{NO_WEIGHTS_PREFIX}{path.name}")
     problem = _check_config(folder)
     if problem is None:
         if weights_file is not None:
@@ -324,8 +346,10 @@ def discover_checkpoints(root: str | Path) -> tuple[list[Checkpoint], list[str]]
     """Find the checkpoints of a local run folder.
 
     Returns the usable checkpoints sorted by step (absolute paths) and one-line problems
-    about the rest: missing or broken config.json, missing or truncated weights, a step
-    that appears twice (the first path in name order is kept). Raises ValueError when
+    about the rest: missing or broken config.json, missing or truncated weights, Git LFS
+    pointers in place of files, a step that appears twice (the first path in name order is
+    kept). A folder with a ``trainer_state.json`` and no weights at all is returned with a
+    ``no-weights:`` fingerprint (see ``base.NO_WEIGHTS_PREFIX``), and one line says so. Raises ValueError when
     ``root`` does not exist or is a file.
     """
     root = Path(root).expanduser()
@@ -357,4 +381,12 @@ def discover_checkpoints(root: str | Path) -> tuple[list[Checkpoint], list[str]]
             problems.append(f"{root}: step {step} appears twice ({first}, {path.name}); kept {first}")
             continue
         by_step[step] = checkpoint
+    weightless = sorted(step for step, c in by_step.items() if c.fingerprint.startswith(NO_WEIGHTS_PREFIX))
+    if weightless:
+        span = f"step {weightless[0]}" if len(weightless) == 1 else f"steps {weightless[0]}..{weightless[-1]}"
+        problems.append(
+            f"{root}: {len(weightless)} of {len(by_step)} checkpoints ({span}) have no weights here, only "
+            "trainer_state.json: registered with their training log but they cannot be evaluated; "
+            "download the weights into those folders and run add-run again"
+        )
     return [by_step[step] for step in sorted(by_step)], problems

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.runs.base import MAX_STEP, Checkpoint, empty_log
+from analysis.runs.base import MAX_STEP, Checkpoint, check_not_lfs_pointer, empty_log
 from analysis.runs.local import parse_step_name
 
 # Column names that hold the training step, most specific first.
@@ -323,6 +323,7 @@ def _tensorboard_rows(file: Path) -> list[tuple[int, str, float]]:
     from tensorboard.compat.tensorflow_stub.errors import OpError
     from tensorboard.util import tensor_util
 
+    check_not_lfs_pointer(file)  # else tensorboard reads it as an events file with no scalars
     accumulator = EventAccumulator(str(file), size_guidance={"scalars": 0, "tensors": 0})
     try:
         accumulator.Reload()
@@ -366,8 +367,8 @@ def read_log(path: str | Path) -> LogResult:
     The format follows the name: ``trainer_state.json``, ``.csv``/``.tsv``, ``.jsonl``/``.ndjson``,
     other ``.json`` (a list of entries, a log_history, or JSON lines), ``events.out.tfevents.*``,
     or a folder holding TensorBoard event files. Raises ValueError (one line naming the file and
-    the fix) for a missing file, an unknown format, unparsable content, no step column or no
-    numeric values.
+    the fix) for a missing file, a Git LFS pointer in place of the file, an unknown format,
+    unparsable content, no step column or no numeric values.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -376,8 +377,10 @@ def read_log(path: str | Path) -> LogResult:
         if any(path.rglob("*tfevents*")):
             return _read_tensorboard(path)
         if (path / "trainer_state.json").is_file():
+            check_not_lfs_pointer(path / "trainer_state.json")
             return _read_json(path / "trainer_state.json")
         raise ValueError(f"{path}: a folder without TensorBoard events or trainer_state.json; pass the log file")
+    check_not_lfs_pointer(path)  # a clone without git-lfs: the pointer would read as a log with no values
     name = path.name.lower()
     if "tfevents" in name:
         return _read_tensorboard(path)
