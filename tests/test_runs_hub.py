@@ -92,7 +92,7 @@ def test_listing_failure_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) ->
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith("cannot list revisions of org/model: Failed to resolve")
-    assert "pass --refs or check your connection" in message
+    assert "name them with --revisions step1000,step2000" in message and "--refs" not in message
 
 
 def test_load_run_from_hub_without_network(tmp_path: Path) -> None:

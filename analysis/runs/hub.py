@@ -51,7 +51,10 @@ def _list_refs(repo_id: str) -> list[tuple[str, str | None]]:
         refs = list_repo_refs(repo_id)
     except (OSError, ValueError, HTTPError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot list revisions of {repo_id}: {first}; pass --refs or check your connection") from None
+        raise ValueError(
+            f"cannot list revisions of {repo_id}: {first}; name them with --revisions step1000,step2000 "
+            "(or a file with one name a line), or check your connection"
+        ) from None
     found = [(ref.name, getattr(ref, "target_commit", None)) for ref in (refs.branches or [])]
     found += [(ref.name, getattr(ref, "target_commit", None)) for ref in (getattr(refs, "tags", None) or [])]
     return found

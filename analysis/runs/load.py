@@ -13,6 +13,7 @@ from analysis.runs.base import Checkpoint, Run
 from analysis.runs.hub import HF_PREFIX, hub_checkpoints, parse_hub_path
 from analysis.runs.local import checkpoint_parts, discover_checkpoints
 from analysis.runs.logs import find_logs, merge_logs, read_log
+from analysis.runs.stepmap import apply_steps
 
 # Settings copied from the latest checkpoint's config.json into Run.config.
 CONFIG_KEYS = ("model_type", "architectures")
@@ -95,11 +96,26 @@ def _load_local(path: str | Path, name: str | None) -> Run:
     )
 
 
+def read_revisions(value: str) -> list[str]:
+    """Revision names from ``--revisions``: a comma-separated list, or a file with one name a line (or commas).
+
+    Raises ValueError when the list is empty.
+    """
+    file = Path(value).expanduser()
+    text = file.read_text(encoding="utf-8") if file.is_file() else value
+    names = [part.strip() for line in text.splitlines() for part in line.split(",") if part.strip()]
+    if not names:
+        raise ValueError(f"--revisions {value!r}: no revision names; write step1000,step2000 or a file of names")
+    return names
+
+
 def load_run(
     path: str | Path,
     name: str | None = None,
     log: str | Path | None = None,
     refs: list[str] | None = None,
+    step_map: str | Path | None = None,
+    steps_per_checkpoint: int | None = None,
 ) -> Run:
     """Load a run: its checkpoints, its merged training log and what could not be used.
 
@@ -107,12 +123,17 @@ def load_run(
     revision; ``refs`` names the revisions instead of listing them online). Logs found in a
     local folder are merged (see ``logs.find_logs``); an unreadable one becomes a line in
     ``Run.problems``. ``log`` is read last, so it wins on shared (step, metric) pairs; unlike
-    found logs it must be readable, else ValueError. Checkpoints whose names carry no token
-    count get it from the log. ``name`` defaults to the folder or repository name. Raises
-    ValueError with one line when the run has neither checkpoints nor log rows.
+    found logs it must be readable, else ValueError. ``step_map`` / ``steps_per_checkpoint``
+    give checkpoints named by index (LLM360's ``ckpt_NNN``) their steps (see ``stepmap.apply_steps``).
+    Checkpoints whose names carry no token count get it from the log. ``name`` defaults to the
+    folder or repository name. Raises ValueError with one line when the run has neither
+    checkpoints nor log rows.
     """
     source = str(path)
+    if refs is not None and not source.startswith(HF_PREFIX):
+        raise ValueError(f"{source}: --revisions names hub revisions; use it with hf://ORG/MODEL")
     run = _load_hub(source, name, refs) if source.startswith(HF_PREFIX) else _load_local(path, name)
+    run = apply_steps(run, step_map, steps_per_checkpoint)
     if log is not None:
         result = read_log(log)
         run.log = merge_logs([run.log, result.frame])
