@@ -119,9 +119,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_add_run(args: argparse.Namespace) -> int:
-    from analysis.runs.load import load_run
+    from analysis.runs.load import load_run, read_revisions
 
-    run = load_run(args.path, name=args.name, log=args.log)
+    refs = read_revisions(args.revisions) if args.revisions is not None else None
+    run = load_run(
+        args.path, name=args.name, log=args.log, refs=refs, step_map=args.step_map,
+        steps_per_checkpoint=args.steps_per_checkpoint,
+    )  # fmt: skip
     return _register(Store(args.db), run, trust_remote_code=args.trust_remote_code)
 
 
@@ -324,43 +328,34 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_import_evals(args: argparse.Namespace) -> int:
+    from analysis.evals.importing import plan_import
     from analysis.evals.lmeval import parse_results_file
-    from analysis.runs.base import Checkpoint
-    from analysis.store import ResultRow, library_versions
+    from analysis.runs.base import Run
 
     store = Store(args.db)
-    ckpts = store.checkpoints(args.run)
-    if not len(store.runs()) or args.run not in set(store.runs()["name"]):
-        raise ValueError(f"unknown run {args.run!r} in {args.db}; register it first with add-run")
+    known = set(store.runs().get("name", []))
+    ckpts = store.checkpoints(args.run) if args.run in known else []
     by_step = dict(zip(ckpts["step"], ckpts["fingerprint"], strict=True)) if len(ckpts) else {}
     files = sorted(Path(args.path).rglob("*.json")) if Path(args.path).is_dir() else [Path(args.path)]
     if not files:
         raise ValueError(f"{args.path}: no .json result files found; point at an lm-eval output file or folder")
-    # Every file is read before anything is written, and everything is written in one transaction:
-    # one bad file, or a kill midway, imports nothing.
+    # Every file is read before anything is written, and everything (the run too, when it is new) is
+    # written in one transaction: one bad file, or a kill midway, imports nothing and creates no run.
     parsed = [parse_results_file(file, step=args.step) for file in files]
-    rows: list[ResultRow] = []
-    new_checkpoints: list[tuple[str, Checkpoint]] = []
-    for file, imported in zip(files, parsed, strict=True):
+    plan = plan_import(parsed, args.run, by_step)
+    for imported in parsed:
         for problem in imported.problems:
-            print(f"warning: {file}: {problem}", file=sys.stderr)
-        if imported.step not in by_step:
-            # Results of a checkpoint that is not on this machine: register it as a remote one.
-            fingerprint = f"imported:{imported.model_args}"
-            new_checkpoints.append((args.run, Checkpoint(imported.step, f"imported:{file}", fingerprint=fingerprint)))
-            by_step[imported.step] = fingerprint
-        # The shot count is part of a result's setting: 0-shot and 5-shot files stay two series.
-        params = {"imported_from": str(file.resolve()), "model_args": imported.model_args}
-        rows += [
-            ResultRow(
-                args.run, imported.step, f"{r.task}/{r.metric}", r.value, by_step[imported.step], r.stderr, r.n,
-                {**params, "num_fewshot": r.n_shot}, f"{r.task_version or ''};n_shot={r.n_shot}", library_versions(),
-                higher_is_better=r.higher_is_better,
-            )
-            for r in imported.rows
-        ]  # fmt: skip
-        print(f"{file}: step {imported.step} (from {imported.step_source}), {len(imported.rows)} values")
-    written = store.write_results(rows, new_checkpoints=new_checkpoints)
+            print(f"warning: {problem}", file=sys.stderr)  # each names its file
+        derived = f" (+{len(imported.derived)} group means)" if imported.derived else ""
+        what = f"step {imported.step} (from {imported.step_source}), {len(imported.rows)} values{derived}"
+        print(f"{imported.path}: {what}")
+    for line in plan.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    source = Path(args.path).resolve()
+    new_runs = [] if args.run in known else [Run(args.run, f"imported:{source}", config={"imported_from": str(source)})]
+    written = store.write_results(plan.rows, new_checkpoints=plan.new_checkpoints, new_runs=new_runs)
+    if new_runs:
+        print(f"created run {args.run!r} (no local checkpoints; imported results only)")
     print(f"imported {written} values into run {args.run!r}")
     return 0
 
@@ -382,11 +377,12 @@ def cmd_import_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_metric(args: argparse.Namespace) -> int:
-    from analysis.jobs.metric_once import compute_once
+    from analysis.jobs.metric_once import compute_once, progress_printer
 
     result = compute_once(
-        args.name, args.checkpoint, args.data, params=args.param or [], device=args.device, seed=args.seed
-    )
+        args.name, args.checkpoint, args.data, params=args.param or [], device=args.device, seed=args.seed,
+        progress=progress_printer(args.name),
+    )  # fmt: skip
     if args.format == "json":
         print(json.dumps(result))
     else:
@@ -430,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", type=Path, default=DEFAULT_DB, help=f"cache file (default {DEFAULT_DB})")
+    common.add_argument("--debug", action="store_true", help="on an error, print the full traceback before it")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", parents=[common], help="train the two embedded demo runs and register them")
@@ -443,6 +440,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="run folder (checkpoint-N/, step_N/, ...) or hf://ORG/MODEL")
     p.add_argument("--name", help="run name (default: the folder name)")
     p.add_argument("--log", help="training log: trainer_state.json, CSV, JSONL or a TensorBoard event file")
+    p.add_argument(
+        "--revisions",
+        help="hf:// only: the revisions to register, without listing them online (step1000,step2000 or a file)",
+    )
+    p.add_argument("--step-map", help="CSV with columns revision (or checkpoint), step[, tokens]: the real steps")
+    p.add_argument(
+        "--steps-per-checkpoint", type=int, help="steps between ckpt_NNN checkpoints (LLM360): step = NNN * K"
+    )
     p.add_argument(
         "--trust-remote-code",
         action="store_true",
@@ -491,7 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's own")
-    p.add_argument("--param", action="append", help="METRIC.KEY=VALUE, e.g. hessian_trace.n_probes=16")
+    p.add_argument(
+        "--param", action="append", help="METRIC.KEY=VALUE, e.g. hessian_trace.n_probes=16 or hessian_trace.seed=1"
+    )
     p.add_argument("--queue", action="store_true", help="only queue the job for `worker`")
     p.add_argument("--executor", choices=["local", "ray"], default="local", help="where units run (default local)")
     p.add_argument("--ray-address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray instance)")
@@ -532,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="metric name (heldout_loss, hessian_trace, ...)")
     p.add_argument("--checkpoint", required=True, help="a transformers model folder")
     p.add_argument("--data", required=True, help="probe data: JSONL with text or input_ids")
-    p.add_argument("--param", action="append", help="KEY=VALUE (repeat)")
+    p.add_argument("--param", action="append", help="KEY=VALUE (repeat); seed=N seeds this metric's draws")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=["json", "text"], default="json")
@@ -555,16 +562,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure ends in one ``error:`` line and exit 2 (``--debug``: the traceback first)."""
+    import traceback
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, KeyError, FileNotFoundError, StoreLockedError) as err:
+        if args.debug:
+            traceback.print_exc()
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished units are kept in the cache", file=sys.stderr)
         return 130
+    except Exception as err:  # the command line's boundary: nothing unexpected ends in a traceback
+        if args.debug:
+            traceback.print_exc()
+        # One line: the command, what it worked on, what failed, and what to do.
+        what = args.command + (f" {args.name}" if args.command == "metric" else "")
+        inputs = [(key, getattr(args, key, None)) for key in ("checkpoint", "data", "path", "folder", "run", "out")]
+        named = ", ".join(f"{key} {', '.join(map(str, v)) if isinstance(v, list) else v}" for key, v in inputs if v)
+        text = str(err).strip()
+        reason = f"{type(err).__name__}: {text.splitlines()[0][:300]}" if text else type(err).__name__
+        hint = "rerun with --debug for the traceback"
+        if args.command == "metric":
+            hint = (
+                "the model failed on the probe data: check that config.json matches the weights (hidden_size "
+                "divisible by num_attention_heads, vocab_size above every probe token id), or re-save the "
+                f"checkpoint with save_pretrained; {hint}"
+            )
+        where = f" ({named})" if named else ""
+        print(f"error: {what} failed{where}: {reason}; {hint}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
