@@ -1006,19 +1006,38 @@ def ranking_verdict(ranking: pd.DataFrame, loss_metric: str | None) -> str:
 # --- choosing sensible defaults for the views -------------------------------------------------------
 
 _LOSS_PREFERENCE = ("eval/loss", "train/loss")
+# lm-eval's loss-like metrics (lower is better; ``task/<metric>,<filter>``), in the order offered as a loss after
+# the logged and held-out losses: a run known only from result files (Pythia's sweeps carry lambada_openai
+# perplexity) still has a loss side.
+_EVAL_LOSSES = ("bits_per_byte", "byte_perplexity", "word_perplexity", "perplexity", "ppl")
+
+
+def _eval_loss_rank(name: str) -> int | None:
+    """The place of an lm-eval loss-like metric in ``_EVAL_LOSSES``, or None for any other name."""
+    if "/" not in name or "," not in name:
+        return None
+    metric = name.rsplit("/", 1)[-1].split(",", 1)[0]
+    return _EVAL_LOSSES.index(metric) if metric in _EVAL_LOSSES else None
 
 
 def loss_metrics(names: Sequence[str]) -> list[str]:
-    """Metrics that are a loss (logged losses and held-out losses), the preferred first."""
+    """Metrics that are a loss, the preferred first: logged losses, held-out losses, then lm-eval's loss-like
+    metrics (``bits_per_byte``, ``byte_perplexity``, ``word_perplexity``, ``perplexity``, ``ppl``)."""
     names = list(dict.fromkeys(names))
     losses = [n for n in names if n in _LOSS_PREFERENCE or n.endswith(("/heldout_loss", "/loss"))]
-    return sorted(
+    losses = sorted(
         losses, key=lambda n: (n not in _LOSS_PREFERENCE, _LOSS_PREFERENCE.index(n) if n in _LOSS_PREFERENCE else 0, n)
     )
+    evals = [n for n in names if n not in losses and _eval_loss_rank(n) is not None]
+    return losses + sorted(evals, key=lambda n: (_eval_loss_rank(n), n))
 
 
 def downstream_metrics(names: Sequence[str]) -> list[str]:
-    """Metrics that are a downstream score: lm-eval results (``task/metric,filter``) and logged accuracies."""
+    """Metrics that are a downstream score: lm-eval results (``task/metric,filter``) and logged accuracies.
+
+    lm-eval's loss-like metrics (perplexities, bits per byte) come last: they are offered as a loss
+    (``loss_metrics``), so the default score is a real one whenever the runs have any.
+    """
     names = list(dict.fromkeys(names))
     scores = [n for n in names if ("," in n and "/" in n and "stderr" not in n) or n.endswith("/accuracy")]
-    return sorted(scores, key=lambda n: ("," not in n, n))
+    return sorted(scores, key=lambda n: (_eval_loss_rank(n) is not None, "," not in n, n))

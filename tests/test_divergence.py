@@ -498,3 +498,20 @@ def test_each_window_reads_as_one_sentence_with_its_interval_and_p_value():
     w = windows.iloc[0]
     assert sentence.startswith("a, step 1000 to 3000 (flat loss): arc_easy/acc,none +0.8 (90% simultaneous")
     assert f"{w['change_lo']:+.3g} to {w['change_hi']:+.3g}" in sentence and "adjusted p = " in sentence
+
+
+def test_lm_eval_perplexities_serve_as_the_loss_after_logged_and_held_out_losses():
+    names = ["lambada_openai/ppl,none", "piqa/acc,none", "wikitext/word_perplexity,none", "train/loss",
+             "heldout/heldout_loss", "wikitext/bits_per_byte,none", "lambada_openai/perplexity,none",
+             "wikitext/byte_perplexity,none", "lambada_openai/perplexity_stderr,none", "arc/acc_norm,none"]  # fmt: skip
+    assert dv.loss_metrics(names) == [
+        "train/loss", "heldout/heldout_loss", "wikitext/bits_per_byte,none", "wikitext/byte_perplexity,none",
+        "wikitext/word_perplexity,none", "lambada_openai/perplexity,none", "lambada_openai/ppl,none",
+    ]  # fmt: skip
+    # A run known only from Pythia-style result files: its lambada perplexity is the loss, accuracy the score.
+    only_evals = ["lambada_openai/acc,none", "lambada_openai/ppl,none", "piqa/acc,none"]
+    assert dv.loss_metrics(only_evals) == ["lambada_openai/ppl,none"]
+    scores = dv.downstream_metrics(only_evals)
+    assert scores[0] == "lambada_openai/acc,none" and scores[-1] == "lambada_openai/ppl,none"
+    assert dv.downstream_metrics(["wikitext/word_perplexity,none", "zz/acc,none"])[0] == "zz/acc,none"
+    assert dv.loss_metrics(["piqa/acc,none", "train/accuracy", "ppl_task/acc,none"]) == []
