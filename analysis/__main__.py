@@ -241,6 +241,24 @@ def cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forecast(args: argparse.Namespace) -> int:
+    from analysis.forecast import forecast
+
+    if len(args.run) > 1:
+        raise ValueError("forecast takes one --run at a time; run it once per run")
+    frame = _analysis_frame(args)
+    if args.method == "two-step" and not args.via:
+        args.via = args.loss or _default_loss(frame)
+    rows, result = forecast(
+        frame, args.run[0], args.score, method=args.method, x=args.x, fit_until=args.fit_until, at=args.at,
+        via=args.via if args.method == "two-step" else None, level=args.level,
+    )  # fmt: skip
+    _print_frame(rows, args.format)
+    if args.format == "table" and not result.converged:
+        print("the fit did not converge: try another --method, or fit on more checkpoints (--fit-until)")
+    return 0
+
+
 def _unit_bar() -> Callable:
     """A progress(unit, n_units, name, done, total, what) callback drawing one tqdm bar over units."""
     from tqdm import tqdm
@@ -483,6 +501,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", type=_split, help="signals to rank (default: every cached non-score metric)")
     p.add_argument("--per-run", action="store_true", help="also rank within each run")
     p.set_defaults(func=cmd_rank)
+
+    p = sub.add_parser("forecast", parents=[common, stats], help="forecast a score at later checkpoints")
+    p.add_argument("--method", choices=["power", "log", "two-step"], default="power", help="form (default power)")
+    p.add_argument("--via", help="two-step: the loss or proxy metric (default: the run's loss)")
+    p.add_argument("--fit-until", type=float, help="fit the checkpoints with x <= this (default: all)")
+    p.add_argument("--at", type=float, action="append", help="x to predict at (repeat; default: the hidden ones)")
+    p.add_argument("--level", type=float, default=0.9, help="prediction interval level (default 0.9)")
+    p.set_defaults(func=cmd_forecast)
 
     p = sub.add_parser("eval", parents=[common], help="compute what is missing for a run's checkpoints")
     p.add_argument("--run", required=True)

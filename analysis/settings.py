@@ -24,8 +24,13 @@ from analysis.store import params_hash
 
 # Parameters that say where a value came from, not how it was computed.
 PROVENANCE_KEYS = ("imported_from",)
-# Inside lm-eval ``model_args`` ("pretrained=...,revision=step1000,dtype=float32"): the checkpoint itself.
-CHECKPOINT_ARGS = ("pretrained", "revision")
+# Inside lm-eval ``model_args`` ("pretrained=...,revision=step1000,dtype=float32"): the checkpoint itself, and
+# how it was run rather than what was computed (Pythia's published sweep has use_accelerate=True on some
+# steps only; it changes no score, so it must not split the sweep into two series).
+CHECKPOINT_ARGS = (
+    "pretrained", "revision", "use_accelerate", "parallelize", "device", "device_map", "batch_size",
+    "max_batch_size", "low_cpu_mem_usage", "cache_dir", "offload_folder", "trust_remote_code",
+)  # fmt: skip
 # Keys named first in a label, in this order; the others follow alphabetically.
 LABEL_ORDER = ("num_fewshot", "limit", "subset", "task", "data", "model_args.dtype", "dtype", "version")
 _MISSING = object()
@@ -35,7 +40,8 @@ def setting_params(params: Mapping[str, Any] | str | None) -> dict[str, Any]:
     """The parameters that define a setting: ``params`` (a dict or its JSON text) without provenance keys.
 
     ``model_args`` of an imported lm-eval result is kept as its arguments other than the checkpoint
-    (``pretrained``, ``revision``), e.g. ``{"dtype": "bfloat16"}``.
+    (``pretrained``, ``revision``) and how it was run (``use_accelerate``, ``device``, ``batch_size``, ...:
+    ``CHECKPOINT_ARGS``), e.g. ``{"dtype": "bfloat16"}``.
     """
     params = _as_dict(params)
     out = {k: v for k, v in params.items() if k not in PROVENANCE_KEYS}

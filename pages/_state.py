@@ -27,6 +27,7 @@ from analysis.store import DEFAULT_DB, Store, StoreLockedError
 PAGES = [
     ("pages/divergence.py", "Divergence", ":material/call_split:", "divergence"),
     ("pages/compare.py", "Compare runs", ":material/compare_arrows:", "compare"),
+    ("pages/forecast.py", "Forecast", ":material/trending_up:", "forecast"),
     ("pages/geometry.py", "Geometry", ":material/landscape:", "geometry"),
     ("pages/pathways.py", "Pathways", ":material/alt_route:", "pathways"),
     ("pages/samples.py", "Samples", ":material/checklist:", "samples"),

@@ -394,3 +394,27 @@ def test_compare_and_report_pages_offer_the_same_setting_picker(settings_db: Pat
     report = open_app(settings_db, monkeypatch, page="pages/report.py")
     assert not report.exception and not report.error
     assert report.selectbox(key=SETTING_KEY).options == ["0-shot", "5-shot"]
+
+
+def test_forecast_page_backtests_a_hidden_end_of_an_imported_pythia_sweep(db: Path, monkeypatch) -> None:
+    from analysis.__main__ import main
+
+    assert (
+        main(["import-evals", str(ROOT / "tests" / "fixtures" / "pythia" / "70m"), "--run", "p70", "--db", str(db)])
+        == 0
+    )
+    at = open_app(db, monkeypatch, page="pages/forecast.py")
+    assert not at.exception and not at.error
+    at.selectbox(key="score").set_value("piqa/acc,none").run()
+    at.selectbox(key="fit_until").set_value(33000).run()
+    assert not at.exception and not at.error
+    fig = figure_of(at.get("plotly_chart")[0])
+    names = [trace.get("name") for trace in fig["data"]]
+    assert {"fitted checkpoints", "hidden checkpoints", "forecast", "90% prediction band"} <= set(names)
+    forecast = next(t for t in fig["data"] if t.get("name") == "forecast")
+    assert len(forecast["x"]) == 11 + 1  # the 11 hidden checkpoints and the horizon (2x the last)
+    covered = next(m for m in at.metric if m.label.startswith("Backtest"))
+    assert covered.value.endswith("of 11")
+    at.selectbox(key="method").set_value("two-step").run()  # through the sweep's only loss, lambada's perplexity
+    assert not at.exception and not at.error
+    assert at.selectbox(key="via").value == "lambada_openai/ppl,none"

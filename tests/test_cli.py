@@ -231,3 +231,20 @@ def test_windows_pair_the_items_a_score_was_computed_from(divergence_db: Path) -
     found = json.loads(out)
     assert [w["stderr_source"] for w in found] == ["paired"]
     assert found[0]["start"] == 60 and found[0]["end"] == 80  # the step where the items were learnt
+
+
+def test_forecast_on_an_imported_pythia_sweep_prints_each_hidden_checkpoint_with_its_interval(db: Path) -> None:
+    sweep = ROOT / "tests" / "fixtures" / "pythia" / "70m"
+    assert cli("import-evals", str(sweep), "--run", "p70", "--db", str(db))[0] == 0
+    args = ("--run", "p70", "--score", "arc_easy/acc,none", "--db", str(db), "--fit-until", "33000")
+    code, out, err = cli("forecast", *args, "--format", "json")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r["x"] for r in rows] == [43000, 53000, 63000, 73000, 83000, 93000, 103000, 113000, 123000, 133000, 143000]
+    assert all(r["lo"] <= r["predicted"] <= r["hi"] and r["level"] == 0.9 for r in rows)
+    assert all(r["measured"] is not None for r in rows) and rows[-1]["n_fit"] == 15  # steps 1..33000
+    code, out, err = cli("forecast", *args, "--method", "two-step", "--format", "csv")
+    assert code == 0, err  # through the run's loss: lambada's perplexity, the only loss an eval sweep has
+    assert "two-step via lambada_openai/ppl,none" in out
+    code, _, err = cli("forecast", *args, "--fit-until", "8", "--format", "csv")
+    assert code == 2 and "fit on at least 5" in err and err.count("\n") == 1

@@ -80,14 +80,15 @@ def test_html_report_is_self_contained_with_every_figure_and_the_stores_numbers(
     report = rp.build_report(store, ["grok", "stuck"])
     keys = [f.key for f in report.figures]
     assert keys == [
-        "curves", "trajectory", "matched", "residual", "ranking", "flatness-hessian_trace", "pathways-pathway_distance",
+        "curves", "trajectory", "matched", "residual", "ranking", "forecast_grok", "forecast_stuck",
+        "flatness-hessian_trace", "pathways-pathway_distance",
     ]  # fmt: skip
     path = rp.write_html(report, tmp_path / "report.html")
     text = path.read_text(encoding="utf-8")
     page = Page(text)
 
-    assert page.plotly_divs == len(report.figures) == 7
-    assert sum(".newPlot(" in s for s in page.scripts if len(s) < 1_000_000) == 7
+    assert page.plotly_divs == len(report.figures) == 9  # the 7 analysis figures and one forecast backtest per run
+    assert sum(".newPlot(" in s for s in page.scripts if len(s) < 1_000_000) == 9
     assert sum(len(s) > 1_000_000 for s in page.scripts) == 1  # plotly.js inlined once, not per figure
     assert "link" not in page.tags  # no stylesheet from anywhere
     assert all(u.startswith("#") for u in page.urls), [u for u in page.urls if not u.startswith("#")]
@@ -243,7 +244,7 @@ def test_cli_writes_the_report_and_rejects_an_unknown_run(report_db: Path, tmp_p
     out = tmp_path / "sub" / "report.html"
     code, stdout, stderr = cli("report", "--run", "grok", "--run", "stuck", "--out", str(out), "--db", str(report_db))
     assert code == 0, stderr
-    assert out.is_file() and f"wrote {out} (html, 7 figures" in stdout
+    assert out.is_file() and f"wrote {out} (html, 9 figures" in stdout
     assert "missing: run 'stuck' has no hessian_trace" in stderr
     code, stdout, stderr = cli("report", "--run", "nope", "--out", str(tmp_path / "x.html"), "--db", str(report_db))
     assert code == 2 and not stdout
@@ -286,3 +287,15 @@ def test_report_shows_one_setting_per_metric_and_names_it(db: Path) -> None:
     assert "toy/acc,none (5-shot)" in five.section("matched").text[0]
     with pytest.raises(ValueError, match=r"no setting '3-shot'; choose one of '0-shot', '5-shot'"):
         rp.build_report(store, ["grok"], rp.ReportOptions(settings=(("toy/acc,none", "3-shot"),)))
+
+
+def test_report_backtests_a_forecast_for_each_run(report_db: Path) -> None:
+    from analysis.report import build_report
+
+    report = build_report(Store(report_db), ["grok", "stuck"])
+    section = next(s for s in report.sections if s.key == "forecast")
+    assert [f.key for f in section.figures] == ["forecast_grok", "forecast_stuck"]
+    text = " ".join(section.text)
+    assert "stuck: fitted on 5 checkpoints up to step 60; 3 of 3 hidden checkpoints inside their interval" in text
+    grok = next(t for t in section.tables if t.key == "forecast_grok").frame
+    assert grok["x"].tolist() == [80, 100, 120] and grok["measured"].notna().all()

@@ -168,3 +168,16 @@ def test_imported_results_of_one_configuration_are_one_series(tmp_path: Path) ->
     again = _frame(rows, _rows("a", "arc/acc,none", {"imported_from": "/copy.json", "num_fewshot": 0}, {10: 0.9}))
     kept = select_settings(again, {"arc/acc,none": "0-shot"})
     assert kept["step"].tolist() == [10, 20, 30] and kept["value"].iloc[0] in (0.2, 0.9)
+
+
+def test_how_a_published_sweep_was_run_does_not_split_it_into_two_settings():
+    """Pythia's 70M zero-shot files: some steps ran with use_accelerate=True, the others without it."""
+    from analysis.settings import setting_params
+
+    a = {"imported_from": "/x/70m_step1000.json", "num_fewshot": 0,
+         "model_args": "use_accelerate=True,pretrained=EleutherAI/pythia-v1.1-70m,revision=step1000"}  # fmt: skip
+    b = {"imported_from": "/x/70m_step33000.json", "num_fewshot": 0,
+         "model_args": "pretrained=EleutherAI/pythia-v1.1-70m,revision=step33000"}  # fmt: skip
+    assert setting_params(a) == setting_params(b) == {"num_fewshot": 0}
+    c = {**b, "model_args": "pretrained=EleutherAI/pythia-v1.1-70m,revision=step33000,dtype=bfloat16"}
+    assert setting_params(c) == {"num_fewshot": 0, "model_args": {"dtype": "bfloat16"}}  # a real setting stays

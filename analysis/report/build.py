@@ -273,6 +273,7 @@ def build_report(
     sections += _divergence_sections(ctx)
     sections.append(_matched_section(ctx))
     sections.append(_ranking_section(ctx))
+    sections.append(_forecast_section(ctx))
     sections.append(_signal_section(ctx, "flatness", "Flatness", FLATNESS, "hessian_trace,fisher_trace"))
     sections.append(_signal_section(ctx, "pathways", "Pathways", PATHWAYS, "pathway_distance,pathway_consistency"))
     sections.append(_results_section(ctx))
@@ -544,6 +545,47 @@ def _ranking_section(ctx: _Context) -> Section:
         ReportFigure("ranking", "Which signal predicts downstream", ranking_heatmap(ranking, style=ctx.style))
     )
     s.tables.append(ReportTable("ranking", "Predictors, strongest first", ranking))
+    return s
+
+
+def _forecast_section(ctx: _Context) -> Section:
+    """A backtest per run: the power form fitted on the first two thirds of the checkpoints, the rest forecast."""
+    from analysis.charts import forecast_figure
+    from analysis.forecast import ASSUMPTIONS, forecast, score_series
+
+    o = ctx.options
+    s = Section("forecast", "Forecast backtest")
+    score = o.downstream_metric
+    if score is None:
+        s.missing.append(Missing("needs a downstream score (see above)"))
+        return s
+    s.text.append(
+        f"For each run, {ctx.named(score)} fitted on its first two thirds of checkpoints with the power form "
+        f"({ASSUMPTIONS['power']}) and forecast at the rest, with 90% prediction intervals (delta method, t "
+        "quantile). Hidden checkpoints whose measurement falls inside its interval count as covered."
+    )
+    for run in ctx.runs:
+        series = score_series(ctx.frame, run, score, o.x)
+        series = series[series["x"] > 0]
+        if len(series) < 8:
+            s.missing.append(Missing(f"run {run!r} has {len(series)} checkpoints of {score} with x > 0; 8 needed"))
+            continue
+        fit_until = float(series["x"].iloc[(2 * len(series)) // 3 - 1])
+        try:
+            rows, result = forecast(ctx.frame, run, score, x=o.x, fit_until=fit_until)
+        except ValueError as err:
+            s.missing.append(Missing(f"run {run!r}: {err}"))
+            continue
+        covered = int(rows["covered"].astype(bool).sum())
+        s.text.append(
+            f"{run}: fitted on {int(rows['n_fit'].iloc[0])} checkpoints up to {o.x} {fit_until:g}; "
+            f"{covered} of {len(rows)} hidden checkpoints inside their interval; median absolute error "
+            f"{rows['abs_error'].median():.3g}" + ("" if result.converged else " (the fit did not converge)") + "."
+        )
+        color = ctx.colors.get(run, "#0072B2")
+        fig = forecast_figure(series, rows, result, x=o.x, log_x=o.log_x, color=color, style=ctx.style)
+        s.figures.append(ReportFigure(f"forecast_{run}", f"{run}: forecast of {ctx.named(score)}", fig))
+        s.tables.append(ReportTable(f"forecast_{run}", f"{run}: forecasts at the hidden checkpoints", rows))
     return s
 
 
