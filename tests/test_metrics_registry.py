@@ -84,7 +84,7 @@ def test_make_config_converts_strings_and_reports_bad_keys():
         make_config("sam_sharpness", {"adaptive": "maybe"})
     with pytest.raises(ValueError, match="metric 'hessian_trace': hessian_trace: n_probes must be a positive integer"):
         make_config("hessian_trace", {"n_probes": "0"})
-    with pytest.raises(ValueError, match="valid parameters: none"):
+    with pytest.raises(ValueError, match=r"valid parameters: seed$"):
         make_config("routing_entropy", {"threshold": "0.5"})
     with pytest.raises(ValueError, match="method must be 'power' or 'lanczos'"):
         make_config("hessian_top_eigenvalue", {"method": "arnoldi"})

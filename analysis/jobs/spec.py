@@ -50,7 +50,8 @@ class JobSpec:
 
     ``steps`` None means every registered checkpoint. ``metrics`` holds ``heldout_loss``,
     ``proxy`` (token-level proxies over the bundled tasks' solutions) and registry metric
-    names (``hessian_trace``, ...). ``metric_params`` are key=value settings per metric.
+    names (``hessian_trace``, ...). ``metric_params`` are key=value settings per metric; a
+    metric's ``seed`` there overrides ``seed`` for that metric.
     """
 
     run: str
@@ -195,10 +196,11 @@ def plan_items(spec: JobSpec) -> list[Item]:
                 params = {"task": task, "task_digest": _task_digest(task), "weighting": "uniform"}
                 items.append(Item("proxy", task, params))
         else:
-            from analysis.metrics.registry import get_metric, make_config
+            from analysis.metrics.registry import get_metric, metric_settings
 
             metric_spec = get_metric(metric)  # KeyError with "did you mean" for a typo
-            config = make_config(metric, spec.metric_params.get(metric, {}))
+            # --param METRIC.seed=N seeds this metric's draws instead of the job's --seed.
+            config, own_seed = metric_settings(metric, spec.metric_params.get(metric, {}))
             params = {
                 **probe,
                 "data_digest": file_digest(data),
@@ -206,7 +208,7 @@ def plan_items(spec: JobSpec) -> list[Item]:
                 "batches": spec.metric_batches,
                 "probe_batching": "per_domain",
                 "batch_size": spec.batch_size,
-                "seed": spec.seed,
+                "seed": spec.seed if own_seed is None else own_seed,
                 "version": metric_spec.version,
                 "config": asdict(config),
             }

@@ -60,6 +60,8 @@ from analysis.metrics.common import (
     Batch,
     LossFn,
     MetricResult,
+    Progress,
+    Ticker,
     check_batches,
     check_subset,
     config_params,
@@ -223,6 +225,7 @@ def gradient_alignment(
     device: torch.device | str = "cpu",
     seed: int = 0,
     loss_fn: LossFn = lm_loss,
+    progress: Progress | None = None,
 ) -> MetricResult:
     """Mean cosine between different domains' loss gradients, with a same-domain ceiling.
 
@@ -237,7 +240,8 @@ def gradient_alignment(
     of the probe samples (the split seed only moves the ceiling; its Monte-Carlo error is
     ``extra["ceiling_stderr"]``). With one domain the value is the ceiling, and ``stderr``
     is that split-to-split standard error. ``per_probe`` holds the pair cosines (or, with
-    one domain, the per-split ceilings); ``n`` is the number of samples.
+    one domain, the per-split ceilings); ``n`` is the number of samples. ``progress(i, n)``
+    follows the gradients computed (two per split of each domain, one for a one-sample domain).
     """
     config = config or GradientAlignmentConfig()
     check_batches(batches)
@@ -245,6 +249,7 @@ def gradient_alignment(
     groups = domain_samples(batches)
     domains = list(groups)
     gen = cpu_generator(seed)
+    ticker = Ticker(progress, sum(1 if len(s) < 2 else 2 * config.n_splits for s in groups.values()))
     grads: dict[int, Vector] = {}
     tokens: dict[int, int] = {}
     split_cosines: dict[int, list[float]] = {d: [] for d in domains}
@@ -255,13 +260,16 @@ def gradient_alignment(
             n = len(samples)
             if n < 2:  # nothing to split: the full gradient only
                 grads[d], tokens[d] = _samples_gradient(work, batches, samples, params, device, loss_fn)
+                ticker.tick()
                 continue
             for split in range(config.n_splits):
                 order = torch.randperm(n, generator=gen).tolist()
                 first = [samples[i] for i in order[: n // 2]]
                 second = [samples[i] for i in order[n // 2 :]]
                 g_a, n_a = _samples_gradient(work, batches, first, params, device, loss_fn)
+                ticker.tick()
                 g_b, n_b = _samples_gradient(work, batches, second, params, device, loss_fn)
+                ticker.tick()
                 split_cosines[d].append(_cosine(g_a, g_b))
                 if split == 0:  # the halves' token-weighted mean is the domain's gradient
                     grads[d] = [(a * n_a + b * n_b) / (n_a + n_b) for a, b in zip(g_a, g_b, strict=True)]

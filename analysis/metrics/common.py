@@ -37,6 +37,9 @@ Batch = dict[str, torch.Tensor]
 # the count weights batches so that several batches give the loss of their union.
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
 NamedParams = list[tuple[str, nn.Parameter]]
+# progress(i, n): a long metric has finished step i of n (probes, iterations, draws); metrics call it
+# and print nothing themselves.
+Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,24 @@ def total_loss(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, devi
     losses, counts = batch_losses(model, batches, loss_fn, device)
     total = sum(counts)
     return float(sum(float(loss) * c for loss, c in zip(losses, counts, strict=True)) / total)
+
+
+@dataclass
+class Ticker:
+    """Counts a metric's steps and reports each to an optional :data:`Progress` callback.
+
+    ``total`` may grow while counting (a second phase of an iterative method); a report
+    never says more done than total.
+    """
+
+    progress: Progress | None
+    total: int
+    done: int = 0
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, max(self.total, self.done))
 
 
 def check_batches(batches: Sequence[Batch]) -> None:

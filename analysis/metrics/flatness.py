@@ -2,12 +2,14 @@
 
 Every function here has the same shape::
 
-    metric(model, batches, config, *, device, seed, loss_fn=lm_loss) -> MetricResult
+    metric(model, batches, config, *, device, seed, loss_fn=lm_loss, progress=None) -> MetricResult
 
 and measures "the loss" of :mod:`analysis.metrics.common` (mean next-token cross-entropy
 over the predicted tokens of all batches, token-weighted), in at least float32, with the
 model in eval mode. ``loss_fn`` lets tests put a function with a known Hessian in place of
-the language-model loss; it returns (mean loss, number of items averaged).
+the language-model loss; it returns (mean loss, number of items averaged). ``progress(i, n)``,
+when given, is called after each probe, iteration or noise draw (i = 1..n) so a caller can
+show how far a long estimate is; the functions print nothing.
 
 Per-token normalisation. The loss is a mean over tokens, so the Hessian of the loss is
 the average of the per-token Hessians, and its trace is the per-token Hessian trace. With
@@ -46,6 +48,8 @@ from analysis.metrics.common import (
     Batch,
     LossFn,
     MetricResult,
+    Progress,
+    Ticker,
     batch_clustered_mean,
     check_batches,
     check_subset,
@@ -254,14 +258,24 @@ def _clustered_result(
 
 
 def hutchinson_probes(
-    hvp: Callable[[Vector], Vector], like: Sequence[torch.Tensor], n_probes: int, gen: torch.Generator
+    hvp: Callable[[Vector], Vector],
+    like: Sequence[torch.Tensor],
+    n_probes: int,
+    gen: torch.Generator,
+    ticker: Ticker | None = None,
 ) -> list[float]:
     """``n_probes`` values v^T H v, v Rademacher shaped like ``like``, each an unbiased estimate of tr(H).
 
     ``hvp`` is v -> H v for one fixed operator (one batch's Hessian); pure apart from the
-    draws taken from ``gen``.
+    draws taken from ``gen``. ``ticker`` counts each finished probe.
     """
-    return [float(dot(v, hvp(v))) for v in ([rademacher_like(p, gen) for p in like] for _ in range(n_probes))]
+    values = []
+    for _ in range(n_probes):
+        v = [rademacher_like(p, gen) for p in like]
+        values.append(float(dot(v, hvp(v))))
+        if ticker is not None:
+            ticker.tick()
+    return values
 
 
 def hessian_trace(
@@ -272,6 +286,7 @@ def hessian_trace(
     device: torch.device | str = "cpu",
     seed: int = 0,
     loss_fn: LossFn = lm_loss,
+    progress: Progress | None = None,
 ) -> MetricResult:
     """Per-token Hessian trace by Hutchinson's estimator with Rademacher probes.
 
@@ -283,11 +298,13 @@ def hessian_trace(
     batch-to-batch and the probe variation (``stderr_covers == "batches"``, B - 1
     degrees of freedom). With one batch it is the probe noise for that batch only
     (``stderr_covers == "probes"``). ``extra["stderr_probes_only"]`` is the error due to
-    the probes alone, for these fixed batches.
+    the probes alone, for these fixed batches. ``progress(i, n)`` follows the n = B * n_probes
+    probes.
     """
     config = config or HessianTraceConfig()
     check_batches(batches)
     gen = cpu_generator(seed)
+    ticker = Ticker(progress, len(batches) * config.n_probes)
     values: list[list[float]] = []
     counts: list[int] = []
     with working_model(model, device) as work, torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
@@ -295,7 +312,9 @@ def hessian_trace(
         for batch in batches:
             loss, count = loss_fn(work, to_device(batch, device))
             grads = _grad(loss, params, create_graph=True)
-            values.append(hutchinson_probes(lambda v, g=grads: _hvp(g, params, v), params, config.n_probes, gen))
+            values.append(
+                hutchinson_probes(lambda v, g=grads: _hvp(g, params, v), params, config.n_probes, gen, ticker)
+            )
             counts.append(count)
             del grads, loss
         n_params = sum(p.numel() for p in params)
@@ -401,6 +420,7 @@ def hessian_top_eigenvalue(
     device: torch.device | str = "cpu",
     seed: int = 0,
     loss_fn: LossFn = lm_loss,
+    progress: Progress | None = None,
 ) -> MetricResult:
     """The largest ALGEBRAIC eigenvalue of the Hessian of the loss over all ``batches``.
 
@@ -416,14 +436,22 @@ def hessian_top_eigenvalue(
     ``residual`` and ``converged`` (residual <= ``config.tol``) say whether to believe
     it: an unconverged value can be far from any eigenvalue (power iteration on a
     Hessian with eigenvalues near +a and -a sits near 0). The start vector is N(0, I)
-    from ``seed``.
+    from ``seed``. ``progress(i, n)`` follows the Hessian-vector products, n = ``max_iter``
+    (raised by a second power phase; it stops early on convergence).
     """
     config = config or HessianEigenConfig()
     check_batches(batches)
     gen = cpu_generator(seed)
+    ticker = Ticker(progress, config.max_iter)
     with working_model(model, device) as work, torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         params = [p for _, p in select_params(work, config.subset)]
-        op = make_hvp_operator(work, params, batches, loss_fn, torch.device(device))
+        hvp = make_hvp_operator(work, params, batches, loss_fn, torch.device(device))
+
+        def op(v: Vector) -> Vector:
+            out = hvp(v)
+            ticker.tick()
+            return out
+
         start = [randn_like(p.detach(), gen) for p in params]
         extra: dict = {"method": config.method}
         if config.method == "lanczos":
@@ -433,6 +461,7 @@ def hessian_top_eigenvalue(
             dominant = est.eigenvalue
             extra["dominant_eigenvalue"] = dominant
             if dominant < 0:
+                ticker.total = est.iterations + config.max_iter
 
                 def shifted(v: Vector) -> Vector:
                     return [h - dominant * x for h, x in zip(op(v), v, strict=True)]
@@ -470,6 +499,7 @@ def fisher_trace(
     *,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    progress: Progress | None = None,
 ) -> MetricResult:
     """Per-token trace of the (true) Fisher information of the language model.
 
@@ -487,11 +517,12 @@ def fisher_trace(
     ``stderr`` is the standard error of the B batch means, for the data distribution the
     probe batches are a sample of (batch-to-batch and label-draw variation, B - 1
     degrees of freedom); with one batch, the label-draw noise for that batch only
-    (``stderr_covers == "probes"``).
+    (``stderr_covers == "probes"``). ``progress(i, n)`` follows the n = B * n_samples draws.
     """
     config = config or FisherTraceConfig()
     check_batches(batches)
     gen = cpu_generator(seed)
+    ticker = Ticker(progress, len(batches) * config.n_samples)
     values: list[list[float]] = []
     counts: list[int] = []
     with working_model(model, device) as work, torch.enable_grad():
@@ -510,6 +541,7 @@ def fisher_trace(
                 loss = -log_probs.gather(1, labels).mean()
                 grads = _grad(loss, params, retain_graph=True)
                 draws.append(count * float(dot(grads, grads)))
+                ticker.tick()
             values.append(draws)
             counts.append(count)
             del log_probs
@@ -528,6 +560,7 @@ def _noise_sharpness(
     device: torch.device | str,
     seed: int,
     loss_fn: LossFn,
+    progress: Progress | None = None,
 ) -> MetricResult:
     """Mean and stderr of L_b(w + d) - L_b(w) over batches b and draws d; weights written back bitwise after.
 
@@ -539,6 +572,7 @@ def _noise_sharpness(
     """
     check_batches(batches)
     gen = cpu_generator(seed)
+    ticker = Ticker(progress, len(batches) * config.n_samples)
     device = torch.device(device)
     values: list[list[float]] = []
     counts: list[int] = []
@@ -556,6 +590,7 @@ def _noise_sharpness(
                     for p, w in zip(params, saved, strict=True):
                         p.copy_(w + noise(w, gen))
                     diffs.append(float(loss_fn(work, batch)[0]) - base)
+                    ticker.tick()
                 for p, w in zip(params, saved, strict=True):
                     p.copy_(w)
                 values.append(diffs)
@@ -575,6 +610,7 @@ def adaptive_sharpness(
     device: torch.device | str = "cpu",
     seed: int = 0,
     loss_fn: LossFn = lm_loss,
+    progress: Progress | None = None,
 ) -> MetricResult:
     """Average-case adaptive sharpness E[L(w + d)] - L(w), d ~ N(0, (rho |w|)^2) elementwise.
 
@@ -590,7 +626,7 @@ def adaptive_sharpness(
     def noise(w: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return config.rho * w.abs() * randn_like(w, gen)
 
-    return _noise_sharpness("adaptive_sharpness", model, batches, config, noise, device, seed, loss_fn)
+    return _noise_sharpness("adaptive_sharpness", model, batches, config, noise, device, seed, loss_fn, progress)
 
 
 def perturbation_sensitivity(
@@ -601,6 +637,7 @@ def perturbation_sensitivity(
     device: torch.device | str = "cpu",
     seed: int = 0,
     loss_fn: LossFn = lm_loss,
+    progress: Progress | None = None,
 ) -> MetricResult:
     """Loss increase under Gaussian weight noise of fixed relative size, mean over draws.
 
@@ -618,7 +655,7 @@ def perturbation_sensitivity(
         rms = torch.linalg.vector_norm(w) / math.sqrt(w.numel())
         return config.sigma * rms * randn_like(w, gen)
 
-    return _noise_sharpness("perturbation_sensitivity", model, batches, config, noise, device, seed, loss_fn)
+    return _noise_sharpness("perturbation_sensitivity", model, batches, config, noise, device, seed, loss_fn, progress)
 
 
 # --- SAM ---------------------------------------------------------------------------------------

@@ -5,7 +5,12 @@ metric produces change, so cached values are recomputed), its family, whether a 
 value is better (None for controls without a preferred direction), whether it needs a
 mixture-of-experts model, its frozen config class and its function
 
-    fn(model, batches, config, *, device, seed) -> MetricResult
+    fn(model, batches, config, *, device, seed[, progress]) -> MetricResult
+
+A long metric declares its ``progress_unit`` ("probe", "iteration", ...) and takes
+``progress(i, n)``, called after each of its n probes or iterations; it prints nothing.
+Every metric takes a ``seed`` setting besides its config's fields (:func:`metric_settings`):
+it is stored with the result and keyed into the cache like the config.
 
 The registry is open: other modules add their metrics with :func:`register`.
 """
@@ -46,6 +51,9 @@ class MetricSpec:
     # For routing metrics: the same value from a RoutingProfile, (profile, config, seed) -> MetricResult,
     # so several routing metrics on one checkpoint share one forward pass.
     from_profile: Callable[..., MetricResult] | None = None
+    # For long metrics: what one step of their progress(i, n) counts ("probe", "iteration", ...);
+    # empty for metrics that take no progress callback.
+    progress_unit: str = ""
 
 
 _REGISTRY: dict[str, MetricSpec] = {}
@@ -144,13 +152,38 @@ def _convert(value: ParamValue, kind: Any, where: str) -> Any:
     raise ValueError(f"{where}: fields of type {kind!r} cannot be set from the command line")
 
 
+# The one setting every metric takes besides its config's fields.
+SEED = "seed"
+
+
+def progress_unit(name: str) -> str:
+    """What metric ``name``'s progress(i, n) counts ("probe", "iteration", ...), "step" if it reports none."""
+    return get_metric(name).progress_unit or "step"
+
+
+def metric_settings(name: str, params: Mapping[str, ParamValue] | None = None) -> tuple[Any, int | None]:
+    """Metric ``name``'s config from key=value params, and its own ``seed`` when one is given.
+
+    ``seed`` (a non-negative integer) is accepted by every metric: it seeds the metric's probe
+    draws and overrides a job-wide seed for this metric. The other keys go to :func:`make_config`.
+    """
+    params = dict(params or {})
+    seed = None
+    if SEED in params:
+        seed = _convert(params.pop(SEED), int, f"metric {name!r}, parameter 'seed'")
+        if seed < 0:
+            raise ValueError(f"metric {name!r}, parameter 'seed': must be >= 0, got {seed}")
+    return make_config(name, params), seed
+
+
 def make_config(name: str, params: Mapping[str, ParamValue] | None = None) -> Any:
     """Build metric ``name``'s config from ``key=value`` style params.
 
     Values may be strings (as typed on a command line) or already-typed numbers and
     booleans; they are converted to each field's annotated type. Unknown keys, values of
     the wrong type and values the config rejects raise ValueError naming the metric and
-    the key. Missing keys keep their defaults.
+    the key. Missing keys keep their defaults. ``seed`` is not a config field: it goes through
+    :func:`metric_settings`.
     """
     spec = get_metric(name)
     cls = spec.config_cls
@@ -158,10 +191,13 @@ def make_config(name: str, params: Mapping[str, ParamValue] | None = None) -> An
     fields = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs = {}
     for key, value in (params or {}).items():
+        if key == SEED and key not in fields:
+            raise ValueError(f"metric {name!r}: 'seed' is not a config field; pass the params to metric_settings")
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
+            known = [*fields, SEED]  # seed is valid everywhere (metric_settings)
+            close = difflib.get_close_matches(key, known, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            valid = ", ".join(fields) if fields else "none"
+            valid = ", ".join(known)
             raise ValueError(f"unknown parameter {key!r} for metric {name!r}; {hint}valid parameters: {valid}")
         kwargs[key] = _convert(value, hints[key], f"metric {name!r}, parameter {key!r}")
     try:
@@ -178,24 +214,31 @@ def compute(
     *,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> MetricResult:
     """Evaluate metric ``name`` on ``model`` over ``batches``.
 
     ``config`` may be None (defaults), a mapping of key=value params (see
-    :func:`make_config`) or the metric's config instance. The result's
-    ``extra["version"]`` is the metric's registered version.
+    :func:`metric_settings`; a ``seed`` there overrides ``seed``) or the metric's config
+    instance. ``progress(i, n)`` follows a long metric's probes or iterations (ignored by
+    metrics without a ``progress_unit``). The result's ``extra["version"]`` is the metric's
+    registered version.
     """
     spec = get_metric(name)
     if config is None:
         config = spec.config_cls()
     elif isinstance(config, Mapping):
-        config = make_config(name, config)
+        config, own_seed = metric_settings(name, config)
+        seed = own_seed if own_seed is not None else seed
     elif not isinstance(config, spec.config_cls):
         raise TypeError(
             f"metric {name!r} takes a {spec.config_cls.__name__} config, got {type(config).__name__}; "
             "pass the params as a dict to have it built"
         )
-    result = spec.fn(model, batches, config, device=device, seed=seed)
+    if spec.progress_unit and progress is not None:
+        result = spec.fn(model, batches, config, device=device, seed=seed, progress=progress)
+    else:
+        result = spec.fn(model, batches, config, device=device, seed=seed)
     return dataclasses.replace(result, extra={**result.extra, "version": spec.version})
 
 
@@ -205,7 +248,8 @@ def compute_from_profile(name: str, profile: pathways.RoutingProfile, config: An
     if spec.from_profile is None:
         raise ValueError(f"metric {name!r} is not a routing metric; it needs the model, use compute()")
     if config is None or isinstance(config, Mapping):
-        config = make_config(name, config or {})
+        config, own_seed = metric_settings(name, config or {})
+        seed = own_seed if own_seed is not None else seed
     result = spec.from_profile(profile, config, seed)
     return dataclasses.replace(result, extra={**result.extra, "version": spec.version})
 
@@ -217,13 +261,21 @@ def _register_builtins() -> None:
     # Versions: 2 for the probe-based estimates (stderr over batch means, each batch with
     # its own noise draws) and the eigenvalue (converged by residual, not relative change).
     flat = [
-        ("hessian_trace", "2", flatness.HessianTraceConfig, flatness.hessian_trace, "Hutchinson trace per token"),
+        (
+            "hessian_trace",
+            "2",
+            flatness.HessianTraceConfig,
+            flatness.hessian_trace,
+            "Hutchinson trace per token",
+            "probe",
+        ),
         (
             "hessian_top_eigenvalue",
             "2",
             flatness.HessianEigenConfig,
             flatness.hessian_top_eigenvalue,
             "largest Hessian eigenvalue (power iteration or Lanczos), with its residual",
+            "iteration",
         ),
         (
             "fisher_trace",
@@ -231,6 +283,7 @@ def _register_builtins() -> None:
             flatness.FisherTraceConfig,
             flatness.fisher_trace,
             "Fisher trace per token, sampled labels",
+            "draw",
         ),
         (
             "adaptive_sharpness",
@@ -238,6 +291,7 @@ def _register_builtins() -> None:
             flatness.AdaptiveSharpnessConfig,
             flatness.adaptive_sharpness,
             "E[L(w+d)] - L(w), d ~ N(0, (rho|w|)^2)",
+            "draw",
         ),
         (
             "perturbation_sensitivity",
@@ -245,11 +299,12 @@ def _register_builtins() -> None:
             flatness.PerturbationConfig,
             flatness.perturbation_sensitivity,
             "loss increase under relative Gaussian weight noise",
+            "draw",
         ),
-        ("sam_sharpness", "1", flatness.SamConfig, flatness.sam_sharpness, "one-step SAM/ASAM sharpness"),
+        ("sam_sharpness", "1", flatness.SamConfig, flatness.sam_sharpness, "one-step SAM/ASAM sharpness", ""),
     ]
-    for name, version, cls, fn, text in flat:
-        register(MetricSpec(name, version, "flatness", False, False, cls, fn, text))
+    for name, version, cls, fn, text, unit in flat:
+        register(MetricSpec(name, version, "flatness", False, False, cls, fn, text, progress_unit=unit))
     moe = [
         (
             "pathway_distance",
@@ -306,6 +361,7 @@ def _register_builtins() -> None:
             alignment.GradientAlignmentConfig,
             alignment.gradient_alignment,
             "mean cosine between domains' loss gradients; diagonal = same-domain half-split ceiling",
+            progress_unit="gradient",
         )
     )
 
