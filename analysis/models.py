@@ -110,6 +110,95 @@ def read_config(folder: str | Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({err}); re-save the checkpoint with save_pretrained") from None
 
 
+def has_tokenizer_files(folder: str | Path) -> bool:
+    """Whether a checkpoint folder holds tokenizer files (raw training checkpoints often do not)."""
+    folder = Path(folder)
+    return folder.is_dir() and any(p.name.startswith(TOKENIZER_FILES) for p in folder.iterdir())
+
+
+def load_tokenizer(folder: str | Path, *, trust_remote_code: bool = False, needed_for: str = ""):
+    """The tokenizer saved in a checkpoint folder; one-line ValueError naming the folder when there is none.
+
+    ``needed_for`` says in the error what wanted it (e.g. "the text samples of probe.jsonl").
+    """
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not has_tokenizer_files(folder):
+        # Without these, AutoTokenizer may build some other tokenizer and every text would be misread.
+        why = f" to tokenise {needed_for}" if needed_for else ""
+        raise ValueError(
+            f"{folder}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...){why}; "
+            "save the tokenizer there with tokenizer.save_pretrained"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{folder}: cannot load the tokenizer ({first}); save it again with save_pretrained") from None
+
+
+class LazyTokenizer:
+    """A checkpoint's tokenizer, loaded on first :meth:`get`: a folder without tokenizer files
+    fails only when something needs one (text probe samples, lm-eval, proxy metrics)."""
+
+    def __init__(self, folder: str | Path, *, trust_remote_code: bool = False) -> None:
+        self.folder = Path(folder)
+        self.trust_remote_code = trust_remote_code
+        self._loaded = None
+
+    @property
+    def available(self) -> bool:
+        """Whether there are tokenizer files to load (loads nothing)."""
+        return self._loaded is not None or has_tokenizer_files(self.folder)
+
+    @property
+    def loaded(self):
+        """The tokenizer if something already loaded it, else None (loads nothing)."""
+        return self._loaded
+
+    def get(self, needed_for: str = ""):
+        """The tokenizer, loaded once; ValueError naming the folder when it has none."""
+        if self._loaded is None:
+            self._loaded = load_tokenizer(self.folder, trust_remote_code=self.trust_remote_code, needed_for=needed_for)
+        return self._loaded
+
+
+def resolve_tokenizer(tokenizer, needed_for: str = ""):
+    """A tokenizer from a tokenizer, a :class:`LazyTokenizer` (loaded now) or None (kept None)."""
+    return tokenizer.get(needed_for) if isinstance(tokenizer, LazyTokenizer) else tokenizer
+
+
+def pad_token_id(model: torch.nn.Module) -> int:
+    """The id that pads a batch of this model's inputs: config pad_token_id, else eos_token_id, else 0.
+
+    Padding positions are masked out of attention and of the loss, so the id only has to be
+    one the embedding accepts; the config's own keeps batches like those the model was made for.
+    """
+    config = getattr(model, "config", None)
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(config, name, None)
+        if isinstance(value, list | tuple):  # some configs list several EOS ids
+            value = value[0] if value else None
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return 0
+
+
+def _mismatch(records: list) -> str | None:
+    """The first size-mismatch row of a transformers load report, as "name: checkpoint [..] vs config [..]"."""
+    import re
+
+    for record in records:
+        for line in re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()).splitlines():
+            found = re.search(
+                r"^\s*(.+?)\s*\|\s*MISMATCH.*ckpt: torch.Size\((\[[^]]*])\) vs model:\s*torch.Size\((\[[^]]*])\)", line
+            )
+            if found:
+                return f"{found[1]}: {found[2]} in the weights, {found[3]} from config.json"
+    return None
+
+
 def load_model(
     folder: str | Path,
     *,
@@ -118,15 +207,22 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     experts_implementation: str | None = None,
+    lazy_tokenizer: bool = False,
 ):
     """Load a transformers causal LM and its tokenizer from a local checkpoint folder.
 
     Returns ``(model, tokenizer)`` with the model in eval mode on ``device``. ``dtype``
     None keeps the checkpoint's own dtype. Raises ValueError with a one-line message for a
-    missing or corrupt checkpoint.
+    missing or corrupt checkpoint, and for one whose config.json does not fit its weights.
+    With ``lazy_tokenizer`` the tokenizer is a :class:`LazyTokenizer` that loads (or fails,
+    for a folder without tokenizer files) only when something asks for it; otherwise a
+    folder without tokenizer files is an error here.
     """
+    import logging
+
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     folder = Path(folder)
     if folder.is_dir() and is_weightless(folder):
@@ -142,23 +238,38 @@ def load_model(
         check_not_lfs_pointer(file)  # else transformers fails on it with a message about headers
         if file.name.endswith(".bin"):
             check_weights_only(file)  # refuse pickled code before transformers opens the file
-    if not any(p.name.startswith(TOKENIZER_FILES) for p in folder.iterdir()):
-        # Without these, AutoTokenizer may build some other tokenizer and every text would be misread.
-        raise ValueError(
-            f"{folder}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...); "
-            "save the tokenizer there with tokenizer.save_pretrained"
-        )
+    tokenizer = LazyTokenizer(folder, trust_remote_code=trust_remote_code)
+    if not lazy_tokenizer:
+        tokenizer = tokenizer.get()
     kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": dtype if dtype is not None else "auto"}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if experts_implementation:
         kwargs["experts_implementation"] = experts_implementation
+    # transformers' own loading bar and load report would land on stderr between our lines:
+    # hold the report back, name its first mismatch in the error, and replay it on success.
+    hf_logging.disable_progress_bar()
+    held: list[logging.LogRecord] = []
+    catcher = logging.Handler(logging.WARNING)
+    catcher.emit = held.append  # type: ignore[method-assign]
+    hf_logging.disable_default_handler()
+    hf_logging.add_handler(catcher)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
+        mismatch = _mismatch(held)
+        if mismatch:
+            raise ValueError(
+                f"{folder}: config.json does not fit the weights ({mismatch}); "
+                "put back the config.json saved with these weights"
+            ) from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{folder}: cannot load checkpoint ({first})") from None
+    finally:
+        hf_logging.remove_handler(catcher)
+        hf_logging.enable_default_handler()
+    for record in held:  # warnings of a load that worked (missing or unexpected weights) still show
+        logging.getLogger(record.name).handle(record)
     model.to(pick_device(device))
     model.eval()
     return model, tokenizer

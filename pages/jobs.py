@@ -36,6 +36,10 @@ def queue() -> None:
                 min(done, 1.0),
                 text=f"{job.units_done}/{job.units} checkpoints · {job.items_done}/{job.items_total} items",
             )
+            if job.status == "running":  # what each running checkpoint is at, e.g. "hessian_trace probe 12/32"
+                units = _state.job_units(int(job.id))
+                for unit in units[(units["status"] == "running") & (units["message"] != "")].itertuples():
+                    st.caption(f"step {_state.md_text(unit.unit)}: {_state.md_text(unit.message)}")
             if job.units_failed:
                 units = _state.job_units(int(job.id))
                 st.error(f"{job.units_failed} checkpoint(s) failed")

@@ -147,7 +147,7 @@ def test_runner_stores_memorisation_rows_and_reads_routing_once(store: Store, ru
     assert set(record) == {"loss", "scored_tokens", "pathway", "consistency", "consistency_normalized"}
     assert record["scored_tokens"] == 1 and record["loss"] == pytest.approx(rows["value"].iloc[0])
     # Checked by hand: the answer token's NLL from the model's own logits.
-    ids = tok(f"{0} + {0} = {0}")["input_ids"]
+    ids = tok.get()(f"{0} + {0} = {0}")["input_ids"]  # _load's tokenizer loads when asked
     import torch
 
     with torch.no_grad():

@@ -5,6 +5,9 @@ file's stem):
 
 - ``.jsonl``: one sample per line, a JSON object with ``text`` (tokenised with the checkpoint's
   tokenizer, special tokens included, so a BOS-adding tokenizer adds BOS) or ``input_ids``.
+  ``input_ids`` need no tokenizer: a checkpoint without tokenizer files (raw training
+  checkpoints often have none) is scored on them as well, and its tokenizer, when passed as a
+  :class:`analysis.models.LazyTokenizer`, is loaded only once a text sample needs it.
 - ``.txt``: one document per non-empty line. Per line rather than the whole file, so a domain
   has many samples (a standard error) and ``max_samples`` means the same for both formats.
 
@@ -33,6 +36,10 @@ sqrt(n) is not it: it weights a 4-token and a 400-token sequence alike, and unde
 lengths vary (tests/test_evals_heldout.py measures both). Bits per byte = total NLL (nats) /
 ln 2 / total UTF-8 bytes of the scored tokens, also a ratio of sums, with its stderr from the
 same function; None for ``input_ids`` data (no text to count bytes of).
+
+Batches are right-padded with the model's pad id (:func:`analysis.models.pad_token_id`: config
+``pad_token_id``, else ``eos_token_id``, else 0) under an attention mask; padded positions are
+neither attended to nor scored, so a sequence's loss does not depend on what it is batched with.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from analysis.models import pick_device
+from analysis.models import LazyTokenizer, pad_token_id, pick_device, resolve_tokenizer
 
 _SUFFIXES = (".jsonl", ".txt")
 
@@ -210,7 +217,8 @@ def load_probe_set(
     """Load and tokenise probe data: one domain per file (see the module docstring for formats).
 
     ``max_samples`` keeps the first N samples of each domain. ``tokenizer`` may be None only
-    when every sample has ``input_ids``.
+    when every sample has ``input_ids``; a :class:`analysis.models.LazyTokenizer` is loaded at
+    the first text sample (a checkpoint without tokenizer files fails there, naming its folder).
     """
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2 (one token predicts the next), got {max_length}")
@@ -234,7 +242,8 @@ def load_probe_set(
     digest.update(json.dumps({d: [list(s) for s in seqs] for d, seqs in domains.items()}).encode())
     if scored != domains:  # unchanged fingerprints for BOS-adding tokenizers and token-id data
         digest.update(json.dumps({d: [list(s) for s in seqs] for d, seqs in scored.items()}).encode())
-    digest.update(_vocab_hash(tokenizer).encode())
+    # A lazy tokenizer that no text sample needed leaves token-id data keyed on the ids alone.
+    digest.update(_vocab_hash(tokenizer.loaded if isinstance(tokenizer, LazyTokenizer) else tokenizer).encode())
     return ProbeSet(
         domains=domains,
         n_bytes=n_bytes,
@@ -263,6 +272,7 @@ def _tokenise(
                 seqs.append(tuple(ids[:max_length]))
                 scored.append(seqs[-1])
             continue
+        tokenizer = resolve_tokenizer(tokenizer, f"the text samples of {file} (or give them as input_ids)")
         if tokenizer is None:
             raise ValueError(f"{file}: text samples need a tokenizer; pass the checkpoint's tokenizer")
         ids = [int(i) for i in tokenizer(text)["input_ids"]]
@@ -310,13 +320,14 @@ def right_pad(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Ten
 
 def _sequence_nll(model: torch.nn.Module, seqs: Sequence[Sequence[int]], batch_size: int, device: torch.device):
     """Summed NLL (nats) and predicted-token count of each sequence, in input order."""
+    pad = pad_token_id(model)
     sums = [0.0] * len(seqs)
     counts = [0] * len(seqs)
     # Longest first: similar lengths share a batch, so little compute goes to padding.
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        ids, mask = right_pad([seqs[i] for i in idx])
+        ids, mask = right_pad([seqs[i] for i in idx], pad)
         ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V), fp32 math
         labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # (B, T-1), padding ignored

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 from analysis.jobs.spec import HELDOUT
 
@@ -20,16 +23,20 @@ def compute_once(
     max_samples: int | None = 256,
     batch_size: int = 16,
     batches: int = 2,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Compute metric ``name`` on the model in ``checkpoint`` over the probe data in ``data``.
 
     Returns a JSON-ready dict with at least ``metric``, ``value`` and ``stderr``. ``params``
-    are KEY=VALUE strings for the metric's config.
+    are KEY=VALUE strings for the metric's config, plus ``seed`` (overrides ``seed``).
+    The checkpoint's tokenizer is loaded only when a text probe sample needs it, so
+    ``input_ids`` probes work on checkpoints without tokenizer files. ``progress(i, n)``
+    follows a long metric's probes or iterations.
     """
     from analysis.evals.heldout import heldout_loss, load_probe_set
     from analysis.jobs.runner import _probe_batches
     from analysis.jobs.spec import JobSpec
-    from analysis.models import load_model
+    from analysis.models import load_model, pad_token_id
 
     settings = {}
     for item in params:
@@ -37,12 +44,17 @@ def compute_once(
         if not sep:
             raise ValueError(f"--param {item!r}: write KEY=VALUE")
         settings[key] = value
-    if name != HELDOUT:
-        from analysis.metrics.registry import get_metric, make_config
+    if name == HELDOUT:
+        extra = sorted(set(settings) - {"seed"})  # deterministic: a seed is accepted and changes nothing
+        if extra:
+            raise ValueError(f"--param {extra[0]}: heldout_loss takes no parameters; drop it")
+    else:
+        from analysis.metrics.registry import get_metric, metric_settings
 
         get_metric(name)  # unknown names fail before the model loads
-        config = make_config(name, settings)
-    model, tokenizer = load_model(checkpoint, device=device)
+        config, own_seed = metric_settings(name, settings)
+        seed = seed if own_seed is None else own_seed
+    model, tokenizer = load_model(checkpoint, device=device, lazy_tokenizer=True)
     probe = load_probe_set(data, tokenizer, max_length, max_samples=max_samples)
 
     clean = _clean
@@ -53,14 +65,17 @@ def compute_once(
         value = sum(r.mean_nll * r.n_tokens for r in results.values()) / total
         domains = {d: {"value": r.mean_nll, "stderr": clean(r.stderr), "bits_per_byte": r.bits_per_byte,
                        "n_tokens": r.n_tokens, "n_samples": r.n_samples} for d, r in results.items()}  # fmt: skip
+        for d, fields in domains.items():
+            if fields["bits_per_byte"] is None and probe.n_bytes.get(d) is None:  # token-id samples
+                fields["bits_per_byte_note"] = _NO_BYTES + ("" if tokenizer.available else _NO_TOKENIZER)
         stderr = next(iter(domains.values()))["stderr"] if len(domains) == 1 else None
         return {"metric": name, "value": value, "stderr": stderr, "n": probe.n_samples, "domains": domains,
                 "probe_fingerprint": probe.fingerprint}  # fmt: skip
     from analysis.metrics.registry import compute
 
     spec = JobSpec(run="-", metrics=(name,), batch_size=batch_size, metric_batches=batches, data=str(data))
-    result = compute(name, model, _probe_batches(probe, spec), config, device=next(model.parameters()).device,
-                     seed=seed)  # fmt: skip
+    result = compute(name, model, _probe_batches(probe, spec, pad_token_id(model)), config,
+                     device=next(model.parameters()).device, seed=seed, progress=progress)  # fmt: skip
     return {
         "metric": name,
         "value": clean(result.value),
@@ -71,6 +86,42 @@ def compute_once(
         "per_probe": [clean(v) for v in result.per_probe],
         "probe_fingerprint": probe.fingerprint,
     }
+
+
+_NO_BYTES = "unavailable: input_ids samples carry no text whose bytes could be counted; give text samples"
+_NO_TOKENIZER = " (and this checkpoint has no tokenizer files to tokenise them: save its tokenizer there)"
+
+
+def progress_printer(name: str, *, stream: TextIO | None = None) -> Callable[[int, int], None] | None:
+    """How ``metric`` shows a long metric's progress on ``stream`` (stderr): a tqdm bar on a
+    terminal, else lines like "hessian_trace: probe 3/32" (the first, the last, and about every
+    5% between). None for metrics that report no progress (held-out loss, routing metrics)."""
+    from analysis.metrics.registry import get_metric
+
+    if name == HELDOUT or not get_metric(name).progress_unit:
+        return None
+    unit = get_metric(name).progress_unit
+    out = stream if stream is not None else sys.stderr
+    if out.isatty():
+        from tqdm import tqdm
+
+        state: dict = {}
+
+        def bar(i: int, n: int) -> None:
+            if "bar" not in state:
+                state["bar"] = tqdm(total=n, desc=name, unit=unit, file=out, dynamic_ncols=True)
+            state["bar"].total = n
+            state["bar"].update(i - state["bar"].n)
+            if i >= n:
+                state["bar"].close()
+
+        return bar
+
+    def lines(i: int, n: int) -> None:
+        if i in (1, n) or (i * 20) // n != ((i - 1) * 20) // n:
+            print(f"{name}: {unit} {i}/{n}", file=out, flush=True)
+
+    return lines
 
 
 def _clean(x):

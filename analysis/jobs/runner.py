@@ -10,6 +10,7 @@ out of memory) marks its unit failed with the reason, and the job goes on.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -23,7 +24,7 @@ import pandas as pd
 import torch
 
 from analysis.jobs.spec import Item, JobSpec, plan_items
-from analysis.store import ResultRow, SampleRow, Store, UnitUpdate, library_versions
+from analysis.store import ResultRow, SampleRow, Store, StoreLockedError, UnitUpdate, library_versions
 
 # progress(unit_index, n_units, unit_name, item_done, item_total, status)
 Progress = Callable[[int, int, str, int, int, str], None]
@@ -88,7 +89,7 @@ def _dtype(name: str | None) -> torch.dtype | None:
     return None if name is None else getattr(torch, name)
 
 
-def _probe_batches(probe, spec: JobSpec) -> list[dict[str, torch.Tensor]]:
+def _probe_batches(probe, spec: JobSpec, pad_id: int = 0) -> list[dict[str, torch.Tensor]]:
     """The fixed probe batches every checkpoint of the run is measured on.
 
     At most ``batch_size * metric_batches`` samples in all, shared round-robin among the
@@ -97,6 +98,8 @@ def _probe_batches(probe, spec: JobSpec) -> list[dict[str, torch.Tensor]]:
     rest to the others. Each domain gives its first samples in probe order. Batches never
     mix domains, and each carries ``domain_id`` (B,) long: the domain's index in sorted
     name order (0..D-1), which ``gradient_alignment`` reads and other metrics ignore.
+    Padding is ``pad_id`` (the model's, :func:`analysis.models.pad_token_id`) under the
+    attention mask.
     """
     from analysis.evals.heldout import right_pad
 
@@ -113,7 +116,7 @@ def _probe_batches(probe, spec: JobSpec) -> list[dict[str, torch.Tensor]]:
     for index, (name, count) in enumerate(zip(names, take, strict=True)):
         seqs = [list(s) for s in probe.domains[name][:count]]
         for i in range(0, count, spec.batch_size):
-            ids, mask = right_pad(seqs[i : i + spec.batch_size])
+            ids, mask = right_pad(seqs[i : i + spec.batch_size], pad_id)
             domain = torch.full((ids.shape[0],), index, dtype=torch.long)
             batches.append({"input_ids": ids, "attention_mask": mask, "domain_id": domain})
     if not batches:
@@ -121,8 +124,18 @@ def _probe_batches(probe, spec: JobSpec) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-def _compute_item(item: Item, model, tokenizer, spec: JobSpec, ctx: dict, run: str, step: int, fp: str):
-    """Rows and per-sample records of one item on one loaded checkpoint."""
+def _compute_item(
+    item: Item, model, tokenizer, spec: JobSpec, ctx: dict, run: str, step: int, fp: str,
+    progress: Callable[[int, int], None] | None = None,
+):  # fmt: skip
+    """Rows and per-sample records of one item on one loaded checkpoint.
+
+    ``tokenizer`` may be a :class:`analysis.models.LazyTokenizer`: the items that need one
+    (lm-eval tasks, proxies) load it, and fail alone when the checkpoint has none.
+    ``progress(i, n)`` follows a long metric's probes or iterations.
+    """
+    from analysis.models import resolve_tokenizer
+
     versions = ctx["versions"]
     rows: list[ResultRow] = []
     samples: list[SampleRow] = []
@@ -138,7 +151,7 @@ def _compute_item(item: Item, model, tokenizer, spec: JobSpec, ctx: dict, run: s
 
         out = run_lm_eval(
             model,
-            tokenizer,
+            resolve_tokenizer(tokenizer, f"the prompts of {item.name}"),
             [item.name],
             batch_size=spec.batch_size,
             limit=spec.limit,
@@ -170,14 +183,15 @@ def _compute_item(item: Item, model, tokenizer, spec: JobSpec, ctx: dict, run: s
         from analysis.evals.tasks import bundled_proxy_items
 
         pairs = bundled_proxy_items(item.name)[: spec.limit or None]
-        for name, res in proxy_metrics(model, tokenizer, pairs, batch_size=spec.batch_size).items():
+        proxy_tokenizer = resolve_tokenizer(tokenizer, f"the solutions of {item.name}")
+        for name, res in proxy_metrics(model, proxy_tokenizer, pairs, batch_size=spec.batch_size).items():
             rows.append(row(f"{item.name}/{name}", res.value, res.stderr, res.n, "1"))
     elif item.kind == "samples":
         from analysis.memorisation import sample_records
         from analysis.metrics.pathways import routing_profile
 
         for domain, seqs in sorted(ctx["probe"].domains.items()):
-            batches = _plain_batches(seqs, spec.batch_size)
+            batches = _plain_batches(seqs, spec.batch_size, ctx.get("pad_id", 0))
             profile = routing_profile(model, batches, device=ctx["device"], keep_nll=True)
             records = sample_records(
                 profile, threshold=item.params["threshold"], answer_tokens=item.params["answer_tokens"]
@@ -192,15 +206,17 @@ def _compute_item(item: Item, model, tokenizer, spec: JobSpec, ctx: dict, run: s
         from analysis.metrics.registry import compute, compute_from_profile, get_metric
 
         config = item.params["config"]
+        # The metric's own seed (--param METRIC.seed=N) is in its params; older jobs used the job's.
+        seed = item.params.get("seed", spec.seed)
         if get_metric(item.name).from_profile is not None:
             # Routing metrics share one forward pass per checkpoint.
             if "routing" not in ctx:
                 from analysis.metrics.pathways import routing_profile
 
                 ctx["routing"] = routing_profile(model, ctx["batches"], device=ctx["device"])
-            res = compute_from_profile(item.name, ctx["routing"], config, seed=spec.seed)
+            res = compute_from_profile(item.name, ctx["routing"], config, seed=seed)
         else:
-            res = compute(item.name, model, ctx["batches"], config, device=ctx["device"], seed=spec.seed)
+            res = compute(item.name, model, ctx["batches"], config, device=ctx["device"], seed=seed, progress=progress)
         # converged is None unless the metric is iterative (an eigenvalue); the store keeps it.
         rows.append(
             replace(row(item.name, res.value, res.stderr, res.n, item.params["version"]), converged=res.converged)
@@ -208,13 +224,13 @@ def _compute_item(item: Item, model, tokenizer, spec: JobSpec, ctx: dict, run: s
     return rows, samples
 
 
-def _plain_batches(seqs, batch_size: int) -> list[dict[str, torch.Tensor]]:
+def _plain_batches(seqs, batch_size: int, pad_id: int = 0) -> list[dict[str, torch.Tensor]]:
     """Right-padded batches of ``seqs`` in order (sample i of the output is seqs[i])."""
     from analysis.evals.heldout import right_pad
 
     batches = []
     for i in range(0, len(seqs), batch_size):
-        ids, mask = right_pad([list(s) for s in seqs[i : i + batch_size]])
+        ids, mask = right_pad([list(s) for s in seqs[i : i + batch_size]], pad_id)
         batches.append({"input_ids": ids, "attention_mask": mask})
     return batches
 
@@ -226,7 +242,11 @@ def _load(path: str, spec: JobSpec, trust_remote_code: bool):
     LOADS["count"] += 1
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"cdd-load-{os.getpid()}"
     folder = as_model_folder(path, scratch)
-    return load_model(folder, device=spec.device, dtype=_dtype(spec.dtype), trust_remote_code=trust_remote_code)
+    # The tokenizer loads when an item needs it: metrics on input_ids probes run on raw training
+    # checkpoints that have no tokenizer files.
+    return load_model(
+        folder, device=spec.device, dtype=_dtype(spec.dtype), trust_remote_code=trust_remote_code, lazy_tokenizer=True
+    )
 
 
 @dataclass
@@ -257,6 +277,9 @@ def compute_unit(
 ) -> UnitOutput:
     """Load one checkpoint and compute ``todo`` on it. Writes nothing: the caller stores the output.
 
+    ``on_item(done, what)`` is called as each item starts (``what`` its label) and, inside a
+    long metric, after each probe or iteration (``what`` like "hessian_trace probe 12/32").
+
     Pure with respect to the cache, so any process (this one, a pool, a Ray task) can run it
     while a single writer commits the results.
     """
@@ -266,18 +289,23 @@ def compute_unit(
     model = None
     try:
         model, tokenizer = _load(path, spec, trust_remote_code)
-        ctx = {"versions": versions, "device": next(model.parameters()).device}
+        from analysis.models import pad_token_id
+
+        ctx = {"versions": versions, "device": next(model.parameters()).device, "pad_id": pad_token_id(model)}
         if any(it.kind in ("heldout", "metric", "samples") for it in todo):
             from analysis.evals.heldout import load_probe_set
 
             data = next(it.params["data"] for it in todo if "data" in it.params)
             ctx["probe"] = load_probe_set(data, tokenizer, spec.max_length, max_samples=spec.max_samples)
-            ctx["batches"] = _probe_batches(ctx["probe"], spec)
+            ctx["batches"] = _probe_batches(ctx["probe"], spec, ctx["pad_id"])
         for item in todo:
             if on_item:
                 on_item(done, item.label)
             try:
-                rows, samples = _compute_item(item, model, tokenizer, spec, ctx, spec.run, step, fingerprint)
+                rows, samples = _compute_item(
+                    item, model, tokenizer, spec, ctx, spec.run, step, fingerprint,
+                    progress=_within(on_item, done, item) if on_item else None,
+                )  # fmt: skip
                 out.rows += rows
                 out.samples += samples
             except (ValueError, KeyError, RuntimeError, torch.OutOfMemoryError) as err:
@@ -292,6 +320,18 @@ def compute_unit(
             torch.cuda.empty_cache()
     out.seconds = time.monotonic() - started
     return out
+
+
+def _within(on_item: Callable[[int, str], None], done: int, item: Item) -> Callable[[int, int], None]:
+    """progress(i, n) of a long metric, reported through on_item as "<label> <unit> i/n"."""
+    from analysis.metrics.registry import progress_unit
+
+    unit = progress_unit(item.name) if item.kind == "metric" else "step"
+
+    def report(i: int, n: int) -> None:
+        on_item(done, f"{item.label} {unit} {i}/{n}")
+
+    return report
 
 
 @dataclass
@@ -378,6 +418,7 @@ def run_job(store: Store, job_id: int, *, progress: Progress | None = None, stop
     report = JobReport(job_id, failed=[])
     store.set_job(job_id, "running", worker_pid=os.getpid())
     n_units = len(plan.units)
+    last_note = {"at": 0.0}
     for index, unit in enumerate(plan.units.itertuples()):
         if (stop is not None and stop()) or _cancelled(store, job_id):
             report.cancelled = True
@@ -394,6 +435,7 @@ def run_job(store: Store, job_id: int, *, progress: Progress | None = None, stop
         def item_progress(done: int, label: str, index: int = index, name: str = unit.unit) -> None:
             if progress:
                 progress(index, n_units, name, done, len(items), label)
+            _note_progress(store, job_id, name, done, len(items), label, last_note)
 
         out = compute_unit(
             spec, todo, path, fp, step, plan.trust_remote_code, plan.versions,
@@ -403,6 +445,21 @@ def run_job(store: Store, job_id: int, *, progress: Progress | None = None, stop
         if progress:
             progress(index + 1, n_units, unit.unit, len(items), len(items), "done")
     return finish_job(store, job_id, report)
+
+
+# Seconds between two progress notes written to a running unit (each is a short write transaction).
+NOTE_EVERY = 2.0
+
+
+def _note_progress(store: Store, job_id: int, unit: str, done: int, total: int, what: str, last: dict) -> None:
+    """Write what a running unit is doing ("hessian_trace probe 12/32") for the Jobs page, at most
+    every NOTE_EVERY seconds; a cache busy with another writer just skips a note."""
+    now = time.monotonic()
+    if now - last["at"] < NOTE_EVERY:
+        return
+    last["at"] = now
+    with contextlib.suppress(StoreLockedError):  # best effort; the unit's result has its own transaction
+        store.set_unit(UnitUpdate(job_id, unit, "running", done, total, what))
 
 
 def _first_line(err: BaseException) -> str:
