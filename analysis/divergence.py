@@ -804,11 +804,17 @@ def _r2(errors: np.ndarray, y: np.ndarray, held_out: np.ndarray) -> float:
     return 1.0 - float((errors**2).sum()) / baseline if baseline > 0 else float("nan")
 
 
+_CONTINUOUS = {"p_correct", "margin", "nll_per_token"}  # analysis.evals.continuous: a score's smooth counterparts
+
+
 def _default_candidates(metrics: Sequence[str], downstream_metric: str) -> list[str]:
-    """Every metric but the target, lm-eval scores (``task/metric,filter``) and schedule bookkeeping."""
+    """Every metric but the target, lm-eval scores (``task/metric,filter``) and schedule bookkeeping; a task's
+    continuous counterparts (``task/p_correct,none``, ...) are signals and stay in."""
     out = []
     for metric in sorted(set(metrics)):
-        if metric == downstream_metric or "," in metric or metric.rsplit("/", 1)[-1].lower() in _NOT_SIGNALS:
+        leaf = metric.rsplit("/", 1)[-1]
+        continuous = "," in leaf and leaf.split(",", 1)[0] in _CONTINUOUS
+        if metric == downstream_metric or ("," in metric and not continuous) or leaf.lower() in _NOT_SIGNALS:
             continue
         out.append(metric)
     return out

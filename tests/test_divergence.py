@@ -515,3 +515,12 @@ def test_lm_eval_perplexities_serve_as_the_loss_after_logged_and_held_out_losses
     assert scores[0] == "lambada_openai/acc,none" and scores[-1] == "lambada_openai/ppl,none"
     assert dv.downstream_metrics(["wikitext/word_perplexity,none", "zz/acc,none"])[0] == "zz/acc,none"
     assert dv.loss_metrics(["piqa/acc,none", "train/accuracy", "ppl_task/acc,none"]) == []
+
+
+def test_a_tasks_continuous_counterparts_are_ranked_as_signals_and_its_other_scores_are_not():
+    frame = ranking_frame()
+    acc = frame[frame["metric"] == ACC]
+    frame = pd.concat([frame, acc.assign(metric="arc_easy/p_correct,none", value=acc["value"] ** 0.5)])
+    out = predictor_ranking(frame, ACC, loss_metric=LOSS)
+    assert "arc_easy/p_correct,none" in set(out["predictor"]) and "hellaswag/acc,none" not in set(out["predictor"])
+    assert out.iloc[0]["predictor"] in ("arc_easy/p_correct,none", "proxy_rank")

@@ -7,6 +7,7 @@ import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -334,3 +335,40 @@ def test_bad_result_files(tmp_path, content, message):
     assert str(path) in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ValueError, match="file not found"):
         parse_results_file(tmp_path / "missing.json")
+
+
+def test_continuous_metrics_equal_a_hand_computation_from_the_per_choice_log_likelihoods(
+    tmp_path, data_dir, checkpoint
+):
+    import math
+
+    from analysis.evals.continuous import continuous_metrics
+
+    model, tokenizer = load_model(checkpoint, device="cpu")
+    out = run_lm_eval(model, tokenizer, ["modarith_mc"], batch_size=8, task_dir=tmp_path / "m", data_dir=data_dir)
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    rows = {r.name: r for r in continuous_metrics(out.samples, encode)}
+    items = [s for s in out.samples if s.metric == "acc,none"]
+    assert len(items) == 40 and {r.n for r in rows.values()} == {40}  # acc and acc_norm records count once
+    p, margin, nll_tok, bpb = [], [], [], []
+    for s in items:
+        lls, c = list(s.loglikelihoods), int(s.target)
+        total = sum(math.exp(v) for v in lls)
+        p.append(math.exp(lls[c]) / total)
+        margin.append(lls[c] - max(v for j, v in enumerate(lls) if j != c))
+        # The word tokenizer gives each answer (" 52") one token; its bytes include the leading space.
+        assert len(encode(s.prompt + s.choices[c])) - len(encode(s.prompt)) == 1
+        nll_tok.append(-lls[c])
+        bpb.append(-lls[c] / math.log(2) / len(s.choices[c].encode()))
+    for name, values in (("p_correct", p), ("margin", margin), ("nll_per_token", nll_tok), ("bits_per_byte", bpb)):
+        assert rows[name].value == pytest.approx(np.mean(values), rel=1e-12), name
+        assert rows[name].stderr == pytest.approx(np.std(values, ddof=1) / math.sqrt(40), rel=1e-9), name
+        assert rows[name].metric == f"modarith_mc/{name},none"
+    acc = next(r for r in out.rows if r.name == "modarith_mc/acc,none").value
+    assert acc == pytest.approx(np.mean([m > 0 for m in margin]))  # right exactly when the margin is positive
+    # lm-eval's log-likelihood of one answer, recomputed by a forward pass of our own.
+    s = items[0]
+    ids = torch.tensor([tokenizer(s.prompt + s.choices[0])["input_ids"]])  # with BOS, as lm-eval scores it
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, -2].float(), -1)[ids[0, -1]].item()
+    assert logp == pytest.approx(s.loglikelihoods[0], abs=1e-4)

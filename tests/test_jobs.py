@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,6 +93,16 @@ def test_stored_scores_equal_lm_evals_own_run_and_a_second_eval_loads_nothing(st
             if key == "alias" or "_stderr" in key or not isinstance(value, float):
                 continue
             assert stored.loc[f"{task}/{key}", "value"] == value, (task, key)
+    # The multiple-choice task's continuous counterparts, from the same pass, one per item (acc's items).
+    items = store.sample_results("tiny", "antonyms_mc/acc,none")
+    items = items[items["step"] == 20]
+    p_correct = [
+        float(np.exp(ll[int(r["target"])]) / np.exp(ll).sum())
+        for r in items["record"].map(json.loads)
+        for ll in [np.array(r["loglikelihoods"])]
+    ]  # fmt: skip
+    assert stored.loc["antonyms_mc/p_correct,none", "value"] == pytest.approx(np.mean(p_correct), rel=1e-9)
+    assert stored.loc["antonyms_mc/p_correct,none", "n"] == len(items) > 0
     # Held-out loss: mean token NLL of the probe texts, checked against a direct computation.
     assert stored.loc["probe/heldout_loss", "value"] == pytest.approx(
         _direct_nll(run_dir / "step_20", run_dir), rel=1e-5

@@ -149,9 +149,10 @@ def _compute_item(
     if item.kind == "lm_eval":
         from analysis.evals.lmeval import run_lm_eval
 
+        tok = resolve_tokenizer(tokenizer, f"the prompts of {item.name}")
         out = run_lm_eval(
             model,
-            resolve_tokenizer(tokenizer, f"the prompts of {item.name}"),
+            tok,
             [item.name],
             batch_size=spec.batch_size,
             limit=spec.limit,
@@ -170,6 +171,12 @@ def _compute_item(
                 record["loglikelihoods"] = list(s.loglikelihoods or ())
             metric = f"{s.task}/{s.metric}"
             samples.append(SampleRow(run, step, metric, item.params_hash, str(s.doc_id), s.value, record))
+        # The accuracy's continuous counterparts, from the same per-choice log-likelihoods: no second pass.
+        from analysis.evals.continuous import continuous_metrics
+
+        encode = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+        for c in continuous_metrics(out.samples, encode):
+            rows.append(row(c.metric, c.value, c.stderr, c.n, "continuous-1"))
     elif item.kind == "heldout":
         from analysis.evals.heldout import heldout_loss
 
