@@ -372,3 +372,44 @@ def test_continuous_metrics_equal_a_hand_computation_from_the_per_choice_log_lik
     with torch.no_grad():
         logp = torch.log_softmax(model(ids).logits[0, -2].float(), -1)[ids[0, -1]].item()
     assert logp == pytest.approx(s.loglikelihoods[0], abs=1e-4)
+
+
+def test_log_samples_files_lm_eval_writes_give_the_continuous_metrics_at_import(tmp_path, data_dir, checkpoint):
+    """A real `--log_samples` output folder, written by lm-eval's own EvaluationTracker from a real run."""
+    import lm_eval
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.tasks import TaskManager
+
+    from analysis.evals.continuous import continuous_metrics
+    from analysis.evals.lmeval import samples_from_results
+
+    include = materialize_tasks(tmp_path / "tasks", data_dir)
+    tracker = EvaluationTracker(output_path=str(tmp_path / "out"))
+    results = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={checkpoint},dtype=float32", tasks=["modarith_mc"],
+        task_manager=TaskManager(include_path=str(include), include_defaults=False), batch_size=8, device="cpu",
+        log_samples=True, evaluation_tracker=tracker,
+    )  # fmt: skip
+    samples = results.pop("samples")
+    tracker.save_results_aggregated(results=results, samples=samples)
+    tracker.save_results_samples(task_name="modarith_mc", samples=samples["modarith_mc"])
+    (result_file,) = (tmp_path / "out").rglob("results_*.json")
+    assert list(result_file.parent.glob("samples_modarith_mc_*.jsonl"))
+
+    imported = parse_results_file(result_file, step=20)
+    rows = {r.name: r for r in imported.rows}
+    expected = continuous_metrics(samples_from_results({"configs": results["configs"], "samples": samples}))
+    assert {c.metric for c in expected} == {f"modarith_mc/{n},none" for n in ("p_correct", "margin", "bits_per_byte")}
+    for c in expected:  # the file's strings give back the in-memory floats
+        assert rows[c.metric].value == pytest.approx(c.value, rel=1e-12) and rows[c.metric].n == 40
+    right = [m > 0 for m in _margins(samples["modarith_mc"])]  # right exactly when the margin is positive
+    assert rows["modarith_mc/acc,none"].value == pytest.approx(np.mean(right))
+
+
+def _margins(items: list[dict]) -> list[float]:
+    out = []
+    for item in items:
+        lls = [float(r[0]) for r in item["filtered_resps"]]
+        c = int(item["target"])
+        out.append(lls[c] - max(v for j, v in enumerate(lls) if j != c))
+    return out

@@ -302,6 +302,11 @@ def rows_from_results(results: dict[str, Any], *, source: str, n_shot_default: i
     return rows, [_printable(p) for p in problems]
 
 
+def _arg_order(entry: tuple[str, Any]) -> int:
+    digits = "".join(ch for ch in entry[0] if ch.isdigit())
+    return int(digits) if digits else 0
+
+
 def samples_from_results(results: dict[str, Any]) -> list[SampleRecord]:
     """Per-document records from the ``samples`` of an in-memory lm-eval result."""
     configs = results.get("configs") or {}
@@ -310,6 +315,8 @@ def samples_from_results(results: dict[str, Any]) -> list[SampleRecord]:
         output_type = (configs.get(task) or {}).get("output_type", "")
         for item in items:
             args = item.get("arguments") or []
+            if isinstance(args, dict):  # as lm-eval's --log_samples files write them: {"gen_args_0": {"arg_0": ...}}
+                args = [list(a.values()) if isinstance(a, dict) else a for _, a in sorted(args.items(), key=_arg_order)]
             prompt = str(args[0][0]) if args and isinstance(args[0], (list, tuple)) and args[0] else ""
             filtered = item.get("filtered_resps") or []
             response: str | None = None
@@ -431,6 +438,9 @@ def parse_results_file(path: str | Path, step: int | None = None) -> ImportedEva
         model_args = ",".join(f"{k}={v}" for k, v in model_args.items())
     groups = data.get("groups") if isinstance(data.get("groups"), dict) else {}
     derived, notes = group_means(rows, present=set(groups))
+    continuous, sample_notes = continuous_from_sample_files(path, data, rows)
+    rows += continuous
+    notes = [*notes, *sample_notes]
     return ImportedEvals(
         path=path,
         step=found[0],
@@ -441,6 +451,42 @@ def parse_results_file(path: str | Path, step: int | None = None) -> ImportedEva
         date=_number(data.get("date")),
         derived=tuple(derived),
     )
+
+
+def continuous_from_sample_files(
+    path: Path, data: dict[str, Any], rows: list[EvalRow]
+) -> tuple[list[EvalRow], list[str]]:
+    """The continuous counterparts of a results file's multiple-choice scores, from its ``--log_samples`` files.
+
+    lm-eval 0.4 writes ``samples_<task>_<time>.jsonl`` beside ``results_<time>.json``, one line per document
+    with its per-choice log-likelihoods (``filtered_resps``); each task that has such a file gets the rows of
+    :mod:`analysis.evals.continuous` (without ``nll_per_token``: no tokenizer at import). Returns (rows,
+    notes about unreadable sample files).
+    """
+    from analysis.evals.continuous import continuous_metrics
+
+    name = path.name
+    if not (name.startswith("results_") and name.endswith(".json")):
+        return [], []
+    stamp = name[len("results_") : -len(".json")]
+    configs = data.get("configs") if isinstance(data.get("configs"), dict) else {}
+    shots = {r.task: (r.n_shot, r.task_version) for r in rows}
+    out, notes = [], []
+    for task in sorted(t for t in shots if isinstance(configs.get(t), dict)):
+        sample_file = path.parent / f"samples_{task}_{stamp}.jsonl"
+        if not sample_file.is_file():
+            continue
+        try:
+            items = [json.loads(line) for line in sample_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+            records = samples_from_results({"configs": {task: configs[task]}, "samples": {task: items}})
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+            notes.append(f"{sample_file}: per-sample records unreadable ({type(err).__name__}); no continuous metrics")
+            continue
+        n_shot, version = shots[task]
+        for c in continuous_metrics(records):
+            out.append(EvalRow(task=task, metric=f"{c.name},none", value=c.value, stderr=c.stderr, n=c.n,
+                               n_shot=n_shot, task_version=version))  # fmt: skip
+    return out, notes
 
 
 # --------------------------------------------------------------------------- group scores
