@@ -807,6 +807,11 @@ def _r2(errors: np.ndarray, y: np.ndarray, held_out: np.ndarray) -> float:
 _CONTINUOUS = {"p_correct", "margin", "nll_per_token"}  # analysis.evals.continuous: a score's smooth counterparts
 
 
+def signal_metrics(metrics: Sequence[str], downstream_metric: str) -> list[str]:
+    """The metrics that can predict ``downstream_metric``: what the ranking scores by default."""
+    return _default_candidates(metrics, downstream_metric)
+
+
 def _default_candidates(metrics: Sequence[str], downstream_metric: str) -> list[str]:
     """Every metric but the target, lm-eval scores (``task/metric,filter``) and schedule bookkeeping; a task's
     continuous counterparts (``task/p_correct,none``, ...) are signals and stay in."""

@@ -26,9 +26,10 @@ c1, c2, c3, c4 = st.columns([2, 3, 2, 3])
 run = c1.selectbox("Run", list(sel.runs), key="fc_run", bind="query-params")
 score = _state.metric_picker(c2, "Score", scores, scores, "score")
 method = c3.selectbox("Form", list(fc.METHODS), key="method", bind="query-params")
-via = _state.metric_picker(c4, "Through (two-step)", losses, losses, "via") if method == "two-step" else None
+through = losses + [m for m in dv.signal_metrics(names, score) if m not in losses]  # a loss, or a proxy
+via = _state.metric_picker(c4, "Through (two-step)", through, losses, "via") if method == "two-step" else None
 if method == "two-step" and via is None:
-    st.warning("The two-step form needs a loss (a logged or held-out loss, or an lm-eval perplexity).")
+    st.warning("The two-step form needs a loss or a proxy (a held-out loss, a perplexity, p_correct, ...).")
     st.stop()
 frame = _state.long_table(sel.runs, _state.setting_picker(sel.runs, [score, via]))
 st.caption(fc.ASSUMPTIONS[method] + " Intervals: delta method with a t quantile (see README, Forecasts).")
