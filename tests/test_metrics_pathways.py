@@ -366,3 +366,16 @@ def test_memorised_from_by_hand():
         memorised_from(losses, [10, 30, 20, 40], eps=0.1)
     with pytest.raises(ValueError, match="one row per step"):
         memorised_from(losses, [10, 20, 30], eps=0.1)
+
+
+def test_pair_means_from_rapidfuzz_equal_the_reference_kernel_and_the_sample_covers_them():
+    rng = np.random.default_rng(5)
+    seqs = [tuple(rng.integers(0, 6, rng.integers(0, 9)).tolist()) for _ in range(120)]  # duplicates, empty ones
+    seqs += seqs[:30]
+    exact = mean_pairwise_distance(seqs)
+    n = len(seqs)
+    want = np.mean([reference_levenshtein(seqs[i], seqs[j]) for i in range(n) for j in range(i + 1, n)])
+    assert exact.exact and exact.n_pairs == n * (n - 1) // 2 and exact.mean == pytest.approx(want, rel=1e-12)
+    sampled = mean_pairwise_distance(seqs, max_pairs=3000, seed=1)
+    assert not sampled.exact and sampled.n_pairs == 3000
+    assert abs(sampled.mean - want) <= 4 * sampled.stderr
