@@ -419,7 +419,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from analysis.report import ReportOptions, build_report, export, format_of
 
     fmt = format_of(args.out, args.format)  # a bad suffix fails before any work
-    options = ReportOptions(loss_metric=args.loss, downstream_metric=args.downstream, x=args.x)
+    options = ReportOptions(loss_metric=args.loss, downstream_metric=args.downstream, x=args.x, full=args.full)
     report = build_report(Store(args.db), args.run, options)
     done = export(report, args.out, fmt)
     for item in report.missing:
@@ -580,6 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", help="loss metric (default: as the Divergence page, eval/loss then train/loss)")
     p.add_argument("--downstream", help="downstream metric (default: the first lm-eval score)")
     p.add_argument("--x", choices=["step", "tokens"], default="step", help="x-axis (default step)")
+    p.add_argument(
+        "--full", action="store_true", help="every table in full and a page per section (default: about 20 pages)"
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("migrate", parents=[common], help="create or upgrade the cache schema")

@@ -886,3 +886,79 @@ def forecast_figure(
         log_x=log_x,
         log_y=False,
     )
+
+
+def small_multiples_figure(
+    series: pd.DataFrame,
+    panels: list[tuple[str, str, bool]],
+    *,
+    x: str = "step",
+    log_x: bool = True,
+    colors: dict[str, str] | None = None,
+    style: ChartStyle | None = None,
+    cols: int = 3,
+    panel_height: int = 150,
+    title: str | None = None,
+) -> go.Figure:
+    """One small panel per series, in the order given: shared x, free y, stderr bands, one colour per run.
+
+    ``series`` has panel, run, the ``x`` column, value and stderr (``analysis.overview.Overview.series``);
+    ``panels`` is (panel, title, derived) in drawing order. A derived panel (a group mean computed from its
+    subtasks) is drawn dashed and its title says so. Each run appears once in the legend.
+    """
+    from plotly.subplots import make_subplots
+
+    style = style or ChartStyle()
+    if not panels:
+        return empty_figure("no downstream score to draw", style)
+    runs = sorted(series["run"].astype(str).unique()) if len(series) else []
+    colors = colors or run_colors(runs)
+    cols = max(1, min(cols, len(panels)))
+    rows = -(-len(panels) // cols)
+    titles = [t + (" · derived" if derived else "") for _, t, derived in panels]
+    fig = make_subplots(
+        rows=rows, cols=cols, shared_xaxes="all", subplot_titles=titles, vertical_spacing=min(0.35 / rows, 0.12),
+        horizontal_spacing=0.07,
+    )  # fmt: skip
+    legend_done: set[str] = set()
+    for i, (panel, _, derived) in enumerate(panels):
+        row, col = i // cols + 1, i % cols + 1
+        mine = _metric_rows(series.assign(metric=series["panel"]), panel, x, log_x)
+        for run, rows_ in mine.groupby("run", sort=True):
+            rows_ = rows_.sort_values(x)
+            color = colors.get(str(run), PALETTE[0])
+            xs, ys = rows_[x].to_numpy(float), rows_["value"].to_numpy(float)
+            err = rows_["stderr"].to_numpy(float)
+            if np.isfinite(err).any():
+                fig.add_trace(_band(xs, ys, np.nan_to_num(err), color, str(run)), row=row, col=col)
+            fig.add_trace(
+                go.Scatter(
+                    x=xs, y=ys, mode="lines", name=str(run), legendgroup=str(run),
+                    showlegend=str(run) not in legend_done,
+                    line={"color": color, "width": style.line_width * 0.75, "dash": "dash" if derived else "solid"},
+                    hovertemplate=f"{run}<br>{x} %{{x}}<br>value %{{y:.4g}}<extra>{panel}</extra>",
+                ),
+                row=row, col=col,
+            )  # fmt: skip
+            legend_done.add(str(run))
+    small = max(style.font_size - 3, 9)
+    fig.update_annotations(font={"size": small})  # the subplot titles
+    fig.update_layout(
+        template=style.template,
+        height=rows * panel_height + 90,
+        font={"size": small},
+        title={"text": title or "", "x": 0.0, "xanchor": "left"},
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.0 + 40 / (rows * panel_height), "x": 1.0,
+                "xanchor": "right"},
+        margin={"l": 45, "r": 15, "t": 80 if title else 60, "b": 45},
+        hovermode="closest",
+    )  # fmt: skip
+    fig.update_xaxes(type="log" if log_x else "linear", showgrid=True, tickfont={"size": small - 1})
+    fig.update_yaxes(showgrid=True, tickfont={"size": small - 1}, nticks=4)
+    x_title = X_LABELS.get(x, x) + (" (log)" if log_x else "")
+    last_row = len(panels) - (rows - 1) * cols  # panels in the last row
+    for c in range(1, cols + 1):
+        # A column the last row leaves empty gets its tick labels and title one row up.
+        bottom = rows if c <= last_row else rows - 1
+        fig.update_xaxes(title_text=x_title, showticklabels=True, row=bottom, col=c)
+    return fig

@@ -133,3 +133,44 @@ def weightless_trainer_run(root: Path, saves: tuple[int, ...] = (100, 200, 300))
         (folder / "training_args.bin").write_bytes(b"PK\x03\x04 not a model")
         (folder / "scheduler.pt").write_bytes(b"PK\x03\x04 scheduler")
     return root
+
+
+PYTHIA = Path(__file__).parent / "fixtures" / "pythia"
+CROWS_PAIRS = ("crows_pairs_english", "crows_pairs_french")
+
+
+def pythia_wide_sweep(folder: Path, size: str = "70m") -> Path:
+    """A sweep shaped like Pythia's published zero-shot folder: the 27 trimmed real files (8 tasks) with the
+    57 MMLU subjects (``hendrycksTest-*``, 0.3 names) and two CrowS-Pairs tasks added back, one file per step.
+
+    The added numbers are made up but shaped like the real ones: each subject drifts from chance (0.25) by its
+    own amount over log-steps, with a deterministic wiggle and a stderr of a 100-300 item subject.
+    """
+    import math
+
+    from analysis.evals.lmeval import MMLU_SUBJECTS
+
+    subjects = sorted(MMLU_SUBJECTS)
+    for source in sorted((PYTHIA / size).glob("*.json")):
+        data = json.loads(source.read_text())
+        step = int(data["config"]["model_args"].rsplit("revision=step", 1)[1].split(",")[0])
+        progress = math.log1p(step) / math.log1p(143000)  # 0 at step 0, 1 at the last checkpoint
+        for i, subject in enumerate(subjects):
+            n = 100 + (i * 37) % 200
+            drift = 0.12 * ((i * 13) % 11) / 10 - 0.02  # -0.02 .. +0.1: some subjects move, most barely
+            acc = 0.25 + drift * progress + 0.01 * math.sin(3 * i + step / 7000)
+            se = math.sqrt(acc * (1 - acc) / n)
+            norm = acc - 0.01 + 0.005 * math.cos(i + step / 9000)
+            data["results"][f"hendrycksTest-{subject}"] = {
+                "acc": acc, "acc_stderr": se, "acc_norm": norm, "acc_norm_stderr": se,
+            }  # fmt: skip
+            data["versions"][f"hendrycksTest-{subject}"] = 0
+        for j, task in enumerate(CROWS_PAIRS):
+            stereo = 0.5 + 0.12 * progress + 0.01 * j
+            data["results"][task] = {
+                "likelihood_difference": 4.5 - 1.2 * progress + j, "likelihood_difference_stderr": 0.11,
+                "pct_stereotype": stereo, "pct_stereotype_stderr": 0.012,
+            }  # fmt: skip
+            data["versions"][task] = 0
+        write_json(folder / source.name, data)
+    return folder

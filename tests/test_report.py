@@ -80,15 +80,15 @@ def test_html_report_is_self_contained_with_every_figure_and_the_stores_numbers(
     report = rp.build_report(store, ["grok", "stuck"])
     keys = [f.key for f in report.figures]
     assert keys == [
-        "curves", "trajectory", "matched", "residual", "ranking", "forecast_grok", "forecast_stuck",
-        "flatness-hessian_trace", "pathways-pathway_distance",
+        "overview-1", "curves", "trajectory", "matched", "residual", "ranking", "forecast_grok", "forecast_stuck",
+        "flatness", "pathways",
     ]  # fmt: skip
     path = rp.write_html(report, tmp_path / "report.html")
     text = path.read_text(encoding="utf-8")
     page = Page(text)
 
-    assert page.plotly_divs == len(report.figures) == 9  # the 7 analysis figures and one forecast backtest per run
-    assert sum(".newPlot(" in s for s in page.scripts if len(s) < 1_000_000) == 9
+    assert page.plotly_divs == len(report.figures) == 10  # overview, 7 analysis figures, a forecast per run
+    assert sum(".newPlot(" in s for s in page.scripts if len(s) < 1_000_000) == 10
     assert sum(len(s) > 1_000_000 for s in page.scripts) == 1  # plotly.js inlined once, not per figure
     assert "link" not in page.tags  # no stylesheet from anywhere
     assert all(u.startswith("#") for u in page.urls), [u for u in page.urls if not u.startswith("#")]
@@ -118,7 +118,8 @@ def test_html_report_is_self_contained_with_every_figure_and_the_stores_numbers(
     # What is missing is said, with the command that computes it.
     for metric in ("hessian_trace", "pathway_distance"):
         command = f"python -m analysis eval --run stuck --metrics {metric} --db {report_db}"
-        assert f"Missing: run 'stuck' has no {metric}. Compute it with {command}" in visible
+        assert f"run 'stuck' has no {metric}. Compute it with {command}" in visible
+    assert visible.count("Compute it with") == len(report.missing) == 2  # all in the one Not computed box
     # Provenance: the checkpoint fingerprint, parameters hash and libraries of the cached values.
     assert "fp-grok-40" in visible and "fp-stuck-120" in visible
     assert store.results(["grok"])["params_hash"].iloc[0] in visible
@@ -140,25 +141,26 @@ def test_names_from_the_store_are_escaped(db: Path, tmp_path: Path) -> None:
     assert sum(evil in s for s in page.scripts) == 0  # and not raw inside a figure's script either
 
 
-def test_pdf_has_a_page_per_section_and_rasterises(report_db: Path, tmp_path: Path) -> None:
+def test_full_pdf_has_a_page_per_section_and_rasterises(report_db: Path, tmp_path: Path) -> None:
     require_chromium()
-    report = rp.build_report(Store(report_db), ["grok", "stuck"])
+    report = rp.build_report(Store(report_db), ["grok", "stuck"], rp.ReportOptions(full=True))
     pdf = rp.write_pdf(report, tmp_path / "report.pdf")
     assert pdf.read_bytes().startswith(b"%PDF")
     info = subprocess.run(["pdfinfo", str(pdf)], capture_output=True, text=True, check=True).stdout
     n_pages = int(next(line.split()[1] for line in info.splitlines() if line.startswith("Pages:")))
     text = subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
     pages = text.split("\f")[:n_pages]
-    # Every section after the first starts a page, in order.
+    # With --full every section after the first starts a page, in order.
     starts = []
-    for section in report.sections[1:]:
+    for section in report.shown[1:]:
         found = [i for i, p in enumerate(pages) if p.strip().startswith(section.title)]
         assert found, f"no page starts with section {section.title!r}"
         starts.append(found[0])
     assert starts == sorted(starts) and len(set(starts)) == len(starts)
-    assert n_pages >= len(report.sections)
-    assert "Runs and settings" in pages[0] and "Contents" in pages[0]
-    assert "grok grokking 40 100" in " ".join(pages[starts[1]].split())  # the windows page (section 3) has the window
+    assert n_pages >= len(report.shown)
+    assert "Summary" in pages[0] and "Findings" in pages[0] and "Contents" in pages[0]
+    windows_page = starts[[s.key for s in report.shown[1:]].index("windows")]
+    assert "grok grokking 40 100" in " ".join(pages[windows_page].split())
     # Rasterise (kept under out/tests to look at) and check that the figure pages are not blank.
     out = OUT / "report_pdf"
     out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +171,7 @@ def test_pdf_has_a_page_per_section_and_rasterises(report_db: Path, tmp_path: Pa
     assert len(pngs) == n_pages
     from PIL import Image
 
-    curves_page = Image.open(pngs[starts[0]]).convert("L")
+    curves_page = Image.open(pngs[starts[1]]).convert("L")
     assert curves_page.getextrema()[0] < 100  # dark ink: the lines and axes of the figure were drawn
 
 
@@ -221,8 +223,11 @@ def test_report_of_runs_with_missing_metrics_says_what_is_missing(populated_db: 
     assert "no flatness metrics cached for alpha" in missing["flatness"][0]
     assert missing["results"] == ["run 'alpha' has no computed results"]
     assert not report.figures
-    visible = Page(rp.render_html(report)).visible
-    assert "Missing: no downstream score cached" in visible
+    text = rp.render_html(report)
+    visible = Page(text).visible
+    assert "Loss and downstream : no downstream score cached" in visible  # in the one Not computed box
+    assert [s.key for s in report.shown] == ["summary", "runs", "not_computed", "provenance"]  # nothing else to show
+    assert "<h2>Not computed</h2>" in text and "<h2>Divergence windows</h2>" not in text
     pd.testing.assert_frame_equal(report.data[report.data["source"] == "log"][["step"]].reset_index(drop=True),
                                   store.log_series("alpha")[["step"]].astype(report.data["step"].dtype))  # fmt: skip
 
@@ -244,7 +249,7 @@ def test_cli_writes_the_report_and_rejects_an_unknown_run(report_db: Path, tmp_p
     out = tmp_path / "sub" / "report.html"
     code, stdout, stderr = cli("report", "--run", "grok", "--run", "stuck", "--out", str(out), "--db", str(report_db))
     assert code == 0, stderr
-    assert out.is_file() and f"wrote {out} (html, 9 figures" in stdout
+    assert out.is_file() and f"wrote {out} (html, 10 figures" in stdout
     assert "missing: run 'stuck' has no hessian_trace" in stderr
     code, stdout, stderr = cli("report", "--run", "nope", "--out", str(tmp_path / "x.html"), "--db", str(report_db))
     assert code == 2 and not stdout
@@ -299,3 +304,85 @@ def test_report_backtests_a_forecast_for_each_run(report_db: Path) -> None:
     assert "stuck: fitted on 5 checkpoints up to step 60; 3 of 3 hidden checkpoints inside their interval" in text
     grok = next(t for t in section.tables if t.key == "forecast_grok").frame
     assert grok["x"].tolist() == [80, 100, 120] and grok["measured"].notna().all()
+
+
+@pytest.fixture(scope="module")
+def sweep_db(tmp_path_factory) -> Path:
+    """A published-format sweep: 57 MMLU subjects and 10 other tasks at 27 steps, imported as one run."""
+    from tests.published_formats import pythia_wide_sweep
+
+    folder = tmp_path_factory.mktemp("sweep")
+    files = pythia_wide_sweep(folder / "files")
+    db = folder / "cache.duckdb"
+    code, _, stderr = cli("import-evals", str(files), "--run", "pythia-70m", "--db", str(db))
+    assert code == 0, stderr
+    return db
+
+
+def _squeezed(text: str) -> str:
+    # Names that wrap across lines still match (pdftotext drops the hyphen a line breaks at).
+    return "".join(text.split()).replace("-", "")
+
+
+def test_a_sweep_report_keeps_the_page_budget_shows_every_task_and_exports_every_value(
+    sweep_db: Path, tmp_path: Path
+) -> None:
+    require_chromium()
+    store = Store(sweep_db)
+    results = store.results("pythia-70m")
+    tasks = sorted({m.split("/", 1)[0] for m in results["metric"]} - {"mmlu"})
+    assert len(tasks) == 67 and results["step"].nunique() == 27  # 57 MMLU subjects and 10 other tasks
+    report = rp.build_report(store, ["pythia-70m"])
+    pdf = rp.write_pdf(report, tmp_path / "sweep.pdf")
+    info = subprocess.run(["pdfinfo", str(pdf)], capture_output=True, text=True, check=True).stdout
+    n_pages = int(next(line.split()[1] for line in info.splitlines() if line.startswith("Pages:")))
+    assert 4 <= n_pages <= rp.PAGE_BUDGET, n_pages
+    assert pdf.stat().st_size < 3_000_000
+    text = subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
+    pages = text.split("\f")[:n_pages]
+    assert pages[0].lstrip().startswith("Checkpoint divergence report") and "Findings" in pages[0]
+
+    # The overview: every task named, MMLU's subjects as one derived panel, panels sorted by how much they moved.
+    overview = report.section("overview")
+    where = next(i for i, p in enumerate(pages) if "Overview of downstream scores" in p and i > 0)
+    overview_text = _squeezed(" ".join(pages[where : where + 3]))
+    assert [t for t in tasks if _squeezed(t) not in overview_text] == []
+    panels = report.tables["overview"]
+    assert len(panels) == 11 and panels["moved"].is_monotonic_decreasing
+    mmlu = panels.set_index("panel").loc["mmlu/acc,none"]
+    assert mmlu["derived"] == "mean of 57 hendrycksTest-* subjects" and mmlu["n_members"] == 57
+    assert "mmlu/acc(57subjects)·derived" in overview_text
+    assert len(overview.figures) == 1 and sorted(set(report.tables["overview_tasks"]["task"])) == tasks
+
+    # The PDF says where the full tables are, and the CSV holds every value.
+    assert "tables/resultspythia70m.csv" in _squeezed(text) and "outdata.csv" in _squeezed(text)
+    assert report.section("results").tables == []
+    csv = pd.read_csv(rp.export(report, tmp_path / "data.csv").path)
+    assert len(csv) == len(results) == 27 * 134
+    merged = results.merge(csv, on=["run", "step", "metric", "params_hash"], suffixes=("", "_csv"), validate="1:1")
+    assert len(merged) == len(results) and (merged["value"] == merged["value_csv"]).all()
+    # --full keeps the old behaviour: every value printed in the results table.
+    full = rp.build_report(store, ["pythia-70m"], rp.ReportOptions(full=True))
+    table = full.section("results").tables[0].frame
+    assert table.shape == (27, 1 + 134) and full.section("results").elsewhere == []
+
+
+def test_summary_findings_say_what_the_tests_say_and_link_to_their_sections(report_db: Path) -> None:
+    store = Store(report_db)
+    report = rp.build_report(store, ["grok", "stuck"])
+    by_section = {f.section: f.text for f in report.findings}
+    shown = [s.key for s in report.shown]
+    assert report.shown[0].key == "summary" and set(by_section) <= set(shown)
+    windows = report.tables["windows"]
+    assert len(windows) == 1  # grok's window; stuck has none
+    sentence = dv.window_sentences(windows, "toy/acc,none", "step")[0]
+    assert by_section["windows"] == f"1 significant divergence window(s) at α = 0.05 (family-wise per run): {sentence}."
+    assert dv.ranking_verdict(report.tables["ranking"], "train/loss") in by_section["ranking"]
+    assert by_section["matched"] == report.section("matched").text[1]  # the largest gap, as the section says it
+    # "significant" only where analysis.divergence tests something.
+    assert [k for k, t in by_section.items() if "significant" in t] in (["windows"], ["windows", "ranking"])
+    text = rp.render_html(report)
+    for key in by_section:
+        assert f'href="#sec-{key}"' in text and f'id="sec-{key}"' in text
+    markdown = rp.render_markdown(report, None)
+    assert "[→ Divergence windows](#divergence-windows)" in markdown

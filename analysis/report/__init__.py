@@ -6,11 +6,15 @@ Writers (``analysis/report/writers.py``) turn a ``Report`` into a file; ``export
 file's suffix:
 
     .html      one self-contained page: plotly.js inlined once, figures interactive, no network needed
-    .pdf       the HTML printed by headless Chromium (mode bar hidden, a page per section)
+    .pdf       the HTML printed by headless Chromium (mode bar hidden, A4, about 20 pages: see below)
     .md        Markdown beside a folder of PNG figures (rendered by kaleido in the same Chromium)
     .zip       the Markdown, its figures and the data as CSV in one archive
     .csv       every number of the report with its provenance, one row per value
     .parquet   the same table as Parquet
+
+By default a report keeps a page budget whatever the cache holds: a summary page of findings first, every
+downstream score as small multiples, long tables cut to their first rows (each says where it is in full: the
+data export and tables/*.csv in the .zip); ``ReportOptions(full=True)`` (``report --full``) prints everything.
 
 Nothing here downloads a browser: without Chromium, HTML, CSV and Parquet export as usual, Markdown
 exports without figures, and PDF fails with the command that installs Chromium.
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 from analysis.report.build import (
     DATA_COLUMNS,
+    PAGE_BUDGET,
+    Finding,
     Missing,
     Report,
     ReportFigure,
@@ -50,8 +56,8 @@ from analysis.report.writers import (
 )
 
 __all__ = [
-    "DATA_COLUMNS", "FORMATS", "ChromiumMissingError", "Exported", "Missing", "Report", "ReportFigure",
-    "ReportOptions", "ReportTable", "Section", "build_report", "export", "export_bytes", "find_chromium",
-    "fmt_estimate", "fmt_number", "format_of", "render_html", "render_markdown", "render_pngs", "tool_versions",
-    "write_data", "write_html", "write_markdown", "write_pdf", "write_zip",
+    "DATA_COLUMNS", "FORMATS", "PAGE_BUDGET", "ChromiumMissingError", "Exported", "Finding", "Missing", "Report",
+    "ReportFigure", "ReportOptions", "ReportTable", "Section", "build_report", "export", "export_bytes",
+    "find_chromium", "fmt_estimate", "fmt_number", "format_of", "render_html", "render_markdown", "render_pngs",
+    "tool_versions", "write_data", "write_html", "write_markdown", "write_pdf", "write_zip",
 ]  # fmt: skip

@@ -29,6 +29,7 @@ from analysis.charts import (
     ranking_heatmap,
     residual_figure,
     run_colors,
+    small_multiples_figure,
     trajectory_figure,
 )
 from analysis.samples import score_items
@@ -44,6 +45,14 @@ PATHWAYS = (
     "pathway_distance", "pathway_consistency", "routing_entropy", "expert_load",
     "pathway_distance_chars", "pathway_consistency_normalized",
 )  # fmt: skip
+
+# The page budget (ReportOptions.full=False): what one section may print before the rest goes to the export.
+PAGE_BUDGET = 20  # A4 pages a default PDF should stay within, whatever the cache holds (tests check it)
+MAX_ROWS = 20  # rows of a printed table
+MAX_PANELS = 30  # overview panels drawn (every task is still listed)
+PANELS_PER_FIGURE = 12  # 4 rows of 3: one A4 page with room for a caption
+MAX_RANKED = 20  # predictors in the ranking's heatmap and table
+MAX_FORECAST_RUNS = 4  # runs with a forecast backtest figure
 
 DATA_COLUMNS = [
     "run", "step", "tokens", "metric", "value", "stderr", "n", "source", "fingerprint", "params_hash", "params",
@@ -65,6 +74,9 @@ class ReportOptions:
     alpha: float = 0.05  # chance that a run with no real move gets any window (family-wise)
     levels: int = 8  # matched-loss levels
     log_x: bool = True
+    # False: the page budget (about 20 PDF pages whatever the cache holds; long tables go to the data export and
+    # the .zip); True: every table in full and a page per section, as before the budget (``report --full``).
+    full: bool = False
     # (metric, setting label or params hash) pairs; a metric not named keeps the setting with most checkpoints.
     settings: tuple[tuple[str, str], ...] = ()
 
@@ -85,6 +97,14 @@ class Missing:
 
     what: str
     command: str | None = None
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One headline sentence of the summary, generated from the analysis, and the section that shows it."""
+
+    text: str
+    section: str  # the key of the section it links to
 
 
 @dataclass(frozen=True)
@@ -111,6 +131,13 @@ class Section:
     figures: list[ReportFigure] = field(default_factory=list)
     tables: list[ReportTable] = field(default_factory=list)
     missing: list[Missing] = field(default_factory=list)
+    elsewhere: list[str] = field(default_factory=list)  # what the page budget left to the data export, and where
+    new_page: bool = False  # start the section on a new page when printed
+
+    @property
+    def has_content(self) -> bool:
+        """False for a section with nothing to show but what is missing: it is listed under Not computed."""
+        return bool(self.figures or self.tables) or bool(self.text and not self.missing)
 
 
 @dataclass
@@ -126,6 +153,16 @@ class Report:
     data: pd.DataFrame  # every cached value of the runs with its provenance (DATA_COLUMNS)
     tables: dict[str, pd.DataFrame]  # the derived tables (windows, matched loss, ranking, ...) by key
     tool_versions: dict[str, str]
+    findings: list[Finding] = field(default_factory=list)  # the summary's headline sentences
+
+    @property
+    def shown(self) -> list[Section]:
+        """The sections a writer prints: those with something to show (the rest are under Not computed)."""
+
+        def shown(s: Section) -> bool:
+            return bool(self.missing) if s.key == "not_computed" else s.key == "summary" or s.has_content
+
+        return [s for s in self.sections if shown(s)]
 
     @property
     def figures(self) -> list[ReportFigure]:
@@ -269,17 +306,26 @@ def build_report(
     sources = dict(zip(info["name"], info["source"], strict=True))
     ctx = _Context(store, runs, options, style, colors, frame, names, settings_table(raw))
 
-    sections = [_runs_section(ctx, info)]
+    data = _data_table(store, runs, checkpoints, sources)
+    ctx.n_values = len(data)
+    sections = [_overview_section(ctx)]
     sections += _divergence_sections(ctx)
     sections.append(_matched_section(ctx))
     sections.append(_ranking_section(ctx))
     sections.append(_forecast_section(ctx))
     sections.append(_signal_section(ctx, "flatness", "Flatness", FLATNESS, "hessian_trace,fisher_trace"))
     sections.append(_signal_section(ctx, "pathways", "Pathways", PATHWAYS, "pathway_distance,pathway_consistency"))
+    sections.append(_runs_section(ctx, info))
     sections.append(_results_section(ctx))
-    data = _data_table(store, runs, checkpoints, sources)
     versions = tool_versions()
     sections.append(_provenance_section(ctx, data, checkpoints, sources, versions, now))
+    findings = _findings(ctx, sections)
+    sections.insert(0, _summary_section(ctx, info, findings))
+    sections.insert(-1, _not_computed_section(sections))
+    for section in sections[1:]:
+        # A page per section with --full, as before the budget; otherwise sections flow, and the figure-heavy
+        # ones and the provenance start a page.
+        section.new_page = ctx.options.full or section.key in ("overview", "curves", "provenance")
     return Report(
         title="Checkpoint divergence report: " + ", ".join(runs),
         runs=tuple(runs),
@@ -290,6 +336,7 @@ def build_report(
         data=data,
         tables=ctx.tables,
         tool_versions=versions,
+        findings=findings,
     )
 
 
@@ -304,6 +351,36 @@ class _Context:
     names: list[str]
     settings: pd.DataFrame  # every cached setting of every metric (analysis.settings.settings_table)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    n_values: int = 0  # rows of the data export
+    headlines: dict[str, str] = field(default_factory=dict)  # section key -> its headline sentence
+
+    def put(
+        self,
+        section: Section,
+        key: str,
+        title: str,
+        frame: pd.DataFrame,
+        caption: str = "",
+        *,
+        limit: int = MAX_ROWS,
+        printed: pd.DataFrame | None = None,
+        whole: bool = False,
+    ) -> None:
+        """Keep ``frame`` whole for the export (``tables/<key>.csv`` in the .zip) and print it within the budget.
+
+        ``printed`` is the form to print (formatted cells), ``frame`` by default. Under the budget a table longer
+        than ``limit`` rows prints its first ``limit`` (none when ``whole`` or ``limit=0``) and says where the rest is.
+        """
+        self.tables[key] = frame
+        printed = frame if printed is None else printed
+        limit = 0 if whole and len(printed) > limit else limit
+        if self.options.full or len(printed) <= limit:
+            section.tables.append(ReportTable(key, title, printed, caption))
+        elif limit == 0:
+            section.elsewhere.append(f"{title}: {len(printed)} rows, in tables/{key}.csv of the .zip export")
+        else:
+            note = f"The first {limit} of {len(printed)} rows; all of them are in tables/{key}.csv of the .zip export."
+            section.tables.append(ReportTable(key, title, printed.head(limit), f"{caption} {note}".strip()))
 
     def several(self) -> pd.DataFrame:
         """The settings of the metrics cached under more than one, and which one the report shows."""
@@ -346,7 +423,7 @@ def _runs_section(ctx: _Context, info: pd.DataFrame) -> Section:
             "config": info["config"],
         }
     )
-    s.tables.append(ReportTable("runs", "Runs", table))
+    ctx.put(s, "runs", "Runs", table)
     settings = pd.DataFrame(
         [
             ("loss metric", ctx.named(o.loss_metric) or "(none cached)"),
@@ -361,15 +438,14 @@ def _runs_section(ctx: _Context, info: pd.DataFrame) -> Section:
     s.tables.append(ReportTable("settings", "Analysis settings", settings))
     several = ctx.several()
     if len(several):
-        ctx.tables["metric_settings"] = several
-        s.tables.append(
-            ReportTable(
-                "metric_settings",
-                "Metrics cached under several settings",
-                several.assign(shown=several["shown"].map({True: "shown", False: ""})),
-                "A series is one metric under one setting; the report shows one setting of each metric (the one "
-                "with most checkpoints unless another was picked) and never averages settings.",
-            )
+        ctx.put(
+            s,
+            "metric_settings",
+            "Metrics cached under several settings",
+            several,
+            "A series is one metric under one setting; the report shows one setting of each metric (the one "
+            "with most checkpoints unless another was picked) and never averages settings.",
+            printed=several.assign(shown=several["shown"].map({True: "shown", False: ""})),
         )
     for row in info.itertuples(index=False):
         if not row.checkpoints:
@@ -441,25 +517,18 @@ def _divergence_sections(ctx: _Context) -> list[Section]:
     curves.figures.append(
         ReportFigure("trajectory", f"{ns} against {nl}", trajectory_figure(aligned, colors=ctx.colors, style=ctx.style))
     )
-    curves.tables.append(
-        ReportTable(
-            "correlations",
-            "Correlation of loss and downstream across checkpoints",
-            corr,
-            dv.CORRELATION_NOTE,
-        )
-    )
+    ctx.put(curves, "correlations", "Correlation of loss and downstream across checkpoints", corr, dv.CORRELATION_NOTE)
     points = aligned[["run", "step", "tokens", "left", "right", "right_stderr"]].rename(
         columns={"left": f"{nl} (interpolated)", "right": ns, "right_stderr": "stderr"}
     )
-    curves.tables.append(ReportTable("checkpoint_scores", "Loss and downstream at each checkpoint", points))
+    ctx.put(curves, "checkpoint_scores", "Loss and downstream at each checkpoint", points, whole=True)
 
     windows_section.text.append(
         dv.windows_caption(windows, ns, o.loss_tol, o.alpha) + f" start and end are in {o.x} units."
     )
     if len(windows):
         windows_section.text.extend(f"{t}." for t in dv.window_sentences(windows, ns, o.x))
-        windows_section.tables.append(ReportTable("windows", "Windows found", windows))
+        ctx.put(windows_section, "windows", "Windows found", windows)
     return [curves, windows_section]
 
 
@@ -497,12 +566,13 @@ def _matched_section(ctx: _Context) -> Section:
         f"Largest gap to {reference} at the same {nl}: {best['gap']:+.3f} ± {best['gap_stderr']:.3f} "
         f"({best['run']} at {loss} = {best['loss_level']:.4g}; {dv.better_sign(matched, 'the reference')[1:-1]})."
     )
+    ctx.headlines["matched"] = s.text[-1]
     s.figures.append(
         ReportFigure(
             "matched", f"{ns} at matched {nl}", matched_loss_figure(matched, colors=ctx.colors, style=ctx.style)
         )
     )
-    s.tables.append(ReportTable("matched_loss", "Downstream at matched loss", matched))
+    ctx.put(s, "matched_loss", "Downstream at matched loss", matched)
     residual = dv.residuals(ctx.frame, loss, score, x=o.x)
     if len(residual):
         last = dv.last_residuals(residual)
@@ -541,10 +611,20 @@ def _ranking_section(ctx: _Context) -> Section:
             )
         )
         return s
+    drawn = ranking
+    pooled = ranking[ranking["run"] == dv.POOLED]
+    if not o.full and len(pooled) > MAX_RANKED:
+        # The strongest predictors and the loss; every row is in the table export.
+        keep = pooled.head(MAX_RANKED)
+        drawn = pd.concat([keep, pooled[pooled["is_loss"].astype(bool) & ~pooled.index.isin(keep.index)]])
+        s.text.append(
+            f"The figure shows the {MAX_RANKED} strongest of {len(pooled)} signals (and the loss); every one is in "
+            "tables/ranking.csv of the .zip export."
+        )
     s.figures.append(
-        ReportFigure("ranking", "Which signal predicts downstream", ranking_heatmap(ranking, style=ctx.style))
+        ReportFigure("ranking", "Which signal predicts downstream", ranking_heatmap(drawn, style=ctx.style))
     )
-    s.tables.append(ReportTable("ranking", "Predictors, strongest first", ranking))
+    ctx.put(s, "ranking", "Predictors, strongest first", ranking, limit=MAX_RANKED)
     return s
 
 
@@ -564,7 +644,12 @@ def _forecast_section(ctx: _Context) -> Section:
         f"({ASSUMPTIONS['power']}) and forecast at the rest, with 90% prediction intervals (delta method, t "
         "quantile). Hidden checkpoints whose measurement falls inside its interval count as covered."
     )
-    for run in ctx.runs:
+    for i, run in enumerate(ctx.runs):
+        if not o.full and i == MAX_FORECAST_RUNS:
+            s.elsewhere.append(
+                f"the backtests of the other {len(ctx.runs) - i} run(s): in the report with --full, or of fewer runs"
+            )
+            break
         series = score_series(ctx.frame, run, score, o.x)
         series = series[series["x"] > 0]
         if len(series) < 8:
@@ -585,7 +670,7 @@ def _forecast_section(ctx: _Context) -> Section:
         color = ctx.colors.get(run, "#0072B2")
         fig = forecast_figure(series, rows, result, x=o.x, log_x=o.log_x, color=color, style=ctx.style)
         s.figures.append(ReportFigure(f"forecast_{run}", f"{run}: forecast of {ctx.named(score)}", fig))
-        s.tables.append(ReportTable(f"forecast_{run}", f"{run}: forecasts at the hidden checkpoints", rows))
+        ctx.put(s, f"forecast_{run}", f"{run}: forecasts at the hidden checkpoints", rows)
     return s
 
 
@@ -607,8 +692,15 @@ def _signal_section(ctx: _Context, key: str, title: str, family: tuple[str, ...]
         for run in ctx.runs:
             if run not in ctx.runs_with(metric):
                 s.missing.append(Missing(f"run {run!r} has no {metric}", _eval_command(ctx.store, run, metrics=metric)))
-        fig = curves_figure(ctx.frame, metric, x=o.x, log_x=o.log_x, colors=ctx.colors, style=ctx.style)
-        s.figures.append(ReportFigure(f"{key}-{metric}", ctx.named(metric), fig))
+        if o.full:
+            fig = curves_figure(ctx.frame, metric, x=o.x, log_x=o.log_x, colors=ctx.colors, style=ctx.style)
+            s.figures.append(ReportFigure(f"{key}-{metric}", ctx.named(metric), fig))
+    if not o.full:
+        # One panel per metric, as the overview draws scores: a page for the family instead of one per metric.
+        series = ctx.frame[ctx.frame["metric"].isin(present)].assign(panel=lambda f: f["metric"])
+        panels = [(m, ctx.named(m) or m, False) for m in present]
+        fig = small_multiples_figure(series, panels, x=o.x, log_x=o.log_x, colors=ctx.colors, style=ctx.style, cols=2)
+        s.figures.append(ReportFigure(key, f"{title} metrics", fig))
     rows = ctx.frame[ctx.frame["metric"].isin(present)]
     rows = rows.groupby(["run", "step", "metric"], as_index=False).agg(
         tokens=("tokens", "min"), value=("value", "first"), stderr=("stderr", "first")
@@ -617,8 +709,7 @@ def _signal_section(ctx: _Context, key: str, title: str, family: tuple[str, ...]
     table = rows.pivot_table(index=["run", "step"], columns="metric", values="estimate", aggfunc="first")
     table = table.reindex(columns=present).reset_index()
     table.columns.name = None
-    ctx.tables[key] = rows.drop(columns="estimate")
-    s.tables.append(ReportTable(key, f"{title} metrics per checkpoint", table))
+    ctx.put(s, key, f"{title} metrics per checkpoint", rows.drop(columns="estimate"), printed=table, whole=True)
     return s
 
 
@@ -642,7 +733,13 @@ def _results_section(ctx: _Context) -> Section:
             continue
         table = mine.pivot_table(index="step", columns="metric", values="value", aggfunc="first").reset_index()
         table.columns.name = None
-        s.tables.append(ReportTable(f"results-{run}", f"{run}", table))
+        narrow = table.shape[1] <= 12  # printed whole or not at all
+        ctx.put(s, f"results-{run}", f"{run}", table, limit=MAX_ROWS if narrow else 0, whole=True)
+    if s.elsewhere:
+        s.text[0] = (
+            f"{len(results)} computed values of {results['metric'].nunique()} metrics: too many to print within the "
+            "page budget. " + _where_data(ctx)
+        )
     return s
 
 
@@ -693,22 +790,228 @@ def _provenance_section(
                     "computed at": first if first == last else f"{first} to {last}",
                 }
             )
-        s.tables.append(ReportTable("provenance_results", "Computed values", pd.DataFrame(rows)))
+        rows = pd.DataFrame(rows)
+        printed = rows
+        if not ctx.options.full and len(rows) > MAX_ROWS:
+            # One row per run, version and libraries (metrics counted) instead of one per metric.
+            keys = ["run", "version", "libraries"]
+            printed = rows.groupby(keys, as_index=False, sort=True).agg(
+                metrics=("metric", "size"),
+                params_hashes=("params hash", "nunique"),
+                computed_at=("computed at", lambda c: f"{min(c)[:19]} to {max(c)[-19:]}"),
+            )
+        ctx.put(s, "provenance_results", "Computed values", rows, printed=printed)
         params = results.drop_duplicates("params_hash")[["params_hash", "params"]]
         params = params.rename(columns={"params_hash": "params hash"}).sort_values("params hash")
-        s.tables.append(ReportTable("parameters", "Parameter sets", params, "The parameters behind each params hash."))
+        caption = "The parameters behind each params hash."
+        # Parameter sets are long JSON: printed when a few, else only exported.
+        ctx.put(s, "parameters", "Parameter sets", params, caption, limit=MAX_ROWS // 2, whole=True)
     logs = data[data["source"] == "log"]
     if len(logs):
         table = logs.groupby(["run", "metric"], as_index=False).agg(steps=("step", _span))
         table["from"] = table["run"].map(lambda r: f"training log of {sources.get(r, '?')}")
-        s.tables.append(
-            ReportTable("provenance_logs", "Logged values", table.rename(columns={"steps": "steps (count)"}))
-        )
+        ctx.put(s, "provenance_logs", "Logged values", table.rename(columns={"steps": "steps (count)"}))
     if len(checkpoints):
         table = checkpoints[["run", "step", "tokens", "fingerprint", "path"]]
-        s.tables.append(ReportTable("checkpoints", "Checkpoints", table))
+        ctx.put(s, "checkpoints", "Checkpoints", table, whole=True)
     generated = (now or datetime.now(UTC)).astimezone(UTC)
     about = [("generated", generated.strftime("%Y-%m-%d %H:%M:%S UTC")), ("cache file", str(ctx.store.path))]
     about += [(name, version) for name, version in versions.items()]
     s.tables.append(ReportTable("about", "This report", pd.DataFrame(about, columns=["item", "value"])))
+    return s
+
+
+# -- the budgeted report's own sections ---------------------------------------------------------------------
+
+
+def _runs_flags(ctx: _Context) -> str:
+    return " ".join(f"--run {shlex.quote(r)}" for r in ctx.runs)
+
+
+def _where_data(ctx: _Context) -> str:
+    """Where every value and every table in full are, as one sentence with the commands."""
+    base = f"python -m analysis report {_runs_flags(ctx)}"
+    full = "" if ctx.options.full else "; --full prints every table in this document"
+    return (
+        f"Every value behind this report ({ctx.n_values} rows, each with its provenance) is in the data export: "
+        f"`{base} --out data.csv{_db_flag(ctx.store)}` (or data.parquet); `--out report.zip` holds it as data.csv "
+        f"beside every table in full (tables/*.csv){full}."
+    )
+
+
+def _panel_title(row) -> str:
+    name = row.panel.removesuffix(",none")
+    return name + (f" ({row.n_members} subjects)" if row.n_members > 1 else "")
+
+
+def _overview_section(ctx: _Context) -> Section:
+    from analysis.overview import overview
+
+    o = ctx.options
+    s = Section("overview", "Overview of downstream scores")
+    view = overview(ctx.frame)
+    if not len(view.panels):
+        s.missing.append(
+            Missing(
+                "no downstream score cached for these runs (lm-eval results)",
+                _eval_command(ctx.store, ctx.runs[0], tasks="modarith_em,modarith_mc"),
+            )
+        )
+        return s
+    ctx.tables["overview_tasks"] = view.members
+    ctx.headlines["overview"] = _overview_sentence(view)
+    panels = view.panels
+    drawn = panels if o.full else panels.head(MAX_PANELS)
+    s.text.append(
+        f"Every downstream score of these runs against {o.x}: one panel per task (its primary metric: acc, else "
+        "acc_norm, exact_match, ...; its other metrics are in the data), a task group as one panel of its mean "
+        "(dashed, marked derived when the mean was computed from the subjects rather than reported by lm-eval). "
+        "Shared x, free y, ±1 stderr bands, one colour per run. Panels are sorted by how far a run moved from its "
+        "first to its last checkpoint, in stderrs of that change (improvement positive): an ordering, not a test."
+    )
+    if len(drawn) < len(panels):
+        s.text.append(
+            f"The figures draw the {len(drawn)} panels that moved most of {len(panels)}; the table lists the first "
+            f"{MAX_ROWS}, and tables/overview.csv of the .zip export has every one."
+        )
+    for start in range(0, len(drawn), PANELS_PER_FIGURE):
+        chunk = drawn.iloc[start : start + PANELS_PER_FIGURE]
+        titles = [(r.panel, _panel_title(r), bool(r.derived)) for r in chunk.itertuples()]
+        fig = small_multiples_figure(
+            view.series, titles, x=o.x, log_x=o.log_x, colors=ctx.colors, style=ctx.style, panel_height=190
+        )
+        n = start // PANELS_PER_FIGURE + 1
+        title = "Downstream scores, most moved first" + (f" ({n})" if len(drawn) > PANELS_PER_FIGURE else "")
+        s.figures.append(ReportFigure(f"overview-{n}", title, fig))
+    for row in panels[panels["n_members"] > 1].itertuples():
+        # Every subject of a group is named, with how much it moved (the run that moved it most).
+        mine = view.members[view.members["panel"] == row.panel]
+        mine = mine.sort_values("moved", ascending=False, na_position="last").drop_duplicates("task")
+        listed = ", ".join(f"{t.task} {t.change:+.3g}" for t in mine.itertuples())
+        what = row.derived or "the group's own score as reported"
+        s.text.append(f"{_panel_title(row)}: {what}. Its tasks by how much they moved: {listed}.")
+    printed = pd.DataFrame(
+        {
+            "panel": panels["panel"],
+            "derived": panels["derived"].map(lambda d: d or ""),
+            "first": panels["first"],
+            "last": panels["last"],
+            "change": [fmt_estimate(c, e) for c, e in zip(panels["change"], panels["change_stderr"], strict=True)],
+            "moved (stderrs)": panels["moved"].round(1),
+        }
+    )
+    ctx.put(s, "overview", "Panels, most moved first", panels, printed=printed)
+    return s
+
+
+def _overview_sentence(view) -> str:
+    from analysis.overview import moved_sentence
+
+    return moved_sentence(view) + " (an ordering by first-to-last change, not a test)."
+
+
+def _findings(ctx: _Context, sections: list[Section]) -> list[Finding]:
+    """The summary's headline sentences, each from the analysis a section shows, in the order of the sections.
+
+    "Significant" is used only for what ``analysis.divergence`` tests: windows (family-wise alpha per run) and
+    a signal beating the loss (Holm-adjusted alpha).
+    """
+    o = ctx.options
+    out: list[Finding] = []
+    runs = ", ".join(ctx.runs)
+    if "overview" in ctx.headlines:
+        out.append(Finding(ctx.headlines["overview"], "overview"))
+    nl, ns = ctx.named(o.loss_metric), ctx.named(o.downstream_metric)
+    windows = ctx.tables.get("windows")
+    if windows is not None:
+        if not len(windows):
+            out.append(
+                Finding(
+                    f"No divergence window in {runs} at α = {o.alpha:g}: no span of checkpoints where {nl} stays "
+                    f"flat within {o.loss_tol:.0%} while {ns} improves, or where the loss improves while {ns} gets "
+                    "worse, is significant (every span tested, family-wise per run).",
+                    "windows",
+                )
+            )
+        else:
+            top = windows.sort_values("p_adjusted").head(3)
+            text = f"{len(windows)} significant divergence window(s) at α = {o.alpha:g} (family-wise per run): "
+            text += "; ".join(dv.window_sentences(top, ns, o.x))
+            more = len(windows) - len(top)
+            out.append(Finding(text + (f"; {more} more in the windows section." if more else "."), "windows"))
+    corr = ctx.tables.get("correlations")
+    if corr is not None and len(corr):
+        parts = [
+            f"{r.run} {r.change_spearman:+.2f} (95% interval {r.change_lo:+.2f} to {r.change_hi:+.2f})"
+            for r in corr.itertuples()
+            if pd.notna(r.change_spearman)
+        ]
+        if parts:
+            out.append(
+                Finding(
+                    f"Checkpoint-to-checkpoint changes of {nl} and {ns} correlate (Spearman): {'; '.join(parts)}.",
+                    "curves",
+                )
+            )
+    if "matched" in ctx.headlines:
+        out.append(Finding(ctx.headlines["matched"], "matched"))
+    ranking = ctx.tables.get("ranking")
+    if ranking is not None and len(ranking):
+        pooled = ranking[(ranking["run"] == dv.POOLED) & ~ranking["is_loss"].astype(bool)].dropna(subset=["loo_r2"])
+        verdict = dv.ranking_verdict(ranking, o.loss_metric)
+        if len(pooled):
+            best = pooled.iloc[0]
+            text = (
+                f"Best predictor of {ns} across the checkpoints of {runs}: {best['predictor']} (leave-one-out "
+                f"R² {best['loo_r2']:.2f}, Spearman {best['spearman']:+.2f}, n = {int(best['n'])}); "
+            )
+            if pd.notna(best["beats_loss_p"]):
+                beats = "beats" if best["beats_loss"] else "does not significantly beat"
+                text += f"it {beats} {nl} out of sample (adjusted p = {best['beats_loss_p']:.2g}). {verdict}"
+            else:
+                text += verdict
+            out.append(Finding(text, "ranking"))
+        else:
+            out.append(Finding(f"No signal besides {nl} to rank as a predictor of {ns}. {verdict}", "ranking"))
+    forecast = next((sec for sec in sections if sec.key == "forecast"), None)
+    if forecast is not None and forecast.figures:
+        out.append(Finding("Forecast backtest, " + " ".join(forecast.text[1:]), "forecast"))
+    missing = [sec.title for sec in sections if sec.missing]
+    if missing:
+        n = sum(len(sec.missing) for sec in sections)
+        out.append(
+            Finding(f"{n} item(s) not computed yet, each with the command that computes it: {', '.join(missing)}.",
+                    "not_computed")
+        )  # fmt: skip
+    return out
+
+
+def _summary_section(ctx: _Context, info: pd.DataFrame, findings: list[Finding]) -> Section:
+    s = Section("summary", "Summary")
+    counts = ctx.frame.groupby("run")["metric"].nunique() if len(ctx.frame) else pd.Series(dtype=int)
+    spans = zip(info["first_step"], info["last_step"], strict=True)
+    table = pd.DataFrame(
+        {
+            "run": info["name"],
+            "checkpoints": info["checkpoints"],
+            "steps": [f"{a}–{b}" if pd.notna(a) else "–" for a, b in spans],
+            "metrics": [int(counts.get(r, 0)) for r in info["name"]],
+            "source": info["source"],
+        }
+    )  # fmt: skip
+    o = ctx.options
+    s.text.append(
+        f"{len(ctx.runs)} run(s); loss {ctx.named(o.loss_metric) or '(none cached)'}, downstream score "
+        f"{ctx.named(o.downstream_metric) or '(none cached)'}, against {o.x}. The findings below are generated "
+        "from the sections they link to; significant means what those sections' tests mean (α stated with each)."
+    )
+    ctx.put(s, "summary_runs", "Runs", table, limit=8)
+    s.text.append(_where_data(ctx))
+    return s
+
+
+def _not_computed_section(sections: list[Section]) -> Section:
+    """The one box that lists what every section could not show (the writers draw it from ``Report.missing``)."""
+    s = Section("not_computed", "Not computed")
+    s.text.append("What the cache does not hold yet for these runs, by section, and the command that computes it.")
     return s

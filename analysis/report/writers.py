@@ -61,6 +61,10 @@ nav ol { columns: 2; font-size: 0.95em; }
 figure { margin: 1em 0; }
 figcaption, .caption { color: #59636e; font-size: 0.85em; }
 .missing { background: #fff8c5; border-left: 4px solid #d4a72c; padding: 0.5em 0.8em; margin: 0.6em 0; }
+.missing ul { margin: 0.3em 0; padding-left: 1.2em; }
+.findings li { margin: 0.35em 0; }
+.findings a.to, .elsewhere { color: #59636e; font-size: 0.85em; }
+.elsewhere { border-left: 3px solid #d0d7de; padding: 0.2em 0.6em; }
 code { background: #f0f2f4; padding: 0.1em 0.3em; border-radius: 3px; font-size: 0.9em; overflow-wrap: anywhere; }
 .table-wrap { overflow-x: auto; }
 table { border-collapse: collapse; font-size: 0.82em; margin: 0.4em 0 1em; }
@@ -74,6 +78,7 @@ tbody tr:nth-child(even) { background: #fafbfc; }
 @media print {
   body { max-width: none; padding: 0; font-size: 10pt; }
   section.breaks { break-before: page; }
+  nav { break-after: page; }
   h2, h3 { break-after: avoid; }
   figure { break-inside: avoid; }
   thead { display: table-header-group; }
@@ -145,24 +150,39 @@ def render_html(report: Report, *, for_print: bool = False) -> str:
 
     parts = []
     index = 0
-    for n, section in enumerate(report.sections):
+    shown = report.shown
+    titles = {s.key: s.title for s in shown}
+    toc = "".join(f'<li><a href="#sec-{_slug(s.key)}">{html.escape(s.title)}</a></li>' for s in shown[1:])
+    for section in shown:
         body = [f"<h2>{html.escape(section.title)}</h2>"]
-        body += [f"<p>{html.escape(t)}</p>" for t in section.text]
-        for m in section.missing:
-            cmd = f" Compute it with <code>{html.escape(m.command)}</code>" if m.command else ""
-            body.append(f'<div class="missing"><strong>Missing:</strong> {html.escape(m.what)}.{cmd}</div>')
+        body += [f"<p>{_text_html(t)}</p>" for t in section.text[:1]]
+        if section.key == "summary" and report.findings:
+            items = "".join(
+                f'<li>{_text_html(f.text)} <a class="to" href="#sec-{_slug(f.section)}">'
+                f"→ {html.escape(titles.get(f.section, f.section))}</a></li>"
+                for f in report.findings
+            )
+            body.append(f'<h3>Findings</h3><ul class="findings">{items}</ul>')
+        body += [f"<p>{_text_html(t)}</p>" for t in section.text[1:]]
+        if section.key == "not_computed":
+            body.append(_missing_html(report))
         for fig in section.figures:
             index += 1
             body.append(_figure_html(fig, index, for_print=for_print))
         body += [_html_table(t) for t in section.tables]
-        css_class = "breaks" if n > 0 else "first"
+        if section.elsewhere:
+            listed = "; ".join(html.escape(e) for e in section.elsewhere)
+            body.append(f'<p class="elsewhere">Not printed, within the page budget: {listed}.</p>')
+        if section.key == "summary":
+            body.append(f"<nav><h3>Contents</h3><ol>{toc}</ol></nav>")
+        css_class = "breaks" if section.new_page else "flow"
         parts.append(f'<section id="sec-{_slug(section.key)}" class="{css_class}">{"".join(body)}</section>')
-    toc = "".join(f'<li><a href="#sec-{_slug(s.key)}">{html.escape(s.title)}</a></li>' for s in report.sections)
     missing = len(report.missing)
     meta = (
         f"Generated {report.generated_at.strftime('%Y-%m-%d %H:%M UTC')} from {html.escape(report.db)} · "
         f"runs: {html.escape(', '.join(report.runs))} · {len(report.figures)} figures"
-        + (f" · {missing} item(s) missing, marked below" if missing else "")
+        + (" · every table in full (--full)" if report.options.full else " · within the page budget")
+        + (f" · {missing} item(s) not computed, listed under Not computed" if missing else "")
     )
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -172,8 +192,26 @@ def render_html(report: Report, *, for_print: bool = False) -> str:
         '<script type="text/javascript">window.PlotlyConfig = {MathJaxConfig: "local"};</script>'
         f'<script type="text/javascript">{get_plotlyjs()}</script></head><body>'
         f'<header><h1>{html.escape(report.title)}</h1><p class="meta">{meta}</p></header>'
-        f"<nav><h2>Contents</h2><ol>{toc}</ol></nav>{''.join(parts)}</body></html>\n"
+        f"{''.join(parts)}</body></html>\n"
     )
+
+
+_CODE = re.compile(r"`([^`]+)`")
+
+
+def _text_html(text: str) -> str:
+    """Escaped text whose `backticked` commands are set as code."""
+    return _CODE.sub(lambda m: f"<code>{m.group(1)}</code>", html.escape(text))
+
+
+def _missing_html(report: Report) -> str:
+    """The Not computed box: every section's missing items in one list, with the commands that compute them."""
+    items = []
+    for section in report.sections:
+        for m in section.missing:
+            cmd = f" Compute it with <code>{html.escape(m.command)}</code>" if m.command else ""
+            items.append(f"<li><strong>{html.escape(section.title)}</strong>: {html.escape(m.what)}.{cmd}</li>")
+    return f'<div class="missing"><ul>{"".join(items)}</ul></div>'
 
 
 # -- files ---------------------------------------------------------------------------------------------------
@@ -287,19 +325,40 @@ def render_markdown(report: Report, figures: dict[str, str] | None, note: str = 
     )
     if note:
         out += ["", f"> {_md_cell(note)}"]
-    for section in report.sections:
+    shown = report.shown
+    titles = {s.key: s.title for s in shown}
+    for section in shown:
         out += ["", f"## {_md_cell(section.title)}", ""]
-        out += [_md_cell(t) + "\n" for t in section.text]
-        for m in section.missing:
-            cmd = f" Compute it with `{m.command}`" if m.command else ""
-            out.append(f"> **Missing:** {_md_cell(m.what)}.{cmd}\n")
+        out += [_md_cell(t) + "\n" for t in section.text[:1]]
+        if section.key == "summary" and report.findings:
+            out.append("### Findings\n")
+            for f in report.findings:
+                title = titles.get(f.section, f.section)
+                out.append(f"- {_md_cell(f.text)} ([→ {_md_cell(title)}](#{_md_anchor(title)}))")
+            out.append("")
+        out += [_md_cell(t) + "\n" for t in section.text[1:]]
+        if section.key == "not_computed":
+            for s in report.sections:
+                for m in s.missing:
+                    cmd = f" Compute it with `{m.command}`" if m.command else ""
+                    out.append(f"> - **{_md_cell(s.title)}**: {_md_cell(m.what)}.{cmd}")
+            out.append("")
         for fig in section.figures:
             if figures and fig.key in figures:
                 out.append(f"![{_md_cell(fig.title)}]({figures[fig.key]})\n")
             else:
                 out.append(f"*Figure left out: {_md_cell(fig.title)}*\n")
         out += [_md_table(t) for t in section.tables]
+        if section.elsewhere:
+            out.append(
+                "*Not printed, within the page budget: " + "; ".join(_md_cell(e) for e in section.elsewhere) + ".*\n"
+            )
     return "\n".join(out).rstrip() + "\n"
+
+
+def _md_anchor(title: str) -> str:
+    """The anchor GitHub-style Markdown viewers give a heading."""
+    return re.sub(r"[^a-z0-9 _-]", "", title.lower()).replace(" ", "-")
 
 
 def _markdown_files(report: Report, folder: Path, figure_dir: str) -> tuple[str, list[str]]:
