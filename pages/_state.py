@@ -26,6 +26,7 @@ from analysis.store import DEFAULT_DB, Store, StoreLockedError
 # Every view: (script, title, icon, URL path). app.py builds the navigation from this list.
 PAGES = [
     ("pages/divergence.py", "Divergence", ":material/call_split:", "divergence"),
+    ("pages/overview.py", "Overview", ":material/grid_view:", "overview"),
     ("pages/compare.py", "Compare runs", ":material/compare_arrows:", "compare"),
     ("pages/forecast.py", "Forecast", ":material/trending_up:", "forecast"),
     ("pages/geometry.py", "Geometry", ":material/landscape:", "geometry"),
@@ -287,17 +288,28 @@ def sample_results(run: str, metric: str) -> pd.DataFrame:
 
 
 @st.cache_data(max_entries=8, show_spinner="Building the report…")
-def _report(db: str, gen: int, runs: tuple[str, ...], loss: str | None, score: str | None, x: str, c: Chosen):
+def _report(
+    db: str, gen: int, runs: tuple[str, ...], loss: str | None, score: str | None, x: str, c: Chosen, full: bool
+):
     from analysis.report import ReportOptions, build_report
 
-    options = ReportOptions(loss_metric=loss, downstream_metric=score, x=x, settings=c)
+    options = ReportOptions(loss_metric=loss, downstream_metric=score, x=x, settings=c, full=full)
     return build_report(Store(db, lock_timeout=10.0), list(runs), options)
 
 
-def report(runs: tuple[str, ...], loss: str | None, score: str | None, x: str, chosen: Mapping[str, str] | None = None):
-    """The exported report of ``runs`` (an ``analysis.report.Report``), rebuilt when the cache changes."""
+def report(
+    runs: tuple[str, ...],
+    loss: str | None,
+    score: str | None,
+    x: str,
+    chosen: Mapping[str, str] | None = None,
+    full: bool = False,
+):
+    """The exported report of ``runs`` (an ``analysis.report.Report``), rebuilt when the cache changes.
+
+    ``full``: every table in full (``report --full``) instead of the page budget."""
     db = str(db_path())
-    return guarded(lambda: _report(db, generation(), tuple(runs), loss, score, x, _chosen(chosen)))
+    return guarded(lambda: _report(db, generation(), tuple(runs), loss, score, x, _chosen(chosen), full))
 
 
 @st.cache_data(max_entries=32, show_spinner="Ranking predictors…")

@@ -23,29 +23,42 @@ c1, c2 = st.columns(2)
 loss = _state.metric_picker(c1, "Loss", losses, losses, "loss")
 score = _state.metric_picker(c2, "Downstream", scores, scores, "score")
 chosen = _state.setting_picker(sel.runs, [loss, score])
-report = _state.report(sel.runs, loss, score, sel.x, chosen)
+full = st.toggle(
+    "Every table in full (--full)", key="full", bind="query-params",
+    help=f"Off: about {rp.PAGE_BUDGET} PDF pages whatever the cache holds; long tables go to the data export "
+    "and the zip (tables/*.csv), and the report says where. On: every table printed, a page per section.",
+)  # fmt: skip
+report = _state.report(sel.runs, loss, score, sel.x, chosen, full)
 
 st.caption(
-    f"{len(report.sections)} sections, {len(report.figures)} figures, "
-    f"{sum(len(s.tables) for s in report.sections)} tables, {len(report.data)} values with their provenance. "
+    f"{len(report.shown)} sections, {len(report.figures)} figures, "
+    f"{sum(len(s.tables) for s in report.shown)} tables, {len(report.data)} values with their provenance. "
     "The file carries the same figures and numbers as the pages and opens without this tool or a network."
 )
-for section in report.sections:
+titles = {s.key: s.title for s in report.shown}
+st.subheader("Summary")
+for finding in report.findings:
+    st.markdown(f"- {_state.md_text(finding.text)} *({titles.get(finding.section, finding.section)})*")
+st.subheader("Sections")
+for section in report.shown[1:]:
     parts = [f"{len(section.figures)} figure(s)"] if section.figures else []
     parts += [f"{len(section.tables)} table(s)"] if section.tables else []
+    parts += [f"{len(section.elsewhere)} left to the export"] if section.elsewhere else []
     status = ":material/check_circle:" if not section.missing else ":material/error:"
-    st.markdown(f"{status} **{section.title}**: {', '.join(parts) or 'nothing to show'}")
-    if section.key == "matched" and len(section.text) > 1:
-        st.caption(section.text[1])  # the largest gap at matched loss
-    for item in section.missing:
-        st.warning(f"Missing: {item.what}." + (f" Compute it with `{item.command}`" if item.command else ""))
+    st.markdown(f"{status} **{section.title}**: {', '.join(parts) or 'text only'}")
+if report.missing:
+    by = [(s.title, m) for s in report.sections for m in s.missing]
+    st.warning(
+        "Not computed:\n"
+        + "\n".join(f"- {t}: {m.what}." + (f" Compute it with `{m.command}`" if m.command else "") for t, m in by)
+    )
 
 st.subheader("Download")
 base = "report-" + re.sub(r"[^A-Za-z0-9_-]+", "_", "-".join(sel.runs))[:80]
 browser = rp.find_chromium()
 DOWNLOADS = [  # (format, label, suffix, MIME type, icon, help)
     ("html", "HTML", "html", "text/html", ":material/html:", "One self-contained page; figures stay interactive."),
-    ("pdf", "PDF", "pdf", "application/pdf", ":material/picture_as_pdf:", "Printed by Chromium, a page per section."),
+    ("pdf", "PDF", "pdf", "application/pdf", ":material/picture_as_pdf:", "Printed by Chromium, A4, within budget."),
     ("md", "Markdown (zip)", "zip", "application/zip", ":material/folder_zip:", "report.md, PNG figures, data."),
     ("csv", "CSV", "csv", "text/csv", ":material/table:", "Every value with its provenance, one row each."),
     ("parquet", "Parquet", "parquet", "application/octet-stream", ":material/table:", "The same table as Parquet."),

@@ -268,7 +268,25 @@ def test_report_page_previews_and_offers_every_download(report_db: Path, monkeyp
     assert buttons == ["HTML", "PDF", "Markdown (zip)", "CSV", "Parquet"]
     warnings = [w.value for w in at.warning]
     assert any("run 'stuck' has no hessian_trace" in w for w in warnings)
-    assert any("Largest gap to grok" in c.value for c in at.caption)
+    assert any("Largest gap to grok" in m.value for m in at.markdown)  # the summary's matched-loss finding
+    assert any("significant divergence window" in m.value for m in at.markdown)
+    at.toggle(key="full").set_value(True).run()
+    assert not at.exception and any("Cached results" in m.value for m in at.markdown)
+
+
+def test_overview_page_draws_a_panel_per_task_most_moved_first(sweep_db: Path, monkeypatch) -> None:
+    import json
+
+    at = open_app(sweep_db, monkeypatch, page="pages/overview.py")
+    assert not at.exception and not at.error
+    assert at.title[0].value == "Overview"
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    titles = [a["text"] for a in spec["layout"]["annotations"]]
+    assert len(titles) == 11 and titles[0] == "lambada_openai/acc" and "mmlu/acc (57 subjects) · derived" in titles
+    assert any("67 downstream task(s) in 11 panel(s)" in c.value for c in at.caption)
+    at.text_input(key="find").set_value("mmlu").run()
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert [a["text"] for a in spec["layout"]["annotations"]] == ["mmlu/acc (57 subjects) · derived"]
 
 
 def test_report_shows_one_setting_per_metric_and_names_it(db: Path) -> None:

@@ -883,13 +883,14 @@ def _overview_section(ctx: _Context) -> Section:
         n = start // PANELS_PER_FIGURE + 1
         title = "Downstream scores, most moved first" + (f" ({n})" if len(drawn) > PANELS_PER_FIGURE else "")
         s.figures.append(ReportFigure(f"overview-{n}", title, fig))
+    groups = []  # printed under the panels' table, after the figures
     for row in panels[panels["n_members"] > 1].itertuples():
         # Every subject of a group is named, with how much it moved (the run that moved it most).
         mine = view.members[view.members["panel"] == row.panel]
         mine = mine.sort_values("moved", ascending=False, na_position="last").drop_duplicates("task")
         listed = ", ".join(f"{t.task} {t.change:+.3g}" for t in mine.itertuples())
         what = row.derived or "the group's own score as reported"
-        s.text.append(f"{_panel_title(row)}: {what}. Its tasks by how much they moved: {listed}.")
+        groups.append(f"{_panel_title(row)}: {what}. Its tasks by how much they moved: {listed}.")
     printed = pd.DataFrame(
         {
             "panel": panels["panel"],
@@ -900,7 +901,7 @@ def _overview_section(ctx: _Context) -> Section:
             "moved (stderrs)": panels["moved"].round(1),
         }
     )
-    ctx.put(s, "overview", "Panels, most moved first", panels, printed=printed)
+    ctx.put(s, "overview", "Panels, most moved first", panels, " ".join(groups), printed=printed)
     return s
 
 
