@@ -22,6 +22,8 @@ _LOWER = re.compile(
     r"expected_calibration_error|ece|brier|forgetting)($|_)"
 )
 _HIGHER_OVERRIDES = {"reciprocal_rank", "mrr", "rank_correlation"}
+# lm-eval metrics whose tasks declare lower as better though their names do not say so (CrowS-Pairs' bias scores).
+_LOWER_NAMES = {"pct_stereotype", "likelihood_difference"}
 
 
 def _short(metric: str) -> str:
@@ -33,6 +35,8 @@ def direction_from_name(metric: str) -> bool:
     short = _short(metric)
     if short in _HIGHER_OVERRIDES or short.endswith("reciprocal_rank"):
         return True
+    if short in _LOWER_NAMES:
+        return False
     return _LOWER.search(short) is None
 
 
