@@ -288,6 +288,8 @@ def _spec_from_args(args: argparse.Namespace):
         if not sep or not dot:
             raise ValueError(f"--param {item!r}: write METRIC.KEY=VALUE, e.g. hessian_trace.n_probes=16")
         metric_params.setdefault(metric, {})[field_name] = value
+    if getattr(args, "keep", None):  # where the fine-tune probe saves its fine-tuned copies (not a cache key)
+        metric_params.setdefault("finetune", {})["keep"] = str(Path(args.keep).expanduser().resolve())
     return JobSpec(
         run=args.run,
         steps=tuple(int(s) for s in args.steps) if args.steps else None,
@@ -525,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--param", action="append", help="METRIC.KEY=VALUE, e.g. hessian_trace.n_probes=16 or hessian_trace.seed=1"
     )
+    p.add_argument("--keep", help="finetune: save each fine-tuned copy under this folder (default: keep none)")
     p.add_argument("--queue", action="store_true", help="only queue the job for `worker`")
     p.add_argument("--executor", choices=["local", "ray"], default="local", help="where units run (default local)")
     p.add_argument("--ray-address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray instance)")

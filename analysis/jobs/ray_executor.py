@@ -69,6 +69,8 @@ def metric_groups(todo: list[Item]) -> list[list[Item]]:
     from analysis.metrics.registry import get_metric
 
     def key(item: Item) -> str:
+        if item.kind == "finetune":  # a fine-tune is the longest item: a task of its own
+            return f"finetune:{item.name}"
         if item.kind != "metric":
             return "evaluations"
         return "routing" if get_metric(item.name).from_profile is not None else item.name

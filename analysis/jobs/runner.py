@@ -209,6 +209,11 @@ def _compute_item(
             losses = np.array([r["loss"] for r in records])
             stderr = float(losses.std(ddof=1) / np.sqrt(len(losses))) if len(losses) > 1 else None
             rows.append(row(metric, float(losses.mean()), stderr, len(losses), item.params["version"]))
+    elif item.kind == "finetune":
+        from analysis.finetune.probe import probe_item
+
+        for r in probe_item(item, model, tokenizer, spec, ctx, run, step, progress):
+            rows.append(row(r.metric, r.value, r.stderr, r.n, item.params["version"], r.higher_is_better))
     else:
         from analysis.metrics.registry import compute, compute_from_profile, get_metric
 
@@ -299,7 +304,8 @@ def compute_unit(
         from analysis.models import pad_token_id
 
         ctx = {"versions": versions, "device": next(model.parameters()).device, "pad_id": pad_token_id(model)}
-        if any(it.kind in ("heldout", "metric", "samples") for it in todo):
+        ctx["checkpoint"] = path  # the fine-tune probe refuses to keep copies next to it
+        if any(it.kind in ("heldout", "metric", "samples", "finetune") for it in todo):
             from analysis.evals.heldout import load_probe_set
 
             data = next(it.params["data"] for it in todo if "data" in it.params)

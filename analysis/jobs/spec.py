@@ -98,7 +98,7 @@ class JobSpec:
 class Item:
     """One thing computed on a checkpoint. ``params`` are everything that shapes its result."""
 
-    kind: str  # "lm_eval" | "heldout" | "proxy" | "samples" | "metric"
+    kind: str  # "lm_eval" | "heldout" | "proxy" | "samples" | "metric" | "finetune"
     name: str
     params: dict
     # lm_eval: the task names its results are stored under, when not ``name`` (a YAML path
@@ -124,6 +124,8 @@ class Item:
             return scope == self.name and leaf.startswith("proxy_")
         if self.kind == "samples":
             return leaf == "sample_loss"
+        if self.kind == "finetune":  # finetune/<task>/<what>
+            return scope == "finetune" and leaf.split("/", 1)[0] == self.name
         return leaf.startswith("heldout_")  # heldout: one row set per domain of the probe data
 
     def is_cached(self, keys: set[tuple[str, str]]) -> bool:
@@ -188,6 +190,13 @@ def plan_items(spec: JobSpec) -> list[Item]:
                 **_memorisation_params(spec.metric_params.get(MEMORISATION, {})),
             }
             items.append(Item("samples", MEMORISATION, params))
+        elif metric == "finetune":  # analysis/finetune: one fine-tune of a copy per checkpoint
+            from analysis.finetune.config import item_params, parse_config
+            from analysis.finetune.data import task_name
+
+            config = parse_config(spec.metric_params.get(metric, {}), max_length=spec.max_length)
+            params = {**probe, "data_digest": file_digest(data), "max_samples": spec.max_samples}
+            items.append(Item("finetune", task_name(config.task), item_params(config, params)))
         elif metric == PROXY:
             from analysis.evals.tasks import BUNDLED_TASKS
 
