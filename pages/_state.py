@@ -30,6 +30,7 @@ PAGES = [
     ("pages/compare.py", "Compare runs", ":material/compare_arrows:", "compare"),
     ("pages/forecast.py", "Forecast", ":material/trending_up:", "forecast"),
     ("pages/geometry.py", "Geometry", ":material/landscape:", "geometry"),
+    ("pages/finetune.py", "Fine-tune", ":material/tune:", "finetune"),
     ("pages/pathways.py", "Pathways", ":material/alt_route:", "pathways"),
     ("pages/samples.py", "Samples", ":material/checklist:", "samples"),
     ("pages/report.py", "Report", ":material/description:", "report"),
