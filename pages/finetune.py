@@ -33,6 +33,7 @@ alpha = c2.number_input(
     help="The chance that a run whose score after fine-tuning does not move gets any window",
 )  # fmt: skip
 log_x = c3.toggle("Log x", value=True, key="logx", bind="query-params")
+log_y = c3.toggle("Log y", value=False, key="logy", bind="query-params", help="for perplexity-like scores")
 post_m = f"{FINETUNE}/{task}/post"
 chosen = _state.setting_picker(sel.runs, [post_m])
 scope = [m for m in _state.metric_names(frame) if m.startswith(f"{FINETUNE}/{task}/")]
@@ -51,8 +52,8 @@ else:
     st.error("These runs' checkpoints were fine-tuned with different settings; pick one setting above.")
 
 windows = _state.guarded(lambda: overtraining_windows(frame, task, x=sel.x, alpha=alpha))
-fig = prepost_figure(frame, task, windows=windows, x=sel.x, log_x=log_x, colors=sel.colors, style=sel.style,
-                     score_label=str(score))  # fmt: skip
+fig = prepost_figure(frame, task, windows=windows, x=sel.x, log_x=log_x, log_y=log_y, colors=sel.colors,
+                     style=sel.style, score_label=str(score))  # fmt: skip
 st.plotly_chart(fig, width="stretch", key="prepost")
 
 st.subheader("Catastrophic overtraining: the base model improves, the fine-tuned one gets worse")
@@ -65,15 +66,15 @@ if len(windows):
         )
 else:
     st.markdown(
-        f"No window at alpha {alpha:g}: in no span where the score before fine-tuning rose by more than its "
-        "noise did the score after fine-tuning fall beyond its own (family-wise over each run's spans)."
+        f"No window at alpha {alpha:g}: in no span where the score before fine-tuning improved by more than its "
+        "noise did the score after fine-tuning get worse beyond its own (family-wise over each run's spans)."
     )
 st.dataframe(windows.round(4), hide_index=True, width="stretch")
 
-left, right = st.columns([3, 2])
-left.plotly_chart(effects_figure(frame, task, x=sel.x, log_x=log_x, colors=sel.colors, style=sel.style),
-                  width="stretch", key="effects")  # fmt: skip
-right.plotly_chart(sensitivity_figure(frame, task, colors=sel.colors, style=sel.style), width="stretch", key="sens")
+effects = effects_figure(frame, task, x=sel.x, log_x=log_x, colors=sel.colors, style=sel.style)
+st.plotly_chart(effects, width="stretch", key="effects")
+left, right = st.columns([3, 1])
+left.plotly_chart(sensitivity_figure(frame, task, colors=sel.colors, style=sel.style), width="stretch", key="sens")
 right.caption(
     "Perturbation sensitivity is the cheap proxy for 'harder to fine-tune': if it tracks the real thing, the "
     "score after fine-tuning gets worse as the sensitivity grows."

@@ -259,3 +259,18 @@ def test_the_bundled_modsub_task_is_what_write_modsub_task_writes(tmp_path: Path
     train = {p for p, _ in task.train}
     test = {json.loads(line)["prompt"] for line in (MODSUB_DIR / "test.jsonl").read_text().splitlines()}
     assert len(train) == 4000 and not train & test and all(" - " in p for p in train)
+
+
+def test_a_corpus_level_score_gets_no_per_document_stderr(root: Path) -> None:
+    from analysis.finetune.config import parse_config
+    from analysis.finetune.probe import run_probe
+    from tests.factories import tiny_model_and_tokenizer
+
+    model, tok = tiny_model_and_tokenizer(0)
+    given = {"task": str(root / "copy"), "steps": "3", "limit": "20"}
+    rows = {r.metric: r for r in run_probe(model, tok, parse_config({**given, "score": "perplexity,none"}))}
+    # lm-eval's per-document values of a perplexity are log-likelihoods: no stderr of the perplexity from them.
+    assert rows["finetune/copy/gain"].stderr is None and rows["finetune/copy/post"].stderr is None
+    assert rows["finetune/copy/post"].higher_is_better is False and rows["finetune/copy/pre"].value > 1
+    rows = {r.metric: r for r in run_probe(model, tok, parse_config(given))}  # accuracy: a mean of documents
+    assert rows["finetune/copy/gain"].stderr is not None and rows["finetune/copy/post"].higher_is_better is True

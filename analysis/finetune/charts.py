@@ -23,6 +23,7 @@ def prepost_figure(
     windows: pd.DataFrame | None = None,
     x: str = "step",
     log_x: bool = False,
+    log_y: bool = False,
     colors: dict[str, str] | None = None,
     style: ChartStyle | None = None,
     score_label: str = "score",
@@ -55,7 +56,7 @@ def prepost_figure(
     for w in (windows if windows is not None else pd.DataFrame()).itertuples():
         fig.add_vrect(x0=w.start, x1=w.end, fillcolor=colors.get(str(w.run), PALETTE[0]), opacity=0.15, line_width=0)
     title = f"{task}: {score_label} before and after fine-tuning"
-    return _layout(fig, style, title=title, x_title=X_LABELS[x], y_title=score_label, log_x=log_x, log_y=False)
+    return _layout(fig, style, title=title, x_title=X_LABELS[x], y_title=score_label, log_x=log_x, log_y=log_y)
 
 
 def effects_figure(
@@ -104,7 +105,8 @@ def effects_figure(
         fig, style, title=f"{task}: what fine-tuning changed", x_title="", y_title="", log_x=False, log_y=False
     )
     fig.update_xaxes(title_text=X_LABELS[x], type="log" if log_x else "linear")
-    fig.update_layout(hovermode="closest", legend={"font": {"size": max(10, style.font_size - 2)}})
+    legend = {"orientation": "h", "yanchor": "top", "y": -0.22, "xanchor": "left", "x": 0.0}
+    fig.update_layout(hovermode="closest", height=style.height + 100, legend=legend, margin={"b": 140})
     return fig
 
 
@@ -139,7 +141,7 @@ def sensitivity_figure(
                 line={"color": colors.get(str(run), PALETTE[0]), "width": style.line_width},
             )
         )  # fmt: skip
-    title = f"{metric} against the score after fine-tuning"
+    title = f"{metric} vs the score after fine-tuning"
     return _layout(
         fig, style, title=title, x_title=metric, y_title=f"{task} after fine-tuning", log_x=False, log_y=False
     )

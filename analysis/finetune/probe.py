@@ -53,7 +53,7 @@ class Score:
     metric: str  # "acc,none"
     value: float
     stderr: float | None
-    items: dict[str, float]
+    items: dict[str, float]  # per-document values whose mean is the score; empty for a corpus-level score
     higher_is_better: bool | None
 
 
@@ -75,8 +75,12 @@ def score_task(model, tokenizer, spec: str, *, metric: str | None, limit: int | 
         raise ValueError(f"{spec}: no metric {metric!r}; it reports {', '.join(r.metric for r in rows)}")
     row = chosen[0]
     items = {str(s.doc_id): float(s.value) for s in out.samples if s.metric == row.metric and s.value is not None}
+    if not items or not math.isclose(float(np.mean(list(items.values()))), row.value, abs_tol=1e-9):
+        # A corpus-level score (perplexity: the per-document values are log-likelihoods) is no mean of its
+        # documents' values, so they give no paired stderr of its change.
+        items = {}
     stderr = row.stderr
-    if stderr is None and len(items) > 1 and math.isclose(np.mean(list(items.values())), row.value, abs_tol=1e-9):
+    if stderr is None and len(items) > 1:
         # A mean over documents (accuracy, exact match): its stderr over them, as lm-eval computes it.
         stderr = float(np.std(list(items.values()), ddof=1) / math.sqrt(len(items)))
     return Score(row.metric, float(row.value), stderr, items, row.higher_is_better)
