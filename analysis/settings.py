@@ -104,6 +104,36 @@ def label_settings(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _version_key(version: Any) -> tuple[int, Any]:
+    text = str(version)
+    return (1, int(text)) if text.isdigit() else (0, text)
+
+
+def drop_stale_versions(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows of ``frame`` without those a newer version of the same metric and setting replaced.
+
+    A metric's ``version`` (in its parameters) changes when the numbers it produces change, so a value
+    computed by an older version is not another setting to choose from: it is out of date. Of the rows
+    that share a metric and every parameter but ``version``, only the newest version's are kept, for
+    every run alike (a run not recomputed yet shows no value rather than an outdated one).
+    """
+    if "params" not in frame.columns or not len(frame):
+        return frame
+    full = [_as_dict(p) for p in frame["params"]]
+    versions = [p.get("version") for p in full]
+    if all(v is None for v in versions):
+        return frame
+    rest = [json.dumps({k: v for k, v in setting_params(p).items() if k != "version"}, sort_keys=True, default=str)
+            for p in full]  # fmt: skip
+    keys = list(zip(frame["metric"].astype(str), rest, strict=True))
+    newest: dict[tuple[str, str], Any] = {}
+    for key, version in zip(keys, versions, strict=True):
+        if version is not None and (key not in newest or _version_key(version) > _version_key(newest[key])):
+            newest[key] = version
+    keep = [k not in newest or v == newest[k] for k, v in zip(keys, versions, strict=True)]
+    return frame[np.asarray(keep, dtype=bool)]
+
+
 def settings_table(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per (metric, setting): metric, params_hash, setting, n_checkpoints, runs, params.
 
@@ -112,6 +142,7 @@ def settings_table(frame: pd.DataFrame) -> pd.DataFrame:
     the most checkpoints first (ties: more runs, then the label): the first row of a metric is the
     setting ``select_settings`` keeps by default. A frame without ``params_hash`` has one setting per metric.
     """
+    frame = drop_stale_versions(frame)
     return _table(label_settings(frame if "params_hash" in frame.columns else frame.assign(params_hash="")))
 
 
@@ -128,6 +159,7 @@ def select_settings(frame: pd.DataFrame, chosen: Mapping[str, str] | None = None
     """
     if "params_hash" not in frame.columns:
         return frame
+    frame = drop_stale_versions(frame)
     stored = frame["params_hash"].fillna("").astype(str).to_numpy()
     labelled = label_settings(frame)
     table = _table(labelled)

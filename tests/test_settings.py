@@ -181,3 +181,33 @@ def test_how_a_published_sweep_was_run_does_not_split_it_into_two_settings():
     assert setting_params(a) == setting_params(b) == {"num_fewshot": 0}
     c = {**b, "model_args": "pretrained=EleutherAI/pythia-v1.1-70m,revision=step33000,dtype=bfloat16"}
     assert setting_params(c) == {"num_fewshot": 0, "model_args": {"dtype": "bfloat16"}}  # a real setting stays
+
+
+def test_a_value_from_an_older_version_of_a_metric_is_not_offered_as_a_setting():
+    """hessian_trace moved to version 2 (stderrs over batch means): version-1 rows are out of date, not a choice."""
+    import json
+
+    import pandas as pd
+
+    from analysis.settings import select_settings, settings_table
+
+    def rows(run, steps, version, value, subset="all"):
+        params = json.dumps({"version": version, "config": {"n_probes": 16, "subset": subset}})
+        return pd.DataFrame(
+            {"run": run, "step": steps, "metric": "hessian_trace", "value": value, "params_hash": f"{version}{subset}",
+             "params": params}
+        )  # fmt: skip
+
+    frame = pd.concat(
+        [
+            rows("a", [1, 2, 3, 4], "1", 5.0),  # the old version had more checkpoints
+            rows("a", [1, 2], "2", 7.0),
+            rows("b", [1, 2, 3], "1", 5.0),  # a run not recomputed yet
+            rows("a", [1, 2], "2", 1.0, subset="layer:0"),  # a real second setting stays
+        ]
+    )
+    table = settings_table(frame)
+    assert sorted(table["setting"]) == ["subset=all", "subset=layer:0"]
+    kept = select_settings(frame)
+    assert kept["value"].tolist() == [7.0, 7.0] and set(kept["run"]) == {"a"}
+    assert select_settings(frame, {"hessian_trace": "subset=layer:0"})["value"].tolist() == [1.0, 1.0]
