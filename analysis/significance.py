@@ -150,25 +150,29 @@ def span_test(
             maxima[lo:hi] = _pair_stats(sim, sim_se, start, end, sign32).max(axis=1)
         else:  # fixed stderrs: one weight per span, computed once
             maxima[lo:hi] = ((sim[:, end] - sim[:, start]) * weight[None, :]).max(axis=1)
-    maxima.sort()
-    exceed = n_sim - np.searchsorted(maxima, observed, side="left")
-    p_adjusted = (1.0 + exceed) / (1.0 + n_sim)
-    critical = float(np.quantile(maxima, 1.0 - alpha))
     change = score[end] - score[start]
     scale = np.sqrt(se[start] ** 2 + se[end] ** 2)
     source = "reported" if not estimated else ("scatter" if not reported.any() else "reported+scatter")
+    return _adjusted(start, end, sign, change, observed, scale, maxima, alpha, source)
+
+
+def _adjusted(start, end, sign, change, observed, scale, maxima: np.ndarray, alpha: float, source: str) -> SpanTest:
+    """The SpanTest of observed statistics against the simulated null maxima: p-values and simultaneous bounds."""
+    maxima = np.sort(maxima)
+    exceed = len(maxima) - np.searchsorted(maxima, observed, side="left")
+    critical = float(np.quantile(maxima, 1.0 - alpha))
     return SpanTest(
         start=start,
         end=end,
         sign=sign,
         change=change,
         stat=observed,
-        p_adjusted=p_adjusted,
+        p_adjusted=(1.0 + exceed) / (1.0 + len(maxima)),
         change_lo=change - critical * scale,
         change_hi=change + critical * scale,
         critical=critical,
         stderr_source=source,
-        n_sim=n_sim,
+        n_sim=len(maxima),
     )
 
 
@@ -216,22 +220,7 @@ def _span_test_paired(
         hi = min(n_sim, lo + chunk)
         sim = rng.standard_normal((hi - lo, n)) @ root
         maxima[lo:hi] = ((sim[:, end] - sim[:, start]) * weight[None, :]).max(axis=1)
-    maxima.sort()
-    exceed = n_sim - np.searchsorted(maxima, observed, side="left")
-    critical = float(np.quantile(maxima, 1.0 - alpha))
-    return SpanTest(
-        start=start,
-        end=end,
-        sign=sign,
-        change=change,
-        stat=observed,
-        p_adjusted=(1.0 + exceed) / (1.0 + n_sim),
-        change_lo=change - critical * scale,
-        change_hi=change + critical * scale,
-        critical=critical,
-        stderr_source="paired",
-        n_sim=n_sim,
-    )
+    return _adjusted(start, end, sign, change, observed, scale, maxima, alpha, "paired")
 
 
 def report_spans(start: np.ndarray, end: np.ndarray, keep: np.ndarray) -> list[int]:

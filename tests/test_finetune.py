@@ -274,3 +274,22 @@ def test_a_corpus_level_score_gets_no_per_document_stderr(root: Path) -> None:
     assert rows["finetune/copy/post"].higher_is_better is False and rows["finetune/copy/pre"].value > 1
     rows = {r.metric: r for r in run_probe(model, tok, parse_config(given))}  # accuracy: a mean of documents
     assert rows["finetune/copy/gain"].stderr is not None and rows["finetune/copy/post"].higher_is_better is True
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"prompt": "1 - 1 ="}', r"train\.jsonl:2: needs 'prompt' and 'answer'"),
+        ("not json", r"train\.jsonl:2: not valid JSON"),
+    ],
+)
+def test_a_broken_line_of_a_jsonl_task_is_one_line_naming_it(tmp_path: Path, line: str, message: str) -> None:
+    from analysis.finetune.data import load_task
+
+    folder = tmp_path / "task"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"prompt": "2 - 1 =", "answer": "1"}\n' + line + "\n")
+    (folder / "test.jsonl").write_text('{"prompt": "3 - 1 =", "answer": "2"}\n')
+    with pytest.raises(ValueError, match=message) as info:
+        load_task(str(folder))
+    assert "\n" not in str(info.value)

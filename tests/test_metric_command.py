@@ -3,19 +3,16 @@ tokenizer, padding, failing forward passes, per-metric seeds and progress of lon
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from analysis.__main__ import main
 from analysis.jobs import JobSpec, run_job, submit
 from analysis.jobs.metric_once import compute_once
 from analysis.models import load_model, pad_token_id, tiny_moe_config
@@ -23,16 +20,10 @@ from analysis.runs.load import load_run
 from analysis.store import Store
 from tests.conftest import ROOT
 from tests.factories import save_tiny_checkpoint, tiny_tokenizer
+from tests.test_cli import cli
 
 # Sums of different lengths, so batches are padded.
 TEXTS = ["3 + 4 = 7", "1 + 1 = 2", "12 + 5 = 17", "2 = 2", "10 + 3 + 4 = 17", "6 + 6 = 12", "0 + 9 = 9", "19"]
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,9 @@ def default_task_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"checkpoint-divergence-tasks-{uid}"
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file, one a line (blank lines skipped), each holding the ``required`` keys;
+    a bad line is a one-line ValueError naming the file and the line."""
     records = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -129,6 +131,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}); write one JSON object per line") from None
         if not isinstance(record, dict):
             raise ValueError(f"{path}:{number}: expected a JSON object; write one JSON object per line")
+        missing = [key for key in required if key not in record]
+        if missing:
+            wanted = " and ".join(repr(k) for k in required)
+            raise ValueError(f"{path}:{number}: needs {wanted}; write one such object per line")
         records.append(record)
     if not records:
         raise ValueError(f"{path}: no records; the file must hold one JSON object per line")
@@ -158,7 +164,7 @@ def _number_key(word: str) -> tuple[int, int | str]:
 
 
 def _modarith_mc_records(source: Path) -> list[dict[str, Any]]:
-    records = _read_jsonl(source)
+    records = read_jsonl(source)
     for number, record in enumerate(records, start=1):
         if "prompt" not in record or "answer" not in record:
             raise ValueError(f"{source}: record {number} lacks 'prompt' or 'answer'; regenerate the modarith data")
@@ -337,7 +343,7 @@ def resolve_tasks(
 
 def _language_records(name: str, data_dir: Path) -> list[dict[str, Any]]:
     task = BUNDLED_TASKS[name]
-    return _read_jsonl(data_dir / task.folder / "test.jsonl") + _read_jsonl(data_dir / task.folder / "train.jsonl")
+    return read_jsonl(data_dir / task.folder / "test.jsonl") + read_jsonl(data_dir / task.folder / "train.jsonl")
 
 
 def task_vocabulary(data_dir: str | Path | None = None) -> list[str]:
@@ -372,6 +378,6 @@ def bundled_proxy_items(name: str, data_dir: str | Path | None = None) -> list[t
         raise ValueError(why)
     if name in _GENERATED_DATA:
         path = data_dir / task.folder / "heldout.jsonl"
-        return [(str(r["prompt"]), str(r["answer"])) for r in _read_jsonl(path)]
+        return [(str(r["prompt"]), str(r["answer"])) for r in read_jsonl(path)]
     path = data_dir / task.folder / "test.jsonl"
-    return [(str(r["prompt"]), str(r["solution"])) for r in _read_jsonl(path)]
+    return [(str(r["prompt"]), str(r["solution"])) for r in read_jsonl(path)]

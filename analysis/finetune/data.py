@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from analysis.evals.tasks import read_jsonl
 from analysis.jobs.spec import file_digest
 
 # The demo's fine-tuning task: modular subtraction, an operation the demo runs never saw.
@@ -86,20 +87,7 @@ def _check_folder(folder: Path) -> None:
 
 
 def _read_pairs(path: Path) -> list[tuple[str, str]]:
-    pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}); write one JSON object per line") from None
-        if not isinstance(record, dict) or "prompt" not in record or "answer" not in record:
-            raise ValueError(f"{path}:{number}: needs 'prompt' and 'answer'; write one such object per line")
-        pairs.append((str(record["prompt"]), " " + str(record["answer"])))
-    if not pairs:
-        raise ValueError(f"{path}: no records; write one {{'prompt', 'answer'}} object per line")
-    return pairs
+    return [(str(r["prompt"]), " " + str(r["answer"])) for r in read_jsonl(path, required=("prompt", "answer"))]
 
 
 def _jsonl_yaml(folder: Path) -> Path:
