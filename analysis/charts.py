@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from analysis.settings import unconverged
+
 # Okabe & Ito's palette: distinguishable under the common colour-vision deficiencies.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
 
@@ -127,10 +129,10 @@ def curves_figure(
     colors = colors or run_colors(data["run"])
     fig = go.Figure()
     # An iterative estimate that did not converge is no value: a hollow cross off the line, never joined to it.
-    unconverged = data["converged"].eq(False).fillna(False).astype(bool) if "converged" in data else None
-    if unconverged is not None and unconverged.any():
-        _unconverged_markers(fig, data[unconverged], x, colors)
-        data = data[~unconverged]
+    bad = unconverged(data)
+    if bad.any():
+        _unconverged_markers(fig, data[bad], x, colors)
+        data = data[~bad]
     for run, group in data.groupby("run", sort=True):
         group = group.sort_values(x)
         color = colors.get(str(run), PALETTE[0])
@@ -179,7 +181,7 @@ def curves_figure(
                 hovertemplate="%{y:.4g}<extra>" + str(run) + "</extra>",
             )
         )
-    n_bad = 0 if unconverged is None else int(unconverged.sum())
+    n_bad = int(bad.sum())
     note = f" ({n_bad} estimate{'s' if n_bad > 1 else ''} did not converge: ×)" if n_bad else ""
     return _layout(
         fig,

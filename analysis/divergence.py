@@ -33,6 +33,7 @@ from scipy.optimize import isotonic_regression
 
 from analysis import significance as sig
 from analysis.directions import orientation
+from analysis.settings import unconverged
 
 X_AXES = ("step", "tokens", "flops")
 POOLED = "(pooled)"
@@ -150,8 +151,8 @@ def _prepare(
     for metric in metrics:
         _check_metric(frame, metric)
     data = frame[frame["metric"].astype(str).isin(list(metrics))].copy()
-    if not include_unconverged and "converged" in data:
-        data = data[~data["converged"].eq(False).fillna(False).astype(bool)]
+    if not include_unconverged:
+        data = data[~unconverged(data)]
     if x == "flops":
         if n_params is not None:
             data = add_flops(data, n_params)

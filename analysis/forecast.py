@@ -42,6 +42,7 @@ from scipy import stats
 from scipy.optimize import OptimizeWarning, curve_fit
 
 from analysis.directions import orientation
+from analysis.settings import unconverged
 
 FORECAST_COLUMNS = [
     "run", "score", "method", "x", "predicted", "lo", "hi", "level", "measured", "covered", "abs_error",
@@ -288,8 +289,7 @@ def _is_perplexity(metric: str) -> bool:
 def score_series(frame: pd.DataFrame, run: str, metric: str, x: str) -> pd.DataFrame:
     """One run's ``metric`` by ``x`` (columns x, value), unconverged values left out, sorted by x."""
     rows = frame[(frame["run"].astype(str) == run) & (frame["metric"].astype(str) == metric)]
-    if "converged" in rows:
-        rows = rows[~rows["converged"].eq(False).fillna(False).astype(bool)]
+    rows = rows[~unconverged(rows)]
     rows = rows.assign(x=pd.to_numeric(rows[x], errors="coerce"), value=pd.to_numeric(rows["value"]))
     rows = rows.dropna(subset=["x", "value"])
     return rows.groupby("x", as_index=False)["value"].mean().sort_values("x", ignore_index=True)

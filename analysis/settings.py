@@ -104,6 +104,14 @@ def label_settings(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def unconverged(frame: pd.DataFrame) -> pd.Series:
+    """True for rows of an iterative estimate that did not converge (``converged`` False); False elsewhere,
+    including frames without the column. Such a value is no value: analyses leave it out, charts mark it."""
+    if "converged" not in frame.columns:
+        return pd.Series(False, index=frame.index)
+    return frame["converged"].eq(False).fillna(False).astype(bool)
+
+
 def _version_key(version: Any) -> tuple[int, Any]:
     text = str(version)
     return (1, int(text)) if text.isdigit() else (0, text)
