@@ -94,17 +94,85 @@ def learnt_per_step(summary: pd.DataFrame, steps) -> pd.DataFrame:
 
 
 def _last_texts(rows: pd.DataFrame) -> pd.DataFrame:
-    """Prompt, target and the response at the last checkpoint of each sample (records as JSON or dicts)."""
+    """Prompt, target and the response at the last checkpoint of each sample (records as JSON or dicts).
+
+    For a multiple-choice item the target and response are the answer strings, not their indices.
+    """
     last = rows.sort_values("step").groupby("sample_id", sort=False).tail(1)
     records = [_record(r) for r in last["record"]]
     return pd.DataFrame(
         {
             "sample_id": last["sample_id"].to_numpy(),
             "prompt": [str(r.get("prompt", "")) for r in records],
-            "target": [str(r.get("target", "")) for r in records],
-            "response": [str(r.get("response", "")) for r in records],
+            "target": [answer_text(r.get("target", ""), choice_strings(r)) for r in records],
+            "response": [answer_text(r.get("response", ""), choice_strings(r)) for r in records],
         }
     )
+
+
+def _strings(value) -> list[str] | None:
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (str, int, float)) for v in value):
+        return [str(v) for v in value]
+    return None
+
+
+def choice_strings(record: dict) -> list[str] | None:
+    """The answer choices of a multiple-choice sample record, in order; None when it has none.
+
+    Looked for where lm-eval's records keep them: our stored ``choices``; the ``arguments`` of each
+    choice's log-likelihood request (``[[context, " choice"], ...]``, or the ``{"gen_args_0": {"arg_0": ...,
+    "arg_1": ...}}`` form of ``--log_samples`` files); the ``doc``'s ``choices`` (a list, or ARC's
+    ``{"text": [...], "label": [...]}``).
+    """
+    found = _strings(record.get("choices"))
+    if found:
+        return found
+    args = record.get("arguments")
+    if isinstance(args, dict):
+        # gen_args_10 comes after gen_args_9: order by the number in the key, not by its text.
+        ordered = sorted(args.items(), key=lambda kv: int("".join(ch for ch in str(kv[0]) if ch.isdigit()) or 0))
+        args = [list(a.values()) if isinstance(a, dict) else a for _, a in ordered]
+    if isinstance(args, (list, tuple)) and len(args) > 1:
+        seconds = [a[1] for a in args if isinstance(a, (list, tuple)) and len(a) == 2 and isinstance(a[1], str)]
+        if len(seconds) == len(args):
+            return seconds
+    doc = record.get("doc")
+    if isinstance(doc, dict):
+        choices = doc.get("choices")
+        if isinstance(choices, dict):
+            choices = choices.get("text")
+        return _strings(choices)
+    return None
+
+
+def answer_text(value, choices: list[str] | None) -> str:
+    """``value`` (a target or response) as the user reads it: the choice string when it is a choice index.
+
+    An index outside the choices, or a value that is already text, is shown as it is; a list of indices
+    (several right answers) becomes its choice strings joined by `` | ``.
+    """
+    if value is None:
+        return ""
+    if not choices:
+        return str(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                return value
+        elif text.lstrip("-").isdigit():
+            value = int(text)
+        else:
+            return value
+    if isinstance(value, list):
+        parts = [answer_text(v, choices) for v in value]
+        return " | ".join(parts)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < len(choices):
+        # Choices carry the space that joins them to the prompt (" 71"): show the answer itself.
+        return choices[int(value)].strip() or choices[int(value)]
+    return str(value)
 
 
 def _record(value) -> dict:
