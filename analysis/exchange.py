@@ -15,31 +15,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import duckdb
-
-from analysis.store import SCHEMA_VERSION, Store
+from analysis.store import EXCHANGE_TABLES, SCHEMA_VERSION, Store, TableMerge
 
 FORMAT = "cdd-cache-export"
 MANIFEST = "manifest.json"
 # Table -> primary key, in the order rows are merged (a checkpoint before its results).
-TABLES: dict[str, tuple[str, ...]] = {
-    "runs": ("name",),
-    "checkpoints": ("run", "step"),
-    "log_series": ("run", "step", "metric"),
-    "results": ("run", "step", "metric", "params_hash"),
-    "sample_results": ("run", "step", "metric", "params_hash", "sample_id"),
-}
-STAMPS = ("created_at", "updated_at")
+TABLES: dict[str, tuple[str, ...]] = EXCHANGE_TABLES
 
-
-@dataclass(frozen=True)
-class TableMerge:
-    """What importing one table did: rows added, identical rows skipped (timestamps aside), differing kept local."""
-
-    table: str
-    added: int
-    skipped: int
-    kept_local: int
+__all__ = ["TABLES", "ImportReport", "TableMerge", "export_parquet", "import_parquet"]
 
 
 @dataclass(frozen=True)
@@ -60,30 +43,11 @@ class ImportReport:
         return f"imported {self.added} rows: " + "; ".join(parts)
 
 
-def _literal(path: Path) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
-
-
 def export_parquet(store: Store, folder: str | Path, runs: list[str] | None = None) -> dict:
     """Write the cache's tables (or only ``runs``) under ``folder``; returns the manifest."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    counts: dict[str, int] = {}
-    with store.snapshot() as con:
-        if runs:
-            known = {name for (name,) in con.execute("SELECT name FROM runs").fetchall()}
-            missing = [r for r in runs if r not in known]
-            if missing:
-                raise ValueError(f"unknown run {missing[0]!r} in {store.path}; known runs: {', '.join(sorted(known))}")
-        for table, key in TABLES.items():
-            where = ""
-            if runs:
-                column = "name" if table == "runs" else "run"
-                where = f" WHERE {column} IN ({', '.join(_literal(Path(r)) for r in runs)})"
-            order = ", ".join(key)
-            query = f"SELECT * FROM {table}{where} ORDER BY {order}"
-            con.execute(f"COPY ({query}) TO {_literal(folder / f'{table}.parquet')} (FORMAT parquet)")
-            (counts[table],) = con.execute(f"SELECT count(*) FROM ({query})").fetchone()
+    counts = store.export_tables(folder, runs)
     manifest = {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -120,82 +84,11 @@ def _manifest(folder: Path) -> dict:
     return manifest
 
 
-def _stage(con: duckdb.DuckDBPyConnection, folder: Path, table: str, expected_rows: int) -> None:
-    """Load one Parquet file into a temporary table and check it against the cache's table and the manifest."""
-    path = folder / f"{table}.parquet"
-    try:
-        con.execute(f"CREATE TEMP TABLE incoming_{table} AS SELECT * FROM read_parquet({_literal(path)})")
-    except duckdb.Error as err:
-        raise ValueError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]}); export again") from None
-    want = [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()]
-    got = [r[0] for r in con.execute(f"DESCRIBE incoming_{table}").fetchall()]
-    if got != want:
-        raise ValueError(f"{path}: columns {got} do not match the cache's {table} table {want}; export again")
-    (n,) = con.execute(f"SELECT count(*) FROM incoming_{table}").fetchone()
-    if n != expected_rows:
-        raise ValueError(f"{path}: {n} rows, the manifest says {expected_rows}; export again")
-
-
-def _refuse_other_weights(con: duckdb.DuckDBPyConnection) -> None:
-    """Refuse results (and samples) computed on a checkpoint whose fingerprint is not the local one."""
-    bad = con.execute(
-        """SELECT i.run, i.step, i.fingerprint, c.fingerprint, n.fingerprint FROM incoming_results i
-           LEFT JOIN checkpoints c USING (run, step) LEFT JOIN incoming_checkpoints n USING (run, step)
-           WHERE i.fingerprint IS DISTINCT FROM coalesce(c.fingerprint, n.fingerprint)
-           UNION ALL
-           SELECT s.run, s.step, n.fingerprint, c.fingerprint, n.fingerprint FROM incoming_sample_results s
-           LEFT JOIN checkpoints c USING (run, step) LEFT JOIN incoming_checkpoints n USING (run, step)
-           WHERE c.fingerprint IS NOT NULL AND n.fingerprint IS DISTINCT FROM c.fingerprint
-           ORDER BY 1, 2 LIMIT 1"""
-    ).fetchone()
-    if bad is None:
-        return
-    run, step, theirs, local, _ = bad
-    if local is None and theirs is not None:
-        raise ValueError(
-            f"run {run!r} step {step}: results for a checkpoint the export does not include; nothing imported"
-        )
-    if local is None:
-        raise ValueError(f"run {run!r} step {step}: samples for a checkpoint neither cache knows; nothing imported")
-    raise ValueError(
-        f"run {run!r} step {step}: the export's results are for other weights (fingerprint {theirs}, "
-        f"local {local}); nothing imported"
-    )
-
-
-def _merge(con: duckdb.DuckDBPyConnection, table: str, key: tuple[str, ...]) -> TableMerge:
-    on = " AND ".join(f"t.{k} = i.{k}" for k in key)
-    staged = f"incoming_{table}"
-    sql = f"SELECT count(*) FROM {staged} i WHERE EXISTS (SELECT 1 FROM {table} t WHERE {on})"
-    (present,) = con.execute(sql).fetchone()
-    # Identical means equal in every column but the timestamps of when each cache wrote the row.
-    columns = ", ".join(r[0] for r in con.execute(f"DESCRIBE {table}").fetchall() if r[0] not in STAMPS)
-    sql = f"SELECT count(*) FROM (SELECT {columns} FROM {staged} INTERSECT SELECT {columns} FROM {table})"
-    (identical,) = con.execute(sql).fetchone()
-    (before,) = con.execute(f"SELECT count(*) FROM {table}").fetchone()
-    con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM {staged} ON CONFLICT DO NOTHING")
-    (after,) = con.execute(f"SELECT count(*) FROM {table}").fetchone()
-    return TableMerge(table, after - before, identical, present - identical)
-
-
 def import_parquet(store: Store, folder: str | Path) -> ImportReport:
     """Merge an export folder into the cache in one transaction; see the module docstring."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder}: no such folder; point at a folder written by `python -m analysis export`")
     manifest = _manifest(folder)
-    merged: list[TableMerge] = []
-    with store.transaction() as con:
-        for table in TABLES:
-            _stage(con, folder, table, manifest["rows"][table])
-        _refuse_other_weights(con)
-        try:
-            for table, key in TABLES.items():
-                merged.append(_merge(con, table, key))
-        except duckdb.ConstraintException as err:
-            raise ValueError(
-                f"{folder}: rows break the cache's keys ({str(err).splitlines()[0]}); export again"
-            ) from None
-        for table in TABLES:
-            con.execute(f"DROP TABLE incoming_{table}")
-    return ImportReport(merged)
+    files = {table: folder / f"{table}.parquet" for table in TABLES}
+    return ImportReport(store.import_tables(files, manifest["rows"]))

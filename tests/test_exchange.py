@@ -162,3 +162,37 @@ def test_export_of_an_unknown_run_or_a_missing_cache_is_one_line(source: Store, 
     assert err.count("\n") == 1 and "no cache file" in err
     assert main(["import-cache", str(tmp_path / "nowhere"), "--db", str(source.path)]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+HOSTILE = "alpha') OR 1=1; DROP TABLE results; --"
+
+
+def test_a_hostile_run_name_and_folder_are_data_not_sql(source: Store, tmp_path: Path) -> None:
+    source.register_run(synthetic_run(HOSTILE, offset=0.2))
+    _results(source, HOSTILE, (10,))
+    folder = tmp_path / "o'ut; DROP TABLE runs; --"
+    manifest = export_parquet(source, folder, runs=[HOSTILE])
+    # Only the hostile run's own rows: had the name been spliced in, the OR 1=1 would export every run.
+    assert manifest["rows"]["runs"] == 1 and manifest["rows"]["results"] == 1
+    assert manifest["rows"]["checkpoints"] == 5
+    fresh = Store(tmp_path / "laptop.duckdb")
+    report = import_parquet(fresh, folder)
+    assert report.added == sum(manifest["rows"].values())
+    assert list(fresh.runs()["name"]) == [HOSTILE]
+    assert fresh.results(HOSTILE)["value"].tolist() == source.results(HOSTILE)["value"].tolist()
+    # Both caches still hold every table, and the source its other runs' results.
+    assert set(_tables(fresh.path)) == set(TABLES)
+    assert set(source.results(["alpha", "beta"])["run"]) == {"alpha", "beta"}
+
+
+def test_a_table_name_outside_the_allow_list_is_refused_before_any_sql(source: Store, tmp_path: Path) -> None:
+    export_parquet(source, tmp_path / "out")
+    before = _tables(source.path)
+    files = {table: tmp_path / "out" / f"{table}.parquet" for table in TABLES}
+    files["results; DROP TABLE runs; --"] = files.pop("results")
+    rows = dict.fromkeys(files, 0)
+    with pytest.raises(ValueError, match="one file per table"):
+        source.import_tables(files, rows)
+    with pytest.raises(ValueError, match="not a table export moves"):
+        source._exchange_select("runs; DROP TABLE results", None)
+    _assert_same(before, _tables(source.path))
