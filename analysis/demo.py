@@ -616,23 +616,6 @@ def build_demo(
     return [Path(root) / name for name in configs]
 
 
-def tqdm_progress(desc: str = "demo") -> Callable[[int, int], None]:
-    """A progress callback drawing one tqdm bar (for the command line)."""
-    from tqdm import tqdm
-
-    bar = None
-
-    def update(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, desc=desc, unit="step")
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-
-    return update
-
-
 __all__ = [
     "DEMO_RUNS",
     "TASK_DIR",

@@ -894,8 +894,3 @@ def library_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[name] = "absent"
     return out
-
-
-def default_db() -> Path:
-    """The cache path: $CDD_DB if set, else data/cache.duckdb."""
-    return Path(os.environ.get("CDD_DB", DEFAULT_DB))

@@ -244,12 +244,6 @@ def materialize_tasks(dest_dir: str | Path, data_dir: str | Path | None = None) 
     return dest
 
 
-def available_bundled_tasks(data_dir: str | Path | None = None) -> list[str]:
-    """Bundled tasks whose data is present (modarith needs the generated demo data)."""
-    data_dir = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
-    return [t.name for t in BUNDLED_TASKS.values() if _task_available(t, data_dir)[0]]
-
-
 @functools.lru_cache(maxsize=4)
 def _cached_manager(include_path: str, include_defaults: bool, signature: tuple[str, ...]):
     from lm_eval.tasks import TaskManager
