@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,21 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 settings.register_profile("ci", derandomize=True, database=None, max_examples=60)
 settings.register_profile("explore", derandomize=False, max_examples=500)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``), restored after.
+
+    Tiny tensors gain nothing from intra-op threads, and on a shared CPU the threads'
+    synchronisation made the metric tests up to 20x slower.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -26,13 +26,8 @@ from analysis.models import tiny_moe_config
 VOCAB = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads on a shared CPU; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors: one intra-op thread (the fixture in conftest.py says why).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_olmoe(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:

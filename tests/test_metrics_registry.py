@@ -20,15 +20,8 @@ from analysis.metrics import (
 )
 from analysis.metrics.flatness import HessianTraceConfig, SamConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared CPU the threads'
-    synchronisation made these tests up to 20x slower; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors: one intra-op thread (the fixture in conftest.py says why).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BUILTIN = [
