@@ -256,6 +256,36 @@ def _band(xs: np.ndarray, ys: np.ndarray, err: np.ndarray, color: str, run: str)
     )
 
 
+# Learning-rate phases: greys, lighter than any window, so a window drawn over a decay stays readable.
+PHASE_FILLS = {"warmup": "rgba(120,120,120,0.07)", "decay": "rgba(60,60,60,0.10)"}
+
+
+def _phase_shapes(phases: pd.DataFrame | None, xs: np.ndarray, style: ChartStyle) -> list[dict]:
+    """Shaded warmup and decay spans of each run (both rows), labelled at the foot of the bottom row.
+
+    Spans are clipped to the plotted x values ``xs``: Plotly widens an autoranged axis to fit its shapes,
+    and a warmup from step 0 has no place on a log axis.
+    """
+    shapes: list[dict] = []
+    xs = xs[np.isfinite(xs)]
+    if phases is None or not len(phases) or not len(xs):
+        return shapes
+    # Runs that share a schedule share one band (one label naming them all, not labels on top of each other).
+    spans = phases.astype({"run": str}).groupby(["phase", "start", "end"], sort=False)["run"].agg(", ".join)
+    for (phase, start, end), runs in spans.items():
+        fill = PHASE_FILLS.get(str(phase))
+        start, end = max(float(start), xs.min()), min(float(end), xs.max())
+        if fill is None or not end > start:
+            continue
+        label = {"text": f"{phase} · {runs}", "textposition": "bottom center",
+                 "font": {"size": style.font_size - 4, "color": "#555555"}}  # fmt: skip
+        for xref, yref in (("x", "y domain"), ("x2", "y2 domain")):
+            shape = {"type": "rect", "xref": xref, "yref": yref, "x0": start, "x1": end, "y0": 0, "y1": 1,
+                     "fillcolor": fill, "line": {"width": 0}, "layer": "below"}  # fmt: skip
+            shapes.append(shape | ({"label": label} if xref == "x2" else {}))
+    return shapes
+
+
 def loss_downstream_figure(
     frame: pd.DataFrame,
     loss_metric: str,
@@ -267,6 +297,7 @@ def loss_downstream_figure(
     colors: dict[str, str] | None = None,
     style: ChartStyle | None = None,
     windows: pd.DataFrame | None = None,
+    phases: pd.DataFrame | None = None,
     title: str | None = None,
 ) -> go.Figure:
     """Loss (top) and a downstream score (bottom) on one shared x-axis, one colour per run.
@@ -274,8 +305,10 @@ def loss_downstream_figure(
     Smoothing (EMA) applies to the loss row only, drawn over the faint raw curve; downstream points are
     checkpoints and are drawn as measured, with a ±1 stderr band. ``windows`` (the output of
     ``divergence.divergence_windows``: run, kind, start, end) are shaded on both rows in the colour of their
-    kind and labelled "kind · run" on the top row. For ``x="flops"`` the frame needs a ``flops`` column
-    (``divergence.add_flops``).
+    kind and labelled "kind · run" on the top row. ``phases`` (``schedule.run_phases`` on the same x-axis)
+    shade each run's learning-rate warmup and decay in light grey on both rows, labelled "decay · run" at the
+    foot of the bottom row; the stable phase is left unshaded. For ``x="flops"`` the frame needs a ``flops``
+    column (``divergence.add_flops``).
     """
     from plotly.subplots import make_subplots
 
@@ -359,6 +392,7 @@ def loss_downstream_figure(
             shape = {"type": "rect", "xref": xref, "yref": yref, "x0": start, "x1": end, "y0": 0, "y1": 1,
                      "fillcolor": fill, "line": {"width": 0}, "layer": "below"}  # fmt: skip
             shapes.append(shape | ({"label": label} if xref == "x" else {}))
+    shapes += _phase_shapes(phases, xs_all, style)
     if shapes:
         fig.update_layout(shapes=shapes)
     _layout(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis import divergence as dv
+from analysis import schedule
 from analysis.charts import X_LABELS, loss_downstream_figure, ranking_heatmap, trajectory_figure
 from pages import _state
 
@@ -36,10 +37,12 @@ chosen = _state.setting_picker(sel.runs, [loss, score])  # one setting per metri
 frame = _state.long_table(sel.runs, chosen)
 
 windows, aligned = _state.divergence(sel.runs, loss, score, tol, alpha, sel.x, chosen)
+phases = schedule.run_phases(frame, x=sel.x)  # warmup / decay of each run that logs its learning rate
 
 fig = loss_downstream_figure(
-    frame, loss, score, x=sel.x, smoothing=smoothing, log_x=log_x, colors=sel.colors, style=sel.style, windows=windows
-)
+    frame, loss, score, x=sel.x, smoothing=smoothing, log_x=log_x, colors=sel.colors, style=sel.style,
+    windows=windows, phases=phases,
+)  # fmt: skip
 st.plotly_chart(fig, width="stretch", key="divergence")
 
 left, right = st.columns(2)
@@ -49,7 +52,10 @@ with left:
     if len(windows):
         label = X_LABELS.get(sel.x, sel.x)
         st.markdown("\n".join(f"- {_state.md_text(t)}" for t in dv.window_sentences(windows, score, label)))
-        st.dataframe(windows.round(4), hide_index=True, width="stretch")
+        notes = schedule.decay_notes(windows, phases)
+        if any(notes):
+            st.warning(schedule.decay_sentence(notes))
+        st.dataframe(windows.assign(lr_schedule=notes).round(4), hide_index=True, width="stretch")
     st.subheader("Loss vs downstream correlation")
     # Over a chosen span of checkpoints (e.g. only after the loss flattened); the span is in the URL.
     xs = sorted({int(v) if float(v).is_integer() else float(v) for v in aligned["x"].dropna()})

@@ -197,3 +197,24 @@ def test_an_unconverged_estimate_is_a_hollow_cross_off_the_line():
     cross = next(t for t in fig.data if t.name == "r (not converged)")
     assert list(line.y) == [3.0, 5.0] and list(cross.y) == [0.001]
     assert cross.mode == "markers" and "did not converge" in fig.layout.title.text
+
+
+def test_lr_phases_are_grey_bands_clipped_to_the_data_and_shared_by_runs_with_one_schedule():
+    frame = grokking_frame()  # x from 10 to 5000
+    phases = pd.DataFrame(
+        {
+            "run": ["a", "b", "a", "a"],
+            "phase": ["decay", "decay", "warmup", "stable"],
+            "start": [4000.0, 4000.0, 0.0, 100.0],
+            "end": [6000.0, 6000.0, 100.0, 4000.0],
+        }
+    )
+    fig = charts.loss_downstream_figure(frame, LOSS, ACC, phases=phases, log_x=True)
+    shapes = fig.layout.shapes
+    assert len(shapes) == 4  # decay (shared by a and b) and warmup, on both rows; stable is not shaded
+    decay = [s for s in shapes if s.fillcolor == charts.PHASE_FILLS["decay"]]
+    assert [(s.x0, s.x1) for s in decay] == [(4000, 5000), (4000, 5000)]  # clipped to the last point
+    assert [s.label.text for s in decay if s.label.text] == ["decay · a, b"]  # labelled once, bottom row
+    warmup = next(s for s in shapes if s.fillcolor == charts.PHASE_FILLS["warmup"])
+    assert (warmup.x0, warmup.x1) == (10, 100)  # step 0 has no place on a log axis: from the first point
+    assert len(charts.loss_downstream_figure(frame, LOSS, ACC).layout.shapes) == 0
