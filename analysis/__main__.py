@@ -329,10 +329,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from analysis.jobs import serve
+    import logging
 
-    print(f"worker {os.getpid()} serving jobs from {args.db} (Ctrl-C to stop)", file=sys.stderr)
-    ran = serve(Store(args.db), poll=args.poll, once=args.once, progress=_unit_bar())
+    from analysis.jobs import serve
+    from analysis.logs import worker_log_path
+
+    # Progress goes to the log (stderr and the worker's file, set up in main), not a progress bar.
+    logging.getLogger(__name__).info("worker log: %s (Ctrl-C to stop)", worker_log_path(args.db, os.getpid()))
+    ran = serve(Store(args.db), poll=args.poll, once=args.once)
     print(f"ran {ran} job(s)")
     return 0
 
@@ -447,6 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", type=Path, default=DEFAULT_DB, help=f"cache file (default {DEFAULT_DB})")
     common.add_argument("--debug", action="store_true", help="on an error, print the full traceback before it")
+    common.add_argument(
+        "--log-level",
+        default="info",
+        help="debug, info (default), warning or error: what the job runner logs to stderr "
+        "(a worker also to <db folder>/logs/worker-<pid>.log)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", parents=[common], help="train the two embedded demo runs and register them")
@@ -597,9 +607,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; every failure ends in one ``error:`` line and exit 2 (``--debug``: the traceback first)."""
     import traceback
 
+    from analysis.logs import configured, worker_log_path
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        # Logging is configured here once per command; a worker also keeps a log file beside the cache.
+        log_file = worker_log_path(args.db, os.getpid()) if args.command == "worker" else None
+        with configured(args.log_level, log_file):
+            return args.func(args)
     except (ValueError, KeyError, FileNotFoundError, StoreLockedError) as err:
         if args.debug:
             traceback.print_exc()

@@ -10,9 +10,9 @@ out of memory) marks its unit failed with the reason, and the job goes on.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -25,6 +25,8 @@ import torch
 
 from analysis.jobs.spec import Item, JobSpec, plan_items
 from analysis.store import ResultRow, SampleRow, Store, StoreLockedError, UnitUpdate, library_versions
+
+log = logging.getLogger(__name__)
 
 # progress(unit_index, n_units, unit_name, item_done, item_total, status)
 Progress = Callable[[int, int, str, int, int, str], None]
@@ -431,9 +433,11 @@ def run_job(store: Store, job_id: int, *, progress: Progress | None = None, stop
     report = JobReport(job_id, failed=[])
     store.set_job(job_id, "running", worker_pid=os.getpid())
     n_units = len(plan.units)
+    log.info("job %d: run %r, %d checkpoint(s), %d item(s) each", job_id, spec.run, n_units, len(items))
     last_note = {"at": 0.0}
     for index, unit in enumerate(plan.units.itertuples()):
         if (stop is not None and stop()) or _cancelled(store, job_id):
+            log.info("job %d: cancelled before step %s", job_id, unit.unit)
             report.cancelled = True
             break
         prepared = prepare_unit(store, job_id, plan, unit, report)
@@ -441,9 +445,11 @@ def run_job(store: Store, job_id: int, *, progress: Progress | None = None, stop
             continue
         step, path, fp, todo = prepared
         if not todo:
+            log.info("job %d step %s: every item already cached", job_id, unit.unit)
             if progress:
                 progress(index, n_units, unit.unit, len(items), len(items), "cached")
             continue
+        log.info("job %d step %s: started, computing %s", job_id, unit.unit, ", ".join(it.label for it in todo))
 
         def item_progress(done: int, label: str, index: int = index, name: str = unit.unit) -> None:
             if progress:
@@ -455,9 +461,16 @@ def run_job(store: Store, job_id: int, *, progress: Progress | None = None, stop
             done=len(items) - len(todo), on_item=item_progress,
         )  # fmt: skip
         record_unit(store, job_id, unit.unit, step, len(items), len(todo), out, report)
+        for problem in out.problems:
+            log.warning("job %d step %s: %s", job_id, unit.unit, problem)
+        if out.error is None:
+            log.info("job %d step %s: finished in %.1f s, %d value(s) stored", job_id, unit.unit, out.seconds,
+                     len(out.rows))  # fmt: skip
         if progress:
             progress(index + 1, n_units, unit.unit, len(items), len(items), "done")
-    return finish_job(store, job_id, report)
+    finish_job(store, job_id, report)
+    log.info("%s", report.summary())
+    return report
 
 
 # Seconds between two progress notes written to a running unit (each is a short write transaction).
@@ -471,8 +484,11 @@ def _note_progress(store: Store, job_id: int, unit: str, done: int, total: int, 
     if now - last["at"] < NOTE_EVERY:
         return
     last["at"] = now
-    with contextlib.suppress(StoreLockedError):  # best effort; the unit's result has its own transaction
+    log.debug("job %d step %s: %s (%d/%d items done)", job_id, unit, what, done, total)
+    try:
         store.set_unit(UnitUpdate(job_id, unit, "running", done, total, what))
+    except StoreLockedError:  # best effort; the unit's result has its own transaction
+        log.debug("job %d step %s: cache busy, progress note skipped", job_id, unit)
 
 
 def _first_line(err: BaseException) -> str:
@@ -481,6 +497,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def _fail(store: Store, job_id: int, unit: str, total: int, reason: str, report: JobReport) -> None:
+    log.warning("job %d step %s: failed: %s", job_id, unit, reason)
     store.set_unit(UnitUpdate(job_id, unit, "failed", 0, total, reason))
     report.failed.append(f"step {unit}: {reason}")
 
@@ -525,13 +542,21 @@ def process_alive(pid) -> bool:
 
 def serve(store: Store, *, poll: float = 2.0, once: bool = False, progress: Progress | None = None) -> int:
     """The worker loop: run queued jobs one after another; returns the number of jobs run."""
+    log.info("worker %d serving jobs from %s%s", os.getpid(), store.path, " until the queue is empty" if once else "")
     ran = 0
     while True:
         job_id = next_job(store)
         if job_id is None:
             if once:
+                log.info("queue empty; %d job(s) run", ran)
                 return ran
             time.sleep(poll)
             continue
-        run_job(store, job_id, progress=progress)
+        log.info("job %d: picked up by worker %d", job_id, os.getpid())
+        try:
+            run_job(store, job_id, progress=progress)
+        except Exception:
+            # The worker's log is where a failed job is looked into; the command line still reports it.
+            log.exception("job %d: stopped by an unexpected error", job_id)
+            raise
         ran += 1
