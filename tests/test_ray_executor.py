@@ -82,7 +82,8 @@ def test_ray_stores_exactly_what_the_local_executor_stores(tmp_path: Path, run_d
     assert remote.jobs().set_index("id").loc[job, "status"] == "done"
 
 
-def test_a_checkpoint_that_fails_on_ray_marks_only_its_unit_failed(tmp_path: Path, run_dir: Path) -> None:  # noqa: F811
+def test_a_checkpoint_that_fails_on_ray_marks_only_its_unit_failed(tmp_path: Path, run_dir: Path, caplog) -> None:  # noqa: F811
+    import logging
     import shutil
 
     from analysis.runs.base import Run
@@ -94,11 +95,18 @@ def test_a_checkpoint_that_fails_on_ray_marks_only_its_unit_failed(tmp_path: Pat
     store.register_run(Run("tiny", run.source, run.checkpoints, run.log))
     for weights in (broken / "step_20").glob("*.safetensors"):
         weights.write_bytes(b"garbage")  # after registration: the fingerprint no longer matters here
-    report = run_job_ray(store, submit(store, spec(run_dir, steps=(10, 20), tasks=())))
+    with caplog.at_level(logging.INFO, logger="analysis"):
+        report = run_job_ray(store, submit(store, spec(run_dir, steps=(10, 20), tasks=())))
     units = store.job_units(report.job_id).set_index("unit")
     assert units.loc["10", "status"] == "done" and units.loc["20", "status"] == "failed"
     assert len(report.failed) == 1 and report.failed[0].startswith("step 20")
     assert set(store.results("tiny")["step"]) == {10}
+    # The executor logs each unit's way through Ray and the failure with its reason, at their levels.
+    job = report.job_id
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records if r.name.startswith("analysis.jobs")]
+    assert ("INFO", f"job {job} step 10: sent to Ray as 1 task(s)") in logged
+    [failure] = [m for level, m in logged if level == "WARNING"]
+    assert failure.startswith(f"job {job} step 20: failed: ") and units.loc["20", "message"] in failure
 
 
 def test_auto_split_by_group_only_while_workers_would_idle_and_a_gpu_request_without_gpus_queues_nothing(

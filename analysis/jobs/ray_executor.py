@@ -14,6 +14,7 @@ values are the local executor's. Ray is imported only here.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ from analysis.store import Store, UnitUpdate
 
 PACKAGE = Path(__file__).resolve().parent.parent  # analysis/, shipped to a remote cluster's workers
 
+log = logging.getLogger(__name__)
+
 
 def _init(address: str | None) -> bool:
     """Connect to (or start) Ray; returns whether this call started it (and so must shut it down)."""
@@ -53,6 +56,7 @@ def _init(address: str | None) -> bool:
         raise ValueError(
             f"cannot start Ray on {where} ({_first_line(err)}); check --ray-address / RAY_ADDRESS"
         ) from None
+    log.info("Ray: %s", f"connected to {address}" if address else "started a local instance")
     return True
 
 
@@ -172,10 +176,13 @@ def run_job_ray(
             work.append((unit, *prepared))
         if split == "auto":
             split = "group" if len(work) < slots else "checkpoint"
+        log.info("job %d: %d checkpoint(s) to compute on %d Ray slot(s), one task per %s", job_id, len(work), slots,
+                 "metric group" if split == "group" else "checkpoint")  # fmt: skip
         for unit, step, path, fp, todo in work:
             groups = metric_groups(todo) if split == "group" else [todo]
             state = _Unit(unit.unit, step, len(todo), len(groups))
             units[unit.unit] = state
+            log.info("job %d step %s: sent to Ray as %d task(s)", job_id, unit.unit, len(groups))
             for group in groups:
                 ref = remote.remote(
                     plan.spec, group, path, fp, step, plan.trust_remote_code, plan.versions, done=n_items - len(todo)
@@ -185,6 +192,7 @@ def run_job_ray(
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
             if not ready:
                 if _cancelled(store, job_id):
+                    log.info("job %d: cancelled; %d Ray task(s) still out are stopped", job_id, len(pending))
                     report.cancelled = True
                     break
                 continue
@@ -193,22 +201,31 @@ def run_job_ray(
             try:
                 state.add(group, ray.get(ref), None)
             except ray.exceptions.RayError as err:  # the worker died, or the task could not run at all
+                log.warning("job %d step %s: Ray task failed: %s", job_id, state.name, _first_line(err))
                 state.add(group, None, f"Ray task failed: {_first_line(err)}")
             if state.waiting:
                 continue
             del units[state.name]
+            merged = state.merged()
             record_unit(
-                store, job_id, state.name, state.step, n_items, state.todo, state.merged(), report,
+                store, job_id, state.name, state.step, n_items, state.todo, merged, report,
                 where=" (ray)",
             )  # fmt: skip
             finished += 1
+            for problem in merged.problems:  # a unit failed whole is logged by record_unit
+                log.warning("job %d step %s: %s", job_id, state.name, problem)
+            log.info("job %d step %s: back from Ray (%d of %d checkpoint(s) finished)", job_id, state.name, finished,
+                     n_units)  # fmt: skip
             if progress:
                 progress(finished, n_units, state.name, n_items, n_items, "done")
     finally:
         for ref in pending:  # cancelled or interrupted: the next run redoes these units whole
             ray.cancel(ref, force=True)
         for state in units.values():
+            log.warning("job %d step %s: interrupted; queued again", job_id, state.name)
             store.set_unit(UnitUpdate(job_id, state.name, "queued", 0, n_items, "interrupted"))
         if started:
             ray.shutdown()
-    return finish_job(store, job_id, report)
+    finish_job(store, job_id, report)
+    log.info("%s", report.summary())
+    return report
