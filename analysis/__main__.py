@@ -455,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         default="info",
         help="debug, info (default), warning or error: what the job runner logs to stderr "
-        "(a worker also to <db folder>/logs/worker-<pid>.log)",
+        "(a worker also to <db folder>/logs/<db name>-worker-<pid>.log)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -2,7 +2,7 @@
 
 Modules log through ``logging.getLogger(__name__)`` and configure nothing; the command line
 configures once (:func:`configured`): records of the ``analysis`` loggers at ``--log-level``
-and above go to stderr and, for a worker, to ``<db dir>/logs/worker-<pid>.log`` (size-capped,
+and above go to stderr and, for a worker, to ``<db dir>/logs/<db name>-worker-<pid>.log`` (size-capped,
 rotated). The Jobs page reads a job's lines back from that file (:func:`job_log_tail`).
 """
 
@@ -48,8 +48,23 @@ def parse_level(name: str) -> int:
 
 
 def worker_log_path(db: str | Path, pid: int) -> Path:
-    """Where worker ``pid`` serving the cache ``db`` writes its log: ``<db dir>/logs/worker-<pid>.log``."""
-    return Path(db).resolve().parent / "logs" / f"worker-{int(pid)}.log"
+    """Where worker ``pid`` serving the cache ``db`` writes its log: ``<db dir>/logs/<db name>-worker-<pid>.log``.
+
+    The cache's name is in the file name because two caches can share a folder (and so job ids).
+    """
+    db = Path(db).resolve()
+    return db.parent / "logs" / f"{db.stem}-worker-{int(pid)}.log"
+
+
+def worker_logs(db: str | Path) -> list[Path]:
+    """Every log file (rotated copies included) of the workers that served ``db``, oldest first."""
+    db = Path(db).resolve()
+    folder = db.parent / "logs"
+    if not folder.is_dir():
+        return []
+    files = [p for p in folder.glob(f"{db.stem}-worker-*.log*") if p.is_file()]
+    # A rotated copy (.1, .2) was last written before the file that replaced it: mtime orders them.
+    return sorted(files, key=lambda p: p.stat().st_mtime)
 
 
 @contextmanager
@@ -107,18 +122,18 @@ def tail(path: str | Path, n: int = TAIL_LINES, *, keep: Callable[[str], bool] |
     return list(out)
 
 
-def job_log_tail(db: str | Path, job_id: int, worker_pid: int | None, n: int = TAIL_LINES) -> list[str]:
-    """The last ``n`` lines the worker that ran job ``job_id`` logged about it; [] when no log file is found.
+def job_log_tail(db: str | Path, job_id: int, n: int = TAIL_LINES) -> list[str]:
+    """The last ``n`` lines the workers serving ``db`` logged about job ``job_id``, in time order; [] if none.
 
-    Lines about a job carry ``job <id>:`` or ``job <id> step``; a job run by ``eval`` (no worker)
-    has no file, and the page falls back to the messages stored with its units.
+    Lines about a job carry ``job <id>:`` or ``job <id> step``. Every worker's file counts: a job
+    that a second worker resumed after the first died shows both. A job run by ``eval`` (no worker)
+    has no lines, and the page falls back to the messages stored with its units.
     """
-    if worker_pid is None:
-        return []
-    path = worker_log_path(db, worker_pid)
     lines: list[str] = []
-    for rotated in [path.with_name(f"{path.name}.{i}") for i in range(BACKUPS, 0, -1)] + [path]:
-        lines += tail(rotated, n, keep=lambda line: _about(line, job_id))
+    for path in worker_logs(db):
+        lines += tail(path, n, keep=lambda line: _about(line, job_id))
+    # Each line starts with its time (FORMAT): a stable sort interleaves two workers' files.
+    lines.sort(key=lambda line: line[:19])
     return lines[-n:]
 
 
@@ -126,19 +141,17 @@ def _about(line: str, job_id: int) -> bool:
     return f"job {job_id}:" in line or f"job {job_id} step" in line
 
 
-def job_log(db: str | Path, job_id: int, worker_pid: int | None, units, message: str = "") -> tuple[str, list[str]]:
+def job_log(db: str | Path, job_id: int, units, message: str = "") -> tuple[str, list[str]]:
     """What the Jobs page shows as a job's log: (where the lines come from, the last ``TAIL_LINES`` lines).
 
-    The worker's log file when one ran the job here; else the messages stored in the cache (the
+    The workers' log files when one ran the job here; else the messages stored in the cache (the
     job's summary and each unit's last note or error), so a job run by ``eval`` or on another
     machine still shows why a checkpoint failed. ``units`` is ``Store.job_units``' frame.
     """
-    import pandas as pd
-
-    pid = None if worker_pid is None or pd.isna(worker_pid) else int(worker_pid)  # missing: never started
-    lines = job_log_tail(db, job_id, pid)
+    lines = job_log_tail(db, job_id)
     if lines:
-        return str(worker_log_path(db, pid)), lines
+        db = Path(db).resolve()
+        return f"{db.parent / 'logs' / db.stem}-worker-*.log", lines
     stored = [
         f"step {u.unit} [{u.status}]: {u.message}" for u in units.itertuples() if getattr(u, "message", "")
     ]  # fmt: skip

@@ -6,6 +6,7 @@ import json
 
 import streamlit as st
 
+from analysis.logs import job_log
 from pages import _state, _worker
 
 st.title("Jobs")
@@ -46,6 +47,11 @@ def queue() -> None:
                 st.dataframe(units[units["status"] == "failed"][["unit", "message"]], hide_index=True)
             if job.message:
                 st.caption(_state.md_text(job.message))
+            if st.toggle("Log", key=f"log-{job.id}", help="the last lines the worker logged about this job"):
+                units = _state.job_units(int(job.id))
+                where, lines = job_log(db, int(job.id), units, job.message)
+                st.caption(f"from {_state.md_text(where)}")
+                st.code("\n".join(lines) or "(nothing logged yet)", language=None)
 
 
 queue()

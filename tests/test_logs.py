@@ -14,7 +14,7 @@ import pytest
 
 from analysis.__main__ import main
 from analysis.jobs import JobSpec, submit
-from analysis.logs import BACKUPS, configured, job_log, job_log_tail, tail, worker_log_path
+from analysis.logs import configured, job_log, job_log_tail, tail, worker_log_path
 from analysis.runs.load import load_run
 from analysis.store import Store
 from tests.factories import save_tiny_checkpoint, sum_texts
@@ -47,7 +47,7 @@ def test_a_worker_writes_a_log_file_with_each_units_start_and_finish(queued: tup
     code, out, err = cli("worker", "--once", "--poll", "0.1", "--db", str(store.path))
     assert code == 0 and "ran 1 job(s)" in out
     path = worker_log_path(store.path, os.getpid())
-    assert path == store.path.parent / "logs" / f"worker-{os.getpid()}.log"
+    assert path == store.path.parent / "logs" / f"cache-worker-{os.getpid()}.log"
     text = path.read_text()
     for step in STEPS:
         assert f"INFO analysis.jobs.runner: job {job} step {step}: started, computing heldout:probe.jsonl" in text
@@ -57,8 +57,9 @@ def test_a_worker_writes_a_log_file_with_each_units_start_and_finish(queued: tup
     assert "DEBUG" not in text  # the default level is info
     assert f"job {job} step {STEPS[0]}: started" in err  # the same lines on stderr
     # What the Jobs page shows: the worker's lines about this job, from its file.
-    where, lines = job_log(store.path, job, os.getpid(), store.job_units(job))
-    assert where == str(path) and len(lines) >= 2 * len(STEPS) and all(f"job {job}" in line for line in lines)
+    where, lines = job_log(store.path, job, store.job_units(job))
+    assert where == str(store.path.parent / "logs" / "cache-worker-*.log")
+    assert len(lines) >= 2 * len(STEPS) and all(f"job {job}" in line for line in lines)
 
 
 def test_log_level_error_keeps_a_worker_quiet(queued: tuple[Store, int]) -> None:
@@ -80,7 +81,7 @@ def test_a_failing_checkpoint_is_logged_as_a_warning_with_its_reason(queued: tup
     store, job = queued
     shutil.rmtree(store.checkpoints("run")["path"].iloc[0])  # step 2's folder is gone
     assert cli("worker", "--once", "--db", str(store.path))[0] == 0
-    lines = job_log_tail(store.path, job, os.getpid())
+    lines = job_log_tail(store.path, job)
     [failed] = [line for line in lines if "WARNING" in line]
     assert f"job {job} step {STEPS[0]}: failed:" in failed and "step_2" in failed
     assert any(f"job {job} step {STEPS[1]}: finished" in line for line in lines)
@@ -105,15 +106,53 @@ def test_configured_removes_its_handlers_so_commands_never_stack_them(tmp_path: 
     assert [line.split(": ", 1)[1] for line in tail(tmp_path / "w.log")] == ["line 0", "line 1", "line 2"]
 
 
-def test_the_tail_reads_rotated_files_in_order_and_keeps_only_the_job_asked_for(tmp_path: Path) -> None:
+def test_the_tail_reads_every_workers_files_in_time_order_and_only_the_job_asked_for(tmp_path: Path) -> None:
     db = tmp_path / "cache.duckdb"
-    path = worker_log_path(db, 4242)
-    path.parent.mkdir()
-    # Oldest in the highest-numbered rotated file, as RotatingFileHandler leaves them.
-    for i, name in enumerate([f"{path.name}.{BACKUPS}", f"{path.name}.1", path.name]):
-        lines = [f"t INFO x: job 7 step {i * 100 + k}: started" for k in range(40)]
-        lines += [f"t INFO x: job 17 step {k}: started" for k in range(5)]  # another job: "job 1" must not match it
-        (path.parent / name).write_text("\n".join(lines) + "\n")
-    got = job_log_tail(db, 7, 4242)
-    assert len(got) == 50 and got[-1].endswith("job 7 step 239: started") and got[0].endswith("job 7 step 130: started")
-    assert job_log_tail(db, 1, 4242) == [] and job_log_tail(db, 7, None) == [] and job_log_tail(db, 7, 1) == []
+    first, second = worker_log_path(db, 41), worker_log_path(db, 42)
+    first.parent.mkdir()
+
+    def write(path: Path, minute: int, steps: range, mtime: float) -> None:
+        lines = [f"2026-12-01 10:{minute:02d}:{k:02d} INFO x: job 7 step {k}: started" for k in steps]
+        lines += [f"2026-12-01 10:{minute:02d}:00 INFO x: job 17 step 1: started"]  # "job 1" must not match it
+        path.write_text("\n".join(lines) + "\n")
+        os.utime(path, (mtime, mtime))
+
+    # Worker 41 rotated once (its .1 copy is older) and died; worker 42 resumed the job.
+    write(first.with_name(first.name + ".1"), 1, range(0, 40), 1000)
+    write(first, 2, range(0, 30), 2000)
+    write(second, 3, range(0, 20), 3000)
+    write(tmp_path / "logs" / "other-worker-41.log", 4, range(0, 50), 4000)  # another cache in the folder
+    got = job_log_tail(db, 7)
+    assert len(got) == 50
+    assert got[-1].startswith("2026-12-01 10:03:19") and got[0].startswith("2026-12-01 10:02:00")
+    assert [line[:16] for line in got] == ["2026-12-01 10:02"] * 30 + ["2026-12-01 10:03"] * 20
+    assert job_log_tail(db, 1) == [] and job_log_tail(tmp_path / "none.duckdb", 7) == []
+
+
+def test_the_jobs_page_shows_a_jobs_log_tail_from_the_worker_file_or_the_stored_messages(
+    queued: tuple[Store, int], monkeypatch
+) -> None:
+    from tests.test_app import open_app
+
+    store, job = queued
+    shutil.rmtree(store.checkpoints("run")["path"].iloc[0])  # step 2 fails, step 4 finishes
+    assert cli("worker", "--once", "--db", str(store.path))[0] == 0
+    at = open_app(store.path, monkeypatch, page="pages/jobs.py")
+    assert not at.exception and not at.get("code")  # the log is shown on demand
+    at.toggle(key=f"log-{job}").set_value(True).run()
+    [code] = at.get("code")
+    lines = code.proto.code_text.splitlines()
+    assert lines == job_log_tail(store.path, job)
+    assert any(f"WARNING analysis.jobs.runner: job {job} step 2: failed:" in line for line in lines)
+    assert any(f"job {job} step 4: finished" in line for line in lines)
+    where = str(store.path.parent / "logs" / "cache-worker-*.log")
+    assert at.caption[-1].value.replace("\\", "") == f"from {where}"  # markdown escapes removed
+
+    # Without the worker's file (a job run by eval, or on another machine): the messages stored in the cache.
+    shutil.rmtree(worker_log_path(store.path, os.getpid()).parent)
+    at.run()
+    [code] = at.get("code")
+    stored = code.proto.code_text.splitlines()
+    reason = store.job_units(job).set_index("unit").loc["2", "message"]
+    assert stored[0] == f"step 2 [failed]: {reason}" and stored[1].startswith("step 4 [done]: ")
+    assert "messages stored in the cache" in at.caption[-1].value
