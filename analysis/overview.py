@@ -40,7 +40,7 @@ class Overview:
 
     panels: pd.DataFrame  # PANEL_COLUMNS
     members: pd.DataFrame  # MEMBER_COLUMNS: every task (group subjects included) and how much it moved
-    series: pd.DataFrame  # panel, run, step, tokens, value, stderr: what each panel draws
+    series: pd.DataFrame  # panel, run, step, tokens, flops, value, stderr: what each panel draws
 
     @property
     def tasks(self) -> list[str]:
@@ -120,13 +120,13 @@ def _mean_of(rows: pd.DataFrame, members: list[str]) -> pd.DataFrame:
     """The unweighted mean over ``members`` at each (run, step) where every member has a value."""
     rows = rows.dropna(subset=["value"])
     grouped = rows.groupby(["run", "step"], as_index=False).agg(
-        tokens=("tokens", "min"), value=("value", "mean"), n=("value", "size"), sq=("stderr", lambda s: (s**2).sum()),
-        se_n=("stderr", "count"),
+        tokens=("tokens", "min"), flops=("flops", "min"), value=("value", "mean"), n=("value", "size"),
+        sq=("stderr", lambda s: (s**2).sum()), se_n=("stderr", "count"),
     )  # fmt: skip
     grouped = grouped[grouped["n"] == len(members)]
     k = float(len(members))
     stderr = np.where(grouped["se_n"] == len(members), np.sqrt(grouped["sq"]) / k, np.nan)
-    return grouped.assign(stderr=stderr)[["run", "step", "tokens", "value", "stderr"]]
+    return grouped.assign(stderr=stderr)[["run", "step", "tokens", "flops", "value", "stderr"]]
 
 
 def overview(frame: pd.DataFrame) -> Overview:
@@ -134,7 +134,7 @@ def overview(frame: pd.DataFrame) -> Overview:
     empty = Overview(
         pd.DataFrame(columns=PANEL_COLUMNS),
         pd.DataFrame(columns=MEMBER_COLUMNS),
-        pd.DataFrame(columns=["panel", "run", "step", "tokens", "value", "stderr"]),
+        pd.DataFrame(columns=["panel", "run", "step", "tokens", "flops", "value", "stderr"]),
     )
     if not len(frame):
         return empty
@@ -146,9 +146,11 @@ def overview(frame: pd.DataFrame) -> Overview:
     for task in by_task:
         if (group := _group_of(task)) is not None:
             groups.setdefault(group, []).append(task)
-    columns = ["run", "step", "tokens", "value", "stderr", "params"]
+    # flops: NaN unless the frame carries it (pages on the FLOPs x-axis: analysis.flops.add_flops_column).
+    columns = ["run", "step", "tokens", "flops", "value", "stderr", "params"]
     data = frame.reindex(columns=["metric", *columns])
-    data = data.assign(**{c: pd.to_numeric(data[c], errors="coerce") for c in ("step", "tokens", "value", "stderr")})
+    numeric = ("step", "tokens", "flops", "value", "stderr")
+    data = data.assign(**{c: pd.to_numeric(data[c], errors="coerce") for c in numeric})
 
     panels, members, series = [], [], []
 
@@ -158,7 +160,7 @@ def overview(frame: pd.DataFrame) -> Overview:
             {"panel": name, "metric": metric, "derived": derived, "members": ", ".join(tasks),
              "n_members": len(tasks), "runs": rows["run"].nunique(), **summary}
         )  # fmt: skip
-        series.append(rows[["run", "step", "tokens", "value", "stderr"]].assign(panel=name))
+        series.append(rows[["run", "step", "tokens", "flops", "value", "stderr"]].assign(panel=name))
 
     def add_members(panel: str, task_metrics: list[tuple[str, str]]) -> None:
         for task, metric in task_metrics:

@@ -20,6 +20,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis.charts import ChartStyle, run_colors
+from analysis.flops import add_flops_column, flops_axis, store_parameter_counts
 from analysis.settings import select_settings, settings_table
 from analysis.store import DEFAULT_DB, Store, StoreLockedError
 
@@ -56,7 +57,7 @@ class Selection:
 
     db: Path
     runs: tuple[str, ...]
-    x: str  # "step" or "tokens"
+    x: str  # "step", "tokens" or "flops" (only when every selected run has FLOPs)
     style: ChartStyle
     colors: dict[str, str]
 
@@ -104,7 +105,34 @@ def _checkpoints(db: str, gen: int, run: str) -> pd.DataFrame:
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def _log_series(db: str, gen: int, runs: tuple[str, ...]) -> pd.DataFrame:
-    return Store(db, lock_timeout=10.0).log_series(list(runs))
+    return _with_flops(db, gen, runs, Store(db, lock_timeout=10.0).log_series(list(runs)))
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _parameter_counts(db: str, gen: int, runs: tuple[str, ...]) -> dict[str, tuple[int | None, str, bool]]:
+    # Reads one safetensors header per run (no weights): cheap, but not on every rerun.
+    return store_parameter_counts(Store(db, lock_timeout=10.0), runs)
+
+
+def _with_flops(db: str, gen: int, runs: tuple[str, ...], frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with a ``flops`` column (NaN for runs without a model size or tokens), for the FLOPs x-axis."""
+    return add_flops_column(frame, {run: n for run, (n, _, _) in _parameter_counts(db, gen, runs).items()})
+
+
+def _x_axis(runs: tuple[str, ...], wanted: str) -> str:
+    """The x-axis to draw: ``wanted``, except FLOPs for runs that lack them (said in one line, then tokens/step)."""
+    if wanted != "flops" or not runs:
+        return wanted
+    db = str(db_path())
+    known = guarded(lambda: _parameter_counts(db, generation(), tuple(sorted(runs))))
+    x, note = flops_axis(
+        {r: n for r, (n, _, _) in known.items()},
+        {r: has for r, (_, _, has) in known.items()},
+        {r: why for r, (_, why, _) in known.items()},
+    )
+    if note:
+        st.caption(md_text(note))
+    return x
 
 
 def guarded(fn, *args):
@@ -143,7 +171,12 @@ def sidebar() -> None:
         chosen = st.multiselect(
             "Runs", names, default=names[:4], key="runs", bind="query-params", placeholder="pick runs"
         )
-        x = st.radio("x-axis", ["step", "tokens"], horizontal=True, key="x", bind="query-params")
+        # No format_func: a bound radio writes its shown label into the URL, and links say x=flops.
+        x = st.radio(
+            "x-axis", ["step", "tokens", "flops"], horizontal=True, key="x", bind="query-params",
+            help="flops: 6 × parameters × tokens seen (the active parameters of a mixture of experts)",
+        )  # fmt: skip
+        x = _x_axis(tuple(chosen), x)
         large = st.toggle("Large fonts (projector)", key="large", bind="query-params")
     st.session_state["_selection"] = Selection(
         db=db_path(),
@@ -225,7 +258,7 @@ def _long_table(db: str, gen: int, runs: tuple[str, ...]) -> pd.DataFrame:
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def _selected(db: str, gen: int, runs: tuple[str, ...], chosen: Chosen) -> pd.DataFrame:
-    return select_settings(_long_table(db, gen, runs), dict(chosen))
+    return _with_flops(db, gen, runs, select_settings(_long_table(db, gen, runs), dict(chosen)))
 
 
 @st.cache_data(max_entries=16, show_spinner=False)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
+from analysis.flops import count_parameters
+from analysis.runs import load_run
 from analysis.runs.base import Checkpoint, Run
-from analysis.store import SampleRow, Store
+from analysis.store import ResultRow, SampleRow, Store
+from pages._state import PAGES
+from tests.conftest import synthetic_run
+from tests.factories import save_tiny_checkpoint
 from tests.test_app import figure_of, open_app
 
 
@@ -62,3 +69,67 @@ def test_divergence_page_without_an_lr_log_has_no_bands_and_no_note(divergence_d
     assert not any("decay" in s.get("label", {}).get("text", "") for s in fig["layout"].get("shapes", []))
     assert not any("learning-rate decay" in w.value for w in at.warning)
     assert (at.dataframe[0].value["lr_schedule"] == "").all()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "step_10")
+
+
+def real_run(root: Path, checkpoint: Path, steps=(10, 20, 40, 60, 80, 100)) -> Path:
+    """A run folder of real (identical) tiny checkpoints and a CSV log with tokens and a learning rate."""
+    for step in steps:
+        shutil.copytree(checkpoint, root / f"step_{step}")
+    s = np.arange(1, max(steps) + 1)
+    lr = np.where(s > 80, 1e-3 * (max(steps) - s) / 20, 1e-3)
+    log = pd.DataFrame({"step": s, "tokens": s * 256, "loss": 3.0 / np.sqrt(s), "lr": lr})
+    log.to_csv(root / "log.csv", index=False)
+    return root
+
+
+@pytest.fixture
+def flops_db(db: Path, tmp_path: Path, tiny_checkpoint: Path) -> Path:
+    """One run of real checkpoints (a model size to read) with a downstream score; nothing else."""
+    store = Store(db)
+    run = load_run(real_run(tmp_path / "tiny", tiny_checkpoint), name="tiny")
+    store.register_run(run)
+    rows = [ResultRow("tiny", c.step, "toy/acc,none", 0.1 + c.step / 100, c.fingerprint, stderr=0.01, n=100)
+            for c in run.checkpoints]  # fmt: skip
+    store.write_results(rows)
+    return db
+
+
+def test_flops_axis_is_six_n_d_from_the_checkpoints_header(flops_db: Path, tiny_checkpoint, monkeypatch) -> None:
+    landing = open_app(flops_db, monkeypatch, page=None, runs="tiny", x="flops")
+    assert landing.radio(key="x").value == "flops"
+    assert not [c for c in landing.sidebar.caption if "No FLOPs" in c.value]
+    at = open_app(flops_db, monkeypatch, runs="tiny", x="flops")
+    assert not at.exception and not at.error
+    fig = figure_of(at.get("plotly_chart")[0])
+    assert fig["layout"]["xaxis"]["title"]["text"] == "FLOPs (log)"  # the Runs page's default
+    line = next(t for t in fig["data"] if t.get("name") == "tiny")
+    n = count_parameters(tiny_checkpoint).active
+    assert line["x"][:3] == [6 * n * 256, 6 * n * 512, 6 * n * 768]
+
+
+def test_a_run_without_a_model_size_falls_back_to_tokens_with_one_line(flops_db: Path, monkeypatch) -> None:
+    Store(flops_db).register_run(synthetic_run("nosize"))  # checkpoints that are not on this disk
+    landing = open_app(flops_db, monkeypatch, page=None, runs=["tiny", "nosize"], x="flops")
+    (note,) = [c.value for c in landing.sidebar.caption if "No FLOPs" in c.value]
+    assert note.startswith("No FLOPs for run 'nosize': model size unknown") and note.endswith("shows tokens instead.")
+    at = open_app(flops_db, monkeypatch, runs=["tiny", "nosize"], x="flops")
+    assert not at.exception and not at.error
+    assert figure_of(at.get("plotly_chart")[0])["layout"]["xaxis"]["title"]["text"] == "tokens seen (log)"
+
+
+@pytest.mark.parametrize("page", [script for script, *_ in PAGES])
+def test_every_page_opens_on_the_flops_axis(flops_db: Path, monkeypatch, page: str) -> None:
+    at = open_app(flops_db, monkeypatch, page=page, runs="tiny", x="flops", score="toy/acc,none", loss="train/loss")
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    for chart in at.get("plotly_chart"):
+        fig = figure_of(chart)
+        titles = [v["title"]["text"] for k, v in fig["layout"].items() if k.startswith("xaxis") and "title" in v]
+        assert not any("tokens" in t or t.startswith("step") for t in titles), (page, titles)
+        if any(t.startswith("FLOPs") for t in titles):  # drawn on FLOPs: the points are there, not blank panels
+            assert any(len(t.get("x") or []) for t in fig["data"]), (page, titles)

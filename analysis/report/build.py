@@ -32,6 +32,7 @@ from analysis.charts import (
     small_multiples_figure,
     trajectory_figure,
 )
+from analysis.flops import add_flops_column, store_parameter_counts
 from analysis.samples import score_items
 from analysis.settings import select_settings, settings_table
 from analysis.store import DEFAULT_DB, Store, library_versions
@@ -298,6 +299,8 @@ def build_report(
     raw = store.long_table(runs)
     # One setting per metric, as on the pages: values of different settings are never averaged.
     frame = select_settings(raw, dict(options.settings))
+    if options.x == "flops":  # 6 * N * tokens, N read off each run's last checkpoint (analysis.flops)
+        frame = add_flops_column(frame, {r: n for r, (n, _, _) in store_parameter_counts(store, runs).items()})
     names = sorted(frame["metric"].unique()) if len(frame) else []
     losses, scores = dv.loss_metrics(names), dv.downstream_metrics(names)
     loss = _pick("loss", options.loss_metric, losses, names)
