@@ -130,12 +130,13 @@ def test_runner_stores_memorisation_rows_and_reads_routing_once(store: Store, ru
 
     # The stored routing metrics equal the metrics computed directly on the same checkpoint.
     from analysis.evals.heldout import load_probe_set
-    from analysis.jobs.runner import _load, _probe_batches
+    from analysis.jobs.kinds import probe_batches
+    from analysis.jobs.runner import _load
     from analysis.metrics.registry import compute
 
     results = store.results("tiny").set_index(["step", "metric"])
     model, tok = _load(str(run_dir / "step_20"), spec, False)
-    batches = _probe_batches(load_probe_set(spec.data, tok, spec.max_length, max_samples=spec.max_samples), spec)
+    batches = probe_batches(load_probe_set(spec.data, tok, spec.max_length, max_samples=spec.max_samples), spec)
     for name in routing:
         direct = compute(name, model, batches, seed=spec.seed)
         assert results.loc[(20, name), "value"] == pytest.approx(direct.value, rel=1e-12)

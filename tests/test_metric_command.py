@@ -89,7 +89,7 @@ def test_a_text_probe_on_a_checkpoint_without_tokenizer_is_one_line(folders) -> 
 
 def test_padding_is_ignored_and_the_pad_id_comes_from_the_config(folders) -> None:
     from analysis.evals.heldout import heldout_loss, load_probe_set
-    from analysis.jobs.runner import _probe_batches
+    from analysis.jobs.kinds import probe_batches
     from analysis.metrics.common import lm_loss
 
     model, lazy = load_model(folders["raw"], device="cpu", lazy_tokenizer=True)
@@ -110,7 +110,7 @@ def test_padding_is_ignored_and_the_pad_id_comes_from_the_config(folders) -> Non
     assert batched.per_sample_nll == pytest.approx(alone, rel=1e-5)
     # The flatness metrics' loss on the padded probe batch is the token-weighted mean of the same.
     spec = JobSpec(run="-", metrics=("hessian_trace",), batch_size=8, metric_batches=1)
-    (batch,) = _probe_batches(probe, spec, pad_token_id(model))
+    (batch,) = probe_batches(probe, spec, pad_token_id(model))
     assert int((batch["input_ids"] == 2).sum()) > int((batch["attention_mask"] == 0).sum()) - 1  # padded with 2
     with torch.no_grad():
         loss, count = lm_loss(model, batch)
@@ -250,12 +250,12 @@ def test_a_metric_seed_overrides_the_job_seed_and_is_cached_as_its_own_setting(f
 
 def _batches(folders) -> tuple:
     from analysis.evals.heldout import load_probe_set
-    from analysis.jobs.runner import _probe_batches
+    from analysis.jobs.kinds import probe_batches
 
     model, lazy = load_model(folders["raw"], device="cpu", lazy_tokenizer=True)
     probe = load_probe_set(folders["ids"], lazy, max_length=32)
     spec = JobSpec(run="-", metrics=("hessian_trace",), batch_size=4, metric_batches=2)
-    return model, _probe_batches(probe, spec, pad_token_id(model))
+    return model, probe_batches(probe, spec, pad_token_id(model))
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.jobs.runner import _probe_batches
+from analysis.jobs.kinds import probe_batches
 from analysis.jobs.spec import JobSpec
 from analysis.metrics.alignment import (
     GradientAlignmentConfig,
@@ -289,7 +289,7 @@ def test_probe_batches_keep_domains_apart_and_share_the_budget():
         domains={"train": ((3, 4, 5),) * 40, "heldout": ((6, 7),) * 40, "tiny": ((8, 9, 10, 11),) * 3}
     )
     spec = JobSpec(run="-", metrics=("gradient_alignment",), batch_size=8, metric_batches=3)
-    batches = _probe_batches(probe, spec)
+    batches = probe_batches(probe, spec)
     per_domain = {0: 0, 1: 0, 2: 0}  # heldout, tiny, train in sorted name order
     for b in batches:
         ids = b["domain_id"]

@@ -177,18 +177,19 @@ def test_results_say_what_their_stderr_covers_and_iterative_ones_whether_they_co
 
 
 def test_runner_stores_converged_for_iterative_metrics_only():
-    from analysis.jobs.runner import _compute_item
+    from analysis.jobs.kinds import UnitContext, get_kind
     from analysis.jobs.spec import Item, JobSpec
 
     model = tiny_model()
     gen = torch.Generator().manual_seed(2)
     batches = [{"input_ids": torch.randint(3, 12, (2, 6), generator=gen)} for _ in range(2)]
-    ctx = {"versions": {}, "device": torch.device("cpu"), "batches": batches}
     spec = JobSpec(run="r", metrics=("hessian_top_eigenvalue",))
+    ctx = UnitContext(spec, model, None, 10, "fp", "unused", {})
+    vars(ctx)["batches"] = batches  # given, so the context never reads a probe file
 
     def stored(name: str, config: dict):
         item = Item("metric", name, {"config": config, "version": get_metric(name).version})
-        rows, _ = _compute_item(item, model, None, spec, ctx, "r", 10, "fp")
+        rows, _ = get_kind("metric").compute(item, ctx)
         assert len(rows) == 1
         return rows[0]
 

@@ -12,6 +12,7 @@ from analysis.jobs import run_job, submit
 from analysis.jobs.ray_executor import run_job_ray
 from analysis.runs.load import load_run
 from analysis.store import Store
+from tests.test_job_kinds import param_norm  # noqa: F401  (a fixture)
 from tests.test_jobs import run_dir, spec  # noqa: F401  (run_dir is a fixture)
 
 GROUPED = ("hessian_trace", "pathway_distance", "routing_entropy")
@@ -264,3 +265,24 @@ def test_cancelling_a_ray_job_stops_its_tasks_and_keeps_nothing_partial(tmp_path
     assert again.computed == len(unfinished) and again.cached == len(done)
     assert list(store.job_units(again.job_id)["status"]) == ["done"] * 3
     assert store.jobs().set_index("id").loc[job, "status"] == "cancelled"
+
+
+def test_a_kind_registered_only_in_this_process_runs_on_ray_as_it_does_locally(
+    tmp_path: Path,
+    run_dir: Path,  # noqa: F811
+    param_norm,  # noqa: F811
+) -> None:
+    from tests.test_job_kinds import direct_norm
+
+    local, remote = Store(tmp_path / "local.duckdb"), Store(tmp_path / "ray.duckdb")
+    request = spec(run_dir, steps=(10,), tasks=(), metrics=("param_norm",))
+    for store in (local, remote):
+        store.register_run(load_run(run_dir))
+    assert not run_job(local, submit(local, request)).failed
+    # The Ray worker never imported the kind's registration: the driver ships it with the unit.
+    got = run_job_ray(remote, submit(remote, request), split="group")
+    assert not got.failed and got.computed == 1
+    ours, theirs = local.results("tiny"), remote.results("tiny")
+    assert list(theirs["metric"]) == list(ours["metric"]) == ["param_norm"]
+    assert theirs["value"].iloc[0] == pytest.approx(ours["value"].iloc[0], rel=1e-12)
+    assert theirs["value"].iloc[0] == pytest.approx(direct_norm(run_dir / "step_10"), rel=1e-9)

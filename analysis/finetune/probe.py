@@ -213,18 +213,3 @@ def save_copy(model: torch.nn.Module, tokenizer, folder: Path, cfg: FinetuneConf
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     return folder
-
-
-def probe_item(item, model, tokenizer, spec, ctx: dict, run: str, step: int, progress=None) -> list[ProbeRow]:
-    """The job runner's entry: the probe with the item's settings on one loaded checkpoint."""
-    from analysis.finetune.config import config_from_params, keep_folder
-    from analysis.models import resolve_tokenizer
-
-    cfg = config_from_params(item.params)
-    tok = resolve_tokenizer(tokenizer, f"fine-tuning on {cfg.task}")
-    keep = spec.metric_params.get(FINETUNE, {}).get("keep")
-    folder = keep_folder(keep, run, step, item.params_hash, ctx.get("checkpoint", "."))
-    return run_probe(
-        model, tok, cfg, probe=ctx.get("probe"), batch_size=spec.batch_size, eval_seed=spec.seed,
-        pad_id=ctx.get("pad_id", 0), keep=folder, progress=progress,
-    )  # fmt: skip

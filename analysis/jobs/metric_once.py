@@ -34,7 +34,7 @@ def compute_once(
     follows a long metric's probes or iterations.
     """
     from analysis.evals.heldout import heldout_loss, load_probe_set
-    from analysis.jobs.runner import _probe_batches
+    from analysis.jobs.kinds import probe_batches
     from analysis.jobs.spec import JobSpec
     from analysis.models import load_model, pad_token_id
 
@@ -74,7 +74,7 @@ def compute_once(
     from analysis.metrics.registry import compute
 
     spec = JobSpec(run="-", metrics=(name,), batch_size=batch_size, metric_batches=batches, data=str(data))
-    result = compute(name, model, _probe_batches(probe, spec, pad_token_id(model)), config,
+    result = compute(name, model, probe_batches(probe, spec, pad_token_id(model)), config,
                      device=next(model.parameters()).device, seed=seed, progress=progress)  # fmt: skip
     return {
         "metric": name,

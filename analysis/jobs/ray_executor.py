@@ -1,7 +1,7 @@
 """Run a job on Ray: each checkpoint's metric groups as Ray tasks; this process stays the cache's single writer.
 
 Each unit (checkpoint) that still lacks something is split into metric groups
-(``metric_groups``): the evaluations that share forward passes over the probe data, the
+(``metric_groups``, as each item's work kind says): the evaluations that share forward passes over the probe data, the
 routing metrics that share one routing profile, and each other internal metric (Hessian
 trace, top eigenvalue, ...) on its own. Every group is one remote ``compute_unit`` call
 (pure: it writes nothing), so the expensive metrics of one checkpoint run on different
@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from analysis.jobs.kinds import get_kind
 from analysis.jobs.runner import (
     JobReport,
     Progress,
@@ -66,22 +67,14 @@ SPLITS = ("auto", "group", "checkpoint")
 def metric_groups(todo: list[Item]) -> list[list[Item]]:
     """``todo`` in the groups Ray may compute apart, each at the cost of one checkpoint load.
 
-    lm-eval tasks, proxies, held-out loss and memorisation rows (forward passes over the data)
-    form one group; the routing metrics, which share one routing profile, another; every other
-    internal metric is a group of its own. Order follows ``todo``.
+    Each item's work kind names its group (``WorkKind.group``): lm-eval tasks, proxies, held-out
+    loss and memorisation rows (forward passes over the data) form one group; the routing metrics,
+    which share one routing profile, another; every other internal metric and every fine-tune is a
+    group of its own. Order follows ``todo``.
     """
-    from analysis.metrics.registry import get_metric
-
-    def key(item: Item) -> str:
-        if item.kind == "finetune":  # a fine-tune is the longest item: a task of its own
-            return f"finetune:{item.name}"
-        if item.kind != "metric":
-            return "evaluations"
-        return "routing" if get_metric(item.name).from_profile is not None else item.name
-
     groups: dict[str, list[Item]] = {}
     for item in todo:
-        groups.setdefault(key(item), []).append(item)
+        groups.setdefault(get_kind(item.kind).group(item), []).append(item)
     return list(groups.values())
 
 
@@ -184,9 +177,12 @@ def run_job_ray(
             units[unit.unit] = state
             log.info("job %d step %s: sent to Ray as %d task(s)", job_id, unit.unit, len(groups))
             for group in groups:
+                # The group's kinds travel with it: a worker adopts any this process registered and it lacks.
+                kinds = [get_kind(k) for k in dict.fromkeys(item.kind for item in group)]
                 ref = remote.remote(
-                    plan.spec, group, path, fp, step, plan.trust_remote_code, plan.versions, done=n_items - len(todo)
-                )
+                    plan.spec, group, path, fp, step, plan.trust_remote_code, plan.versions,
+                    done=n_items - len(todo), kinds=kinds,
+                )  # fmt: skip
                 pending[ref] = (state, group)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)

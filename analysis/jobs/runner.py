@@ -15,14 +15,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
+from analysis.jobs.kinds import UnitContext, WorkKind, adopt, get_kind
 from analysis.jobs.spec import Item, JobSpec, plan_items
 from analysis.store import ResultRow, SampleRow, Store, StoreLockedError, UnitUpdate, library_versions
 
@@ -91,164 +91,6 @@ def _dtype(name: str | None) -> torch.dtype | None:
     return None if name is None else getattr(torch, name)
 
 
-def _probe_batches(probe, spec: JobSpec, pad_id: int = 0) -> list[dict[str, torch.Tensor]]:
-    """The fixed probe batches every checkpoint of the run is measured on.
-
-    At most ``batch_size * metric_batches`` samples in all, shared round-robin among the
-    domains (sorted by name) so that every domain is represented (while there are no more
-    domains than samples allowed); a domain with fewer samples than its share leaves the
-    rest to the others. Each domain gives its first samples in probe order. Batches never
-    mix domains, and each carries ``domain_id`` (B,) long: the domain's index in sorted
-    name order (0..D-1), which ``gradient_alignment`` reads and other metrics ignore.
-    Padding is ``pad_id`` (the model's, :func:`analysis.models.pad_token_id`) under the
-    attention mask.
-    """
-    from analysis.evals.heldout import right_pad
-
-    names = sorted(probe.domains)
-    sizes = [len(probe.domains[name]) for name in names]
-    take = [0] * len(names)
-    left = spec.batch_size * spec.metric_batches
-    while left > 0 and any(t < n for t, n in zip(take, sizes, strict=True)):
-        for i, n in enumerate(sizes):
-            if left > 0 and take[i] < n:
-                take[i] += 1
-                left -= 1
-    batches = []
-    for index, (name, count) in enumerate(zip(names, take, strict=True)):
-        seqs = [list(s) for s in probe.domains[name][:count]]
-        for i in range(0, count, spec.batch_size):
-            ids, mask = right_pad(seqs[i : i + spec.batch_size], pad_id)
-            domain = torch.full((ids.shape[0],), index, dtype=torch.long)
-            batches.append({"input_ids": ids, "attention_mask": mask, "domain_id": domain})
-    if not batches:
-        raise ValueError(f"{spec.data}: no usable probe samples (each needs at least 2 tokens)")
-    return batches
-
-
-def _compute_item(
-    item: Item, model, tokenizer, spec: JobSpec, ctx: dict, run: str, step: int, fp: str,
-    progress: Callable[[int, int], None] | None = None,
-):  # fmt: skip
-    """Rows and per-sample records of one item on one loaded checkpoint.
-
-    ``tokenizer`` may be a :class:`analysis.models.LazyTokenizer`: the items that need one
-    (lm-eval tasks, proxies) load it, and fail alone when the checkpoint has none.
-    ``progress(i, n)`` follows a long metric's probes or iterations.
-    """
-    from analysis.models import resolve_tokenizer
-
-    versions = ctx["versions"]
-    rows: list[ResultRow] = []
-    samples: list[SampleRow] = []
-
-    def row(metric: str, value, stderr=None, n=None, code_version: str = "", higher_is_better=None) -> ResultRow:
-        return ResultRow(
-            run, step, metric, value, fp, stderr, n, item.params, code_version, versions,
-            higher_is_better=higher_is_better,
-        )  # fmt: skip
-
-    if item.kind == "lm_eval":
-        from analysis.evals.lmeval import run_lm_eval
-
-        tok = resolve_tokenizer(tokenizer, f"the prompts of {item.name}")
-        out = run_lm_eval(
-            model,
-            tok,
-            [item.name],
-            batch_size=spec.batch_size,
-            limit=spec.limit,
-            num_fewshot=spec.num_fewshot,
-            log_samples=spec.log_samples,
-            seed=spec.seed,
-            bootstrap_iters=spec.bootstrap_iters,
-        )
-        for r in out.rows:
-            version = f"{r.task_version or ''};n_shot={r.n_shot}"
-            rows.append(row(f"{r.task}/{r.metric}", r.value, r.stderr, r.n, version, r.higher_is_better))
-        for s in out.samples:
-            record = {"target": s.target, "prompt": s.prompt, "response": s.response}
-            if s.choices is not None:
-                record["choices"] = list(s.choices)
-                record["loglikelihoods"] = list(s.loglikelihoods or ())
-            metric = f"{s.task}/{s.metric}"
-            samples.append(SampleRow(run, step, metric, item.params_hash, str(s.doc_id), s.value, record))
-        # The accuracy's continuous counterparts, from the same per-choice log-likelihoods: no second pass.
-        from analysis.evals.continuous import continuous_metrics
-
-        encode = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
-        for c in continuous_metrics(out.samples, encode):
-            rows.append(row(c.metric, c.value, c.stderr, c.n, "continuous-1"))
-    elif item.kind == "heldout":
-        from analysis.evals.heldout import heldout_loss
-
-        for domain, res in heldout_loss(model, ctx["probe"], batch_size=spec.batch_size).items():
-            rows.append(row(f"{domain}/heldout_loss", res.mean_nll, res.stderr, res.n_samples, "1"))
-            rows.append(row(f"{domain}/heldout_perplexity", res.perplexity, None, res.n_samples, "1"))
-            if res.bits_per_byte is not None:
-                rows.append(row(f"{domain}/heldout_bpb", res.bits_per_byte, None, res.n_samples, "1"))
-    elif item.kind == "proxy":
-        from analysis.evals.proxy import proxy_metrics
-        from analysis.evals.tasks import bundled_proxy_items
-
-        pairs = bundled_proxy_items(item.name)[: spec.limit or None]
-        proxy_tokenizer = resolve_tokenizer(tokenizer, f"the solutions of {item.name}")
-        for name, res in proxy_metrics(model, proxy_tokenizer, pairs, batch_size=spec.batch_size).items():
-            rows.append(row(f"{item.name}/{name}", res.value, res.stderr, res.n, "1"))
-    elif item.kind == "samples":
-        from analysis.memorisation import sample_records
-        from analysis.metrics.pathways import routing_profile
-
-        for domain, seqs in sorted(ctx["probe"].domains.items()):
-            batches = _plain_batches(seqs, spec.batch_size, ctx.get("pad_id", 0))
-            profile = routing_profile(model, batches, device=ctx["device"], keep_nll=True)
-            records = sample_records(
-                profile, threshold=item.params["threshold"], answer_tokens=item.params["answer_tokens"]
-            )
-            metric = f"{domain}/sample_loss"
-            for i, record in enumerate(records):
-                samples.append(SampleRow(run, step, metric, item.params_hash, str(i), record["loss"], record))
-            losses = np.array([r["loss"] for r in records])
-            stderr = float(losses.std(ddof=1) / np.sqrt(len(losses))) if len(losses) > 1 else None
-            rows.append(row(metric, float(losses.mean()), stderr, len(losses), item.params["version"]))
-    elif item.kind == "finetune":
-        from analysis.finetune.probe import probe_item
-
-        for r in probe_item(item, model, tokenizer, spec, ctx, run, step, progress):
-            rows.append(row(r.metric, r.value, r.stderr, r.n, item.params["version"], r.higher_is_better))
-    else:
-        from analysis.metrics.registry import compute, compute_from_profile, get_metric
-
-        config = item.params["config"]
-        # The metric's own seed (--param METRIC.seed=N) is in its params; older jobs used the job's.
-        seed = item.params.get("seed", spec.seed)
-        if get_metric(item.name).from_profile is not None:
-            # Routing metrics share one forward pass per checkpoint.
-            if "routing" not in ctx:
-                from analysis.metrics.pathways import routing_profile
-
-                ctx["routing"] = routing_profile(model, ctx["batches"], device=ctx["device"])
-            res = compute_from_profile(item.name, ctx["routing"], config, seed=seed)
-        else:
-            res = compute(item.name, model, ctx["batches"], config, device=ctx["device"], seed=seed, progress=progress)
-        # converged is None unless the metric is iterative (an eigenvalue); the store keeps it.
-        rows.append(
-            replace(row(item.name, res.value, res.stderr, res.n, item.params["version"]), converged=res.converged)
-        )
-    return rows, samples
-
-
-def _plain_batches(seqs, batch_size: int, pad_id: int = 0) -> list[dict[str, torch.Tensor]]:
-    """Right-padded batches of ``seqs`` in order (sample i of the output is seqs[i])."""
-    from analysis.evals.heldout import right_pad
-
-    batches = []
-    for i in range(0, len(seqs), batch_size):
-        ids, mask = right_pad([list(s) for s in seqs[i : i + batch_size]], pad_id)
-        batches.append({"input_ids": ids, "attention_mask": mask})
-    return batches
-
-
 def _load(path: str, spec: JobSpec, trust_remote_code: bool):
     from analysis.models import load_model
     from analysis.runs.local import as_model_folder
@@ -288,39 +130,34 @@ def compute_unit(
     *,
     done: int = 0,
     on_item: Callable[[int, str], None] | None = None,
+    kinds: Iterable[WorkKind] = (),
 ) -> UnitOutput:
     """Load one checkpoint and compute ``todo`` on it. Writes nothing: the caller stores the output.
 
     ``on_item(done, what)`` is called as each item starts (``what`` its label) and, inside a
     long metric, after each probe or iteration (``what`` like "hessian_trace probe 12/32").
+    ``kinds``: work kinds this process may lack (a Ray worker); those it has stay as they are.
 
     Pure with respect to the cache, so any process (this one, a pool, a Ray task) can run it
     while a single writer commits the results.
     """
     started = time.monotonic()
     out = UnitOutput()
+    adopt(kinds)
     versions = versions if versions is not None else library_versions()
-    model = None
+    model = ctx = None
     try:
         model, tokenizer = _load(path, spec, trust_remote_code)
-        from analysis.models import pad_token_id
-
-        ctx = {"versions": versions, "device": next(model.parameters()).device, "pad_id": pad_token_id(model)}
-        ctx["checkpoint"] = path  # the fine-tune probe refuses to keep copies next to it
-        if any(it.kind in ("heldout", "metric", "samples", "finetune") for it in todo):
-            from analysis.evals.heldout import load_probe_set
-
-            data = next(it.params["data"] for it in todo if "data" in it.params)
-            ctx["probe"] = load_probe_set(data, tokenizer, spec.max_length, max_samples=spec.max_samples)
-            ctx["batches"] = _probe_batches(ctx["probe"], spec, ctx["pad_id"])
+        data = next((it.params["data"] for it in todo if "data" in it.params), None)
+        ctx = UnitContext(spec, model, tokenizer, step, fingerprint, path, versions, data)
+        if any(get_kind(it.kind).uses_probe for it in todo):
+            _ = ctx.batches  # read before any item, so a broken probe file fails the unit with one reason
         for item in todo:
             if on_item:
                 on_item(done, item.label)
             try:
-                rows, samples = _compute_item(
-                    item, model, tokenizer, spec, ctx, spec.run, step, fingerprint,
-                    progress=_within(on_item, done, item) if on_item else None,
-                )  # fmt: skip
+                progress = _within(on_item, done, item) if on_item else None
+                rows, samples = get_kind(item.kind).compute(item, ctx, progress)
                 out.rows += rows
                 out.samples += samples
             except (ValueError, KeyError, RuntimeError, torch.OutOfMemoryError) as err:
@@ -329,7 +166,7 @@ def compute_unit(
     except (ValueError, OSError, RuntimeError, torch.OutOfMemoryError) as err:
         out.error = _first_line(err)
     finally:
-        del model
+        model = ctx = None  # the context holds the model and its probe tensors: free them before the next unit
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -338,10 +175,8 @@ def compute_unit(
 
 
 def _within(on_item: Callable[[int, str], None], done: int, item: Item) -> Callable[[int, int], None]:
-    """progress(i, n) of a long metric, reported through on_item as "<label> <unit> i/n"."""
-    from analysis.metrics.registry import progress_unit
-
-    unit = progress_unit(item.name) if item.kind == "metric" else "step"
+    """progress(i, n) of a long item, reported through on_item as "<label> <unit> i/n"."""
+    unit = get_kind(item.kind).progress_unit(item)
 
     def report(i: int, n: int) -> None:
         on_item(done, f"{item.label} {unit} {i}/{n}")

@@ -22,7 +22,6 @@ PROXY = "proxy"
 # Per-sample loss and expert pathway of every probe sample, stored per checkpoint, from which the
 # memorisation groups and the pathway metrics inside them are read (analysis/memorisation.py).
 MEMORISATION = "memorisation"
-MEMORISATION_DEFAULTS = {"answer_tokens": 0, "threshold": 0.7}  # 0: score every predicted token
 
 DEFAULT_PROBES = Path("data/probes/modarith")
 # Bump when analysis/evals/heldout.py changes what it reports, so cached held-out rows are recomputed.
@@ -98,7 +97,7 @@ class JobSpec:
 class Item:
     """One thing computed on a checkpoint. ``params`` are everything that shapes its result."""
 
-    kind: str  # "lm_eval" | "heldout" | "proxy" | "samples" | "metric" | "finetune"
+    kind: str  # the name of a registered work kind (analysis/jobs/kinds): "lm_eval", "heldout", "metric", ...
     name: str
     params: dict
     # lm_eval: the task names its results are stored under, when not ``name`` (a YAML path
@@ -111,22 +110,15 @@ class Item:
 
     @property
     def label(self) -> str:
-        return self.name if self.kind in ("lm_eval", "metric") else f"{self.kind}:{self.name}"
+        from analysis.jobs.kinds import get_kind
+
+        return get_kind(self.kind).label(self)
 
     def produces(self, metric: str) -> bool:
         """Whether a stored metric name comes from this item."""
-        if self.kind == "metric":
-            return metric == self.name
-        scope, _, leaf = metric.partition("/")
-        if self.kind == "lm_eval":
-            return scope in (self.scopes or (self.name,)) and not leaf.startswith(("proxy_", "heldout_"))
-        if self.kind == "proxy":
-            return scope == self.name and leaf.startswith("proxy_")
-        if self.kind == "samples":
-            return leaf == "sample_loss"
-        if self.kind == "finetune":  # finetune/<task>/<what>
-            return scope == "finetune" and leaf.split("/", 1)[0] == self.name
-        return leaf.startswith("heldout_")  # heldout: one row set per domain of the probe data
+        from analysis.jobs.kinds import get_kind
+
+        return get_kind(self.kind).produces(self, metric)
 
     def is_cached(self, keys: set[tuple[str, str]]) -> bool:
         h = self.params_hash
@@ -157,87 +149,33 @@ def _task_scopes(task: str) -> tuple[str, ...]:
     return yaml_task_names(task) if task not in BUNDLED_TASKS and _looks_like_path(task) else ()
 
 
+def probe_data(spec: JobSpec) -> str:
+    """The probe set a job's held-out loss and internal metrics read: ``--data``, else the bundled one."""
+    return spec.data or str(DEFAULT_PROBES)
+
+
+def probe_params(spec: JobSpec) -> dict:
+    """The cache parameters every item that reads the probe set shares: which data, its digest, how much of it."""
+    data = probe_data(spec)
+    return {
+        "data": str(Path(data).resolve()),
+        "data_digest": file_digest(data),
+        "max_length": spec.max_length,
+        "max_samples": spec.max_samples,
+    }
+
+
 def plan_items(spec: JobSpec) -> list[Item]:
-    """The items every checkpoint unit of ``spec`` computes, with their cache parameters."""
+    """The items every checkpoint unit of ``spec`` computes, with their cache parameters.
+
+    Each task and each ``--metrics`` name is planned by the work kind that claims it
+    (analysis/jobs/kinds); an unknown name is a KeyError with "did you mean".
+    """
+    from analysis.jobs.kinds import get_kind, kind_for_request
+
     items: list[Item] = []
     for task in spec.tasks:
-        params = {
-            "task": task,
-            "task_digest": _task_digest(task),
-            "limit": spec.limit,
-            "num_fewshot": spec.num_fewshot,
-            "seed": spec.seed,
-            "bootstrap_iters": spec.bootstrap_iters,
-        }
-        items.append(Item("lm_eval", task, params, _task_scopes(task)))
-    data = spec.data or str(DEFAULT_PROBES)
-    probe = {"data": str(Path(data).resolve()), "data_digest": None, "max_length": spec.max_length}
+        items += get_kind("lm_eval").plan(spec, task)
     for metric in spec.metrics:
-        if metric == HELDOUT:
-            params = {
-                **probe,
-                "data_digest": file_digest(data),
-                "max_samples": spec.max_samples,
-                "version": HELDOUT_VERSION,
-            }
-            items.append(Item("heldout", Path(data).name, params))
-        elif metric == MEMORISATION:
-            params = {
-                **probe,
-                "data_digest": file_digest(data),
-                "max_samples": spec.max_samples,
-                "version": "1",
-                **_memorisation_params(spec.metric_params.get(MEMORISATION, {})),
-            }
-            items.append(Item("samples", MEMORISATION, params))
-        elif metric == "finetune":  # analysis/finetune: one fine-tune of a copy per checkpoint
-            from analysis.finetune.config import item_params, parse_config
-            from analysis.finetune.data import task_name
-
-            config = parse_config(spec.metric_params.get(metric, {}), max_length=spec.max_length)
-            params = {**probe, "data_digest": file_digest(data), "max_samples": spec.max_samples}
-            items.append(Item("finetune", task_name(config.task), item_params(config, params)))
-        elif metric == PROXY:
-            from analysis.evals.tasks import BUNDLED_TASKS
-
-            tasks = [t for t in spec.tasks if t in BUNDLED_TASKS] or list(BUNDLED_TASKS)
-            for task in tasks:
-                params = {"task": task, "task_digest": _task_digest(task), "weighting": "uniform"}
-                items.append(Item("proxy", task, params))
-        else:
-            from analysis.metrics.registry import get_metric, metric_settings
-
-            metric_spec = get_metric(metric)  # KeyError with "did you mean" for a typo
-            # --param METRIC.seed=N seeds this metric's draws instead of the job's --seed.
-            config, own_seed = metric_settings(metric, spec.metric_params.get(metric, {}))
-            params = {
-                **probe,
-                "data_digest": file_digest(data),
-                "max_samples": spec.max_samples,
-                "batches": spec.metric_batches,
-                "probe_batching": "per_domain",
-                "batch_size": spec.batch_size,
-                "seed": spec.seed if own_seed is None else own_seed,
-                "version": metric_spec.version,
-                "config": asdict(config),
-            }
-            items.append(Item("metric", metric, params))
+        items += kind_for_request(metric).plan(spec, metric)
     return items
-
-
-def _memorisation_params(given: dict) -> dict:
-    """``answer_tokens`` (score only the last K tokens of each sample; 0 = all) and the pathway ``threshold``."""
-    unknown = sorted(set(given) - set(MEMORISATION_DEFAULTS))
-    if unknown:
-        raise ValueError(f"memorisation has no setting {unknown[0]!r}; it takes {', '.join(MEMORISATION_DEFAULTS)}")
-    out = dict(MEMORISATION_DEFAULTS)
-    try:
-        if "answer_tokens" in given:
-            out["answer_tokens"] = int(given["answer_tokens"])
-        if "threshold" in given:
-            out["threshold"] = float(given["threshold"])
-    except (TypeError, ValueError):
-        raise ValueError(f"memorisation settings must be numbers, got {given}") from None
-    if out["answer_tokens"] < 0 or not 0 < out["threshold"] <= 1:
-        raise ValueError("memorisation: answer_tokens must be >= 0 and threshold in (0, 1]")
-    return out
