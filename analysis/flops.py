@@ -114,7 +114,7 @@ def add_flops_column(frame: pd.DataFrame, counts: Mapping[str, int | None]) -> p
     """``frame`` (run, tokens, ...) with ``flops`` = 6 * N * tokens per run; NaN where N or tokens is unknown."""
     if "run" not in frame:
         raise ValueError("add_flops_column needs a run column (and tokens) to give each row its FLOPs")
-    n = frame["run"].astype(str).map(lambda run: float(counts.get(run) or math.nan))
+    n = frame["run"].astype(str).map(lambda run: float(counts.get(run) or math.nan)).astype(float)
     tokens = pd.to_numeric(frame["tokens"], errors="coerce") if "tokens" in frame else math.nan
     return frame.assign(flops=6.0 * n * tokens)
 

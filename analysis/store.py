@@ -137,6 +137,18 @@ class UnitUpdate:
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 
 
+@dataclass(frozen=True)
+class JobRecord:
+    """One queued, running or finished job as the worker reads it."""
+
+    id: int
+    run: str
+    status: str
+    spec: dict  # the JobSpec's fields, as queued
+    message: str = ""
+    worker_pid: int | None = None  # the worker that runs (or ran) it
+
+
 class StoreLockedError(RuntimeError):
     """Another process held the database file for longer than the retry budget."""
 
@@ -876,6 +888,34 @@ class Store:
                WHERE job_id = ? ORDER BY TRY_CAST(unit AS BIGINT), unit""",
             [job_id],
         )
+
+    # -- targeted job queries (the worker polls these: one indexed row, not the whole queue) ----------
+
+    def job(self, job_id: int) -> JobRecord | None:
+        """Job ``job_id``, or None when the cache has no such job."""
+        frame = self._read("SELECT id, run, status, spec, message, worker_pid FROM jobs WHERE id = ?", [job_id])
+        return self._job_record(frame.iloc[0]) if len(frame) else None
+
+    def job_status(self, job_id: int) -> str | None:
+        """The status of job ``job_id`` (one of JOB_STATES), or None when there is no such job."""
+        frame = self._read("SELECT status FROM jobs WHERE id = ?", [job_id])
+        return str(frame["status"].iloc[0]) if len(frame) else None
+
+    def open_jobs(self) -> list[JobRecord]:
+        """Queued and running jobs, oldest first: the ones a worker may have to take up."""
+        frame = self._read(
+            """SELECT id, run, status, spec, message, worker_pid FROM jobs
+               WHERE status IN ('queued', 'running') ORDER BY id"""
+        )
+        return [self._job_record(rec) for _, rec in frame.iterrows()]
+
+    @staticmethod
+    def _job_record(rec: pd.Series) -> JobRecord:
+        pid = rec["worker_pid"]
+        return JobRecord(
+            int(rec["id"]), rec["run"], rec["status"], json.loads(rec["spec"]), rec["message"],
+            None if pd.isna(pid) else int(pid),
+        )  # fmt: skip
 
 
 def _one_line(text: str, limit: int = 500) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench import calibration, coverage, eval_sweep, hvp, load, pathways, ray_sweep, render, store_write
+from bench import calibration, coverage, eval_sweep, hvp, job_queries, load, pathways, ray_sweep, render, store_write
 
 if __name__ == "__main__":
     calibration.main([])
@@ -12,5 +12,6 @@ if __name__ == "__main__":
     pathways.main([])
     render.main([])
     store_write.main([])
+    job_queries.main([])
     load.main([])
     ray_sweep.main([])

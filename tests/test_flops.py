@@ -77,6 +77,8 @@ def test_flops_column_is_six_n_d_and_missing_where_a_count_or_tokens_is_unknown(
     assert out["flops"].iloc[0] == 6 * 1000 * 100
     assert out["flops"].iloc[1:].isna().all()  # no tokens; no count; run not in the mapping
     assert "flops" not in frame  # the input is left alone
+    empty = add_flops_column(pd.DataFrame({"run": pd.Series(dtype=str), "tokens": pd.Series(dtype=str)}), {})
+    assert empty.empty and "flops" in empty  # a run without a log: nothing to multiply, no error
     with pytest.raises(ValueError, match="needs a run column"):
         add_flops_column(pd.DataFrame({"tokens": [1]}), {})
 

@@ -1,17 +1,19 @@
-"""Work kinds: the registry both executors use, a unit's typed context, and a newly registered
-kind end to end."""
+"""Work kinds: the registry both executors use, a unit's typed context, a newly registered kind end to end,
+and the targeted job queries the worker polls."""
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from analysis.jobs import JobSpec, run_job, submit
+from analysis.jobs import JobSpec, next_job, run_job, submit
 from analysis.jobs.kinds import UnitContext, WorkKind, get_kind, kind_for_request, kind_names, register, unregister
-from analysis.jobs.runner import LOADS
+from analysis.jobs.runner import LOADS, load_job
 from analysis.jobs.spec import Item, plan_items
 from analysis.runs.load import load_run
 from analysis.store import Store
@@ -136,3 +138,22 @@ def test_the_unit_context_reads_the_probe_set_only_when_asked_and_once(run_dir: 
     assert ctx.routing is ctx.routing and ctx.device == torch.device("cpu")
     with pytest.raises(ValueError, match="no probe data for this unit: pass --data"):
         _ = UnitContext(spec(run_dir), model, tok, 10, "fp", "x", {}).probe
+
+
+def test_targeted_job_queries(tmp_path: Path, run_dir: Path) -> None:  # noqa: F811
+    absent = Store(tmp_path / "absent.duckdb")
+    assert absent.job(1) is None and absent.job_status(1) is None and absent.open_jobs() == []
+    assert not absent.path.exists()  # reading never creates a cache
+    store = Store(tmp_path / "cache.duckdb")
+    store.register_run(load_run(run_dir))
+    first, second, third = (submit(store, spec(run_dir, steps=(s,), tasks=("sequence_ll",))) for s in (10, 20, 40))
+    assert JobSpec.from_dict(store.job(second).spec) == spec(run_dir, steps=(20,), tasks=("sequence_ll",))
+    assert [j.id for j in store.open_jobs()] == [first, second, third] and next_job(store) == first
+    store.set_job(first, "done")
+    store.set_job(second, "running", worker_pid=os.getpid())  # this process: an interrupted earlier run
+    store.set_job(third, "cancelled")
+    assert store.job_status(third) == "cancelled" and store.job(second).worker_pid == os.getpid()
+    assert [j.id for j in store.open_jobs()] == [second] and next_job(store) == second
+    with pytest.raises(ValueError, match=rf"^no job 99 in {re.escape(str(store.path))}; list jobs with `python"):
+        load_job(store, 99)
+    assert store.job(99) is None and store.job_status(99) is None

@@ -11,7 +11,6 @@ out of memory) marks its unit failed with the reason, and the job goes on.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import time
@@ -198,11 +197,10 @@ class JobPlan:
 
 def load_job(store: Store, job_id: int) -> JobPlan:
     """Read job ``job_id`` and the checkpoints it covers; ValueError for an unknown id."""
-    jobs = store.jobs(limit=1_000_000)
-    match = jobs[jobs["id"] == job_id]
-    if not len(match):
+    job = store.job(job_id)
+    if job is None:
         raise ValueError(f"no job {job_id} in {store.path}; list jobs with `python -m analysis jobs`")
-    spec = JobSpec.from_dict(json.loads(match["spec"].iloc[0]))
+    spec = JobSpec.from_dict(job.spec)
     runs = store.runs()
     return JobPlan(
         spec=spec,
@@ -338,20 +336,14 @@ def _fail(store: Store, job_id: int, unit: str, total: int, reason: str, report:
 
 
 def _cancelled(store: Store, job_id: int) -> bool:
-    jobs = store.jobs(limit=1_000_000)
-    return bool((jobs.loc[jobs["id"] == job_id, "status"] == "cancelled").any())
+    return store.job_status(job_id) == "cancelled"
 
 
 def next_job(store: Store) -> int | None:
     """The oldest job a worker should run: queued, or left running by a worker that died."""
-    jobs = store.jobs(limit=1_000_000)
-    if not len(jobs):
-        return None
-    for rec in jobs.sort_values("id").itertuples():
-        if rec.status == "queued":
-            return int(rec.id)
-        if rec.status == "running" and not process_alive(rec.worker_pid):
-            return int(rec.id)
+    for job in store.open_jobs():
+        if job.status == "queued" or not process_alive(job.worker_pid):
+            return job.id
     return None
 
 
