@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from analysis.flops import count_parameters
 from analysis.runs import load_run
 from analysis.runs.base import Checkpoint, Run
-from analysis.store import ResultRow, SampleRow, Store
+from analysis.store import ResultRow, SampleRow, Store, UnitUpdate
 from pages._state import PAGES
 from tests.conftest import synthetic_run
 from tests.factories import save_tiny_checkpoint
@@ -115,7 +116,7 @@ def test_flops_axis_is_six_n_d_from_the_checkpoints_header(flops_db: Path, tiny_
 def test_a_run_without_a_model_size_falls_back_to_tokens_with_one_line(flops_db: Path, monkeypatch) -> None:
     Store(flops_db).register_run(synthetic_run("nosize"))  # checkpoints that are not on this disk
     landing = open_app(flops_db, monkeypatch, page=None, runs=["tiny", "nosize"], x="flops")
-    (note,) = [c.value for c in landing.sidebar.caption if "No FLOPs" in c.value]
+    (note,) = [c.value.replace("\\", "") for c in landing.sidebar.caption if "No FLOPs" in c.value]
     assert note.startswith("No FLOPs for run 'nosize': model size unknown") and note.endswith("shows tokens instead.")
     at = open_app(flops_db, monkeypatch, runs=["tiny", "nosize"], x="flops")
     assert not at.exception and not at.error
@@ -133,3 +134,65 @@ def test_every_page_opens_on_the_flops_axis(flops_db: Path, monkeypatch, page: s
         assert not any("tokens" in t or t.startswith("step") for t in titles), (page, titles)
         if any(t.startswith("FLOPs") for t in titles):  # drawn on FLOPs: the points are there, not blank panels
             assert any(len(t.get("x") or []) for t in fig["data"]), (page, titles)
+
+
+@pytest.fixture
+def busy_db(divergence_db: Path):
+    """The divergence cache with job 1 running on "stuck" (3 checkpoints, a live worker process) and job 2 queued."""
+    worker = subprocess.Popen(["sleep", "120"])  # stands in for the worker: only its pid is checked
+    store = Store(divergence_db)
+    spec = {"run": "stuck", "tasks": ["toy"], "metrics": ["heldout_loss"]}
+    running = store.create_job("stuck", spec, [("80", 2), ("100", 2), ("120", 2)])
+    store.set_job(running, "running", worker_pid=worker.pid)
+    store.create_job("grok", {"run": "grok", "metrics": ["hessian_trace"]}, [("10", 1)])
+    try:
+        yield divergence_db, running
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def status_lines(at) -> list[str]:
+    return [c.value for c in at.caption if "units" in c.value and c.value.startswith(":material/pending:")]
+
+
+@pytest.mark.parametrize("page", ["pages/divergence.py", "pages/runs.py", "pages/samples.py", "pages/report.py"])
+def test_every_page_shows_running_and_queued_jobs_with_a_link_to_the_jobs_page(busy_db, monkeypatch, page) -> None:
+    db, _ = busy_db
+    at = open_app(db, monkeypatch, page=page)
+    assert not at.exception
+    lines = status_lines(at)
+    assert len(lines) == 2
+    assert "Job 1 running · run stuck · toy, heldout\\_loss · 0/3 units" in lines[0]
+    assert "Job 2 queued · run grok · hessian\\_trace · 0/1 units" in lines[1]
+    links = [e for e in at.get("page_link") if e.proto.label == "Jobs" and e.proto.page.endswith("jobs")]
+    assert links, "no link to the Jobs page next to the status line"
+
+
+def test_the_status_line_follows_checkpoints_as_they_land_and_goes_when_the_jobs_end(busy_db, monkeypatch):
+    db, job = busy_db
+    at = open_app(db, monkeypatch, page="pages/divergence.py", runs="stuck", score="toy/acc,none")
+    store = Store(db)
+    fp = store.checkpoints("stuck").set_index("step").loc[120, "fingerprint"]
+    store.write_results([ResultRow("stuck", 120, "toy/acc,none", 0.99, fp, stderr=0.001, n=1000)])
+    store.set_unit(UnitUpdate(job, "120", "done", 2, 2))
+    at.run()
+    assert "1/3 units" in status_lines(at)[0]
+    traces = figure_of(at.get("plotly_chart")[0])["data"]
+    score = next(t for t in traces if t.get("yaxis") == "y2" and t["name"] == "stuck")
+    assert score["y"][-1] == pytest.approx(0.99)  # the new checkpoint is on the chart
+    for job_id in (1, 2):
+        store.set_job(job_id, "done")
+    at.run()
+    assert not status_lines(at) and not at.exception
+
+
+def test_a_running_job_whose_worker_died_says_so_and_an_idle_cache_shows_nothing(divergence_db, monkeypatch):
+    assert not status_lines(open_app(divergence_db, monkeypatch, page="pages/runs.py"))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    store = Store(divergence_db)
+    job = store.create_job("stuck", {"run": "stuck", "metrics": ["heldout_loss"]}, [("80", 1)])
+    store.set_job(job, "running", worker_pid=dead.pid)
+    (line,) = status_lines(open_app(divergence_db, monkeypatch, page="pages/runs.py"))
+    assert line.endswith("worker stopped: start one on the Jobs page")
