@@ -36,7 +36,7 @@ def data_dir(tmp_path_factory):
     """The bundled task data plus small modarith files in the generated format."""
     root = tmp_path_factory.mktemp("tasks_data")
     shutil.copytree(DEFAULT_DATA_DIR, root, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.jsonl"))
-    for name in ("antonyms", "counting", "sequence"):
+    for name in ("antonyms", "counting", "sequence", "cycles"):
         for split in ("train", "test"):
             shutil.copy(DEFAULT_DATA_DIR / name / f"{split}.jsonl", root / name / f"{split}.jsonl")
     pairs = [(a, b) for a in range(97) for b in range(97)]
@@ -160,7 +160,7 @@ def test_modarith_choices_are_deterministic():
 def test_modarith_without_data_is_left_out_with_a_reason(tmp_path):
     data = tmp_path / "data"
     shutil.copytree(DEFAULT_DATA_DIR, data, ignore=shutil.ignore_patterns("heldout.jsonl", "train.jsonl"))
-    for name in ("antonyms", "counting", "sequence"):
+    for name in ("antonyms", "counting", "sequence", "cycles"):
         for split in ("train", "test"):
             shutil.copy(DEFAULT_DATA_DIR / name / f"{split}.jsonl", data / name / f"{split}.jsonl")
     dest = materialize_tasks(tmp_path / "m", data)
