@@ -10,6 +10,8 @@ downloading a built-in task's dataset on purpose).
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
 import math
 import numbers
@@ -127,6 +129,24 @@ def _ensure_offline() -> None:
     datasets.config.HF_DATASETS_OFFLINE = True
 
 
+BACKENDS = ("auto", "onepass", "hf")
+
+
+def _lm_class(backend: str):
+    """The lm-eval model class (with its scoring policy bound) for a ``backend`` name."""
+    if backend not in BACKENDS:
+        close = difflib.get_close_matches(str(backend), BACKENDS, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(BACKENDS)}"
+        raise ValueError(f"unknown lm-eval backend {backend!r}; {hint}")
+    if backend == "hf":
+        from lm_eval.models.huggingface import HFLM
+
+        return HFLM
+    from analysis.evals.onepass import OnePassLM
+
+    return functools.partial(OnePassLM, onepass="always" if backend == "onepass" else "auto")
+
+
 def run_lm_eval(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -142,6 +162,7 @@ def run_lm_eval(
     task_dir: str | Path | None = None,
     data_dir: str | Path | None = None,
     allow_builtin: bool = True,
+    backend: str = "auto",
 ) -> EvalOutput:
     """Evaluate a loaded causal LM with lm-eval on bundled tasks, built-in task names or task YAML paths.
 
@@ -155,7 +176,14 @@ def run_lm_eval(
     task YAMLs are materialised (default: a per-user temp folder); ``data_dir``: the bundled
     task data (default ``data/tasks``). A built-in task whose dataset is not in the local
     cache raises ValueError instead of downloading it.
+
+    ``backend`` scores loglikelihood and multiple-choice requests: "hf" with lm-eval's HFLM (one
+    forward per choice), "onepass" with :class:`analysis.evals.onepass.OnePassLM` (one forward per
+    context, then the choices from its cache), "auto" (default) with OnePassLM on the tasks where
+    that saves work and HFLM on the others (single-token choices, short contexts). The three give
+    the same log-likelihoods to float rounding (1e-6 relative, as HFLM across batch sizes).
     """
+    lm_class = _lm_class(backend)
     plan = resolve_tasks(tasks, task_dir=task_dir, data_dir=data_dir, allow_builtin=allow_builtin)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -170,13 +198,12 @@ def run_lm_eval(
         tokenizer = copy.deepcopy(tokenizer)  # HFLM would otherwise set a pad token on the caller's tokenizer
 
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
 
     manager = task_manager(plan.include_path, plan.include_defaults)
     was_training = model.training
     start = time.perf_counter()
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(here))
+        lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(here))
         results = lm_eval.simple_evaluate(
             model=lm,
             tasks=list(plan.specs),
@@ -212,6 +239,9 @@ def run_lm_eval(
         "seed": seed,
         "bootstrap_iters": bootstrap_iters,
         "lm_eval_version": getattr(lm_eval, "__version__", None),
+        # Reported, never part of a cache key: the backends agree to float rounding, so a value
+        # cached under one is the value the other would compute.
+        "backend": backend,
     }
     return EvalOutput(
         rows=tuple(rows), samples=tuple(samples), settings=settings, elapsed_s=elapsed, problems=tuple(problems)
