@@ -51,13 +51,10 @@ def _register(store: Store, run, *, trust_remote_code: bool = False) -> int:
     if not run.checkpoints and not len(run.log):
         print(f"error: {run.source}: no checkpoints and no training log found; nothing registered", file=sys.stderr)
         return 1
+    from analysis.runs.add import AddResult
+
     report = store.register_run(run, trust_remote_code=trust_remote_code)
-    steps = [c.step for c in run.checkpoints]
-    span = f"steps {min(steps)}..{max(steps)}" if steps else "no checkpoints"
-    print(
-        f"registered run {report.run!r}: {report.checkpoints} checkpoints ({span}), "
-        f"{report.new_checkpoints} new, {report.changed_checkpoints} changed, {report.log_rows} log values"
-    )
+    print(AddResult(report, tuple(c.step for c in run.checkpoints)).summary())
     return 0
 
 
@@ -119,14 +116,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_add_run(args: argparse.Namespace) -> int:
-    from analysis.runs.load import load_run, read_revisions
+    from analysis.runs.add import add_run
 
-    refs = read_revisions(args.revisions) if args.revisions is not None else None
-    run = load_run(
-        args.path, name=args.name, log=args.log, refs=refs, step_map=args.step_map,
-        steps_per_checkpoint=args.steps_per_checkpoint,
+    result = add_run(
+        Store(args.db), args.path, name=args.name, log=args.log, revisions=args.revisions,
+        revision_filter=args.revision_filter, step_map=args.step_map, steps_per_checkpoint=args.steps_per_checkpoint,
+        trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
-    return _register(Store(args.db), run, trust_remote_code=args.trust_remote_code)
+    for problem in result.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    print(result.summary())
+    return 0
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -473,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--revisions",
         help="hf:// only: the revisions to register, without listing them online (step1000,step2000 or a file)",
+    )
+    p.add_argument(
+        "--revision-filter",
+        help="hf:// only: keep the revisions this glob ('step*000') or regex ('re:^step\\d+000$') matches",
     )
     p.add_argument("--step-map", help="CSV with columns revision (or checkpoint), step[, tokens]: the real steps")
     p.add_argument(

@@ -13,6 +13,7 @@ import re
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +68,10 @@ def _store() -> Store:
     return Store(db_path(), lock_timeout=10.0)
 
 
-_GENERATION = "_generation_of_this_run"
+# The generation read by this script run, in a one-item list; None outside app.py's per-run block. A context
+# variable, not session state: after st.stop() every st call raises again, so a `finally` that touched session
+# state never cleared it, and later fragment ticks and page runs kept the stopped run's generation.
+_RUN_GENERATION: ContextVar[list[int | None] | None] = ContextVar("_run_generation", default=None)
 
 
 @contextmanager
@@ -77,20 +81,21 @@ def one_generation_per_run() -> Iterator[None]:
     Every cached read of the run is then keyed by the same generation, so a page never mixes two
     states of the cache, and the file is opened once for it rather than once per read (~50 ms each).
     """
-    st.session_state[_GENERATION] = None
+    token = _RUN_GENERATION.set([None])
     try:
         yield
     finally:
-        st.session_state.pop(_GENERATION, None)
+        _RUN_GENERATION.reset(token)
 
 
 def generation() -> int:
     """The cache's write generation: the key of every cached read."""
-    if st.session_state.get(_GENERATION) is not None:
-        return st.session_state[_GENERATION]
+    held = _RUN_GENERATION.get()
+    if held is not None and held[0] is not None:
+        return held[0]
     gen = guarded(lambda: _store().generation())
-    if _GENERATION in st.session_state:
-        st.session_state[_GENERATION] = gen
+    if held is not None:
+        held[0] = gen
     return gen
 
 
@@ -160,17 +165,29 @@ def log_series(runs: tuple[str, ...]) -> pd.DataFrame:
     return guarded(lambda: _log_series(db, generation(), tuple(sorted(runs))))
 
 
+_SELECT_NEXT = "_select_run_next"
+
+
+def select_run_next(run: str) -> None:
+    """Add ``run`` to the sidebar's selection on the next rerun (a widget's value cannot change after it is drawn)."""
+    st.session_state[_SELECT_NEXT] = run
+
+
 def sidebar() -> None:
     """Draw the shared sidebar and remember the selection for the pages."""
     table = runs_table()
     names = list(table["name"]) if len(table) else []
+    default = names[:4]
+    if (pending := st.session_state.pop(_SELECT_NEXT, None)) in names:
+        st.session_state["runs"] = list(dict.fromkeys([*st.session_state.get("runs", default), pending]))
+        default = None  # the value comes from the session state: a default as well would be ignored
     with st.sidebar:
         for script, title, icon, _ in PAGES:
             st.page_link(script, label=title, icon=icon)
         st.divider()
         st.caption(f"cache: `{db_path()}`")
         chosen = st.multiselect(
-            "Runs", names, default=names[:4], key="runs", bind="query-params", placeholder="pick runs"
+            "Runs", names, default=default, key="runs", bind="query-params", placeholder="pick runs"
         )
         # No format_func: a bound radio writes its shown label into the URL, and links say x=flops.
         x = st.radio(

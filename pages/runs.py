@@ -5,11 +5,43 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis.charts import curves_figure
+from analysis.runs.add import add_run
+from analysis.store import StoreLockedError
 from pages import _state
 
 sel = _state.selection()
 st.title("Runs")
 table = _state.runs_table()
+if added := st.session_state.pop("_added_run", None):
+    st.success(added)
+
+with st.expander("Add a run", expanded=not len(table)), st.form("add_run"):
+    # The same checks as `python -m analysis add-run` (analysis.runs.add): nothing is written on bad input.
+    path = st.text_input("Run folder or hf://org/model", key="add_path", placeholder="/data/runs/my-run")
+    left, right = st.columns(2)
+    name = left.text_input("Name (default: the folder or model name)", key="add_name")
+    log = right.text_input("Training log (optional)", key="add_log", placeholder="trainer_state.json, .csv, .jsonl")
+    pattern = left.text_input(
+        "Revisions to keep (hf:// only)", key="add_filter", placeholder="step*000 or re:^step\\d+000$",
+        help="A glob over the branch names, or a regular expression (re: prefix, or any of ^ $ ( ) + { } | \\).",
+    )  # fmt: skip
+    trust = right.checkbox("Trust its modelling code (runs Python from the checkpoints)", key="add_trust")
+    if st.form_submit_button("Add run", type="primary"):
+        with st.status("Adding the run…", expanded=True) as box:
+            try:
+                result = add_run(
+                    _state.store(), path, name=name or None, log=log.strip() or None,
+                    revision_filter=pattern.strip() or None, trust_remote_code=trust, progress=box.write,
+                )  # fmt: skip
+            except (ValueError, KeyError, OSError, StoreLockedError) as err:
+                box.update(label="Nothing added", state="error")
+                st.error(_state.md_text(err.args[0] if isinstance(err, KeyError) else str(err)))
+            else:
+                box.update(label=f"Added {result.report.run}", state="complete")
+                _state.select_run_next(result.report.run)
+                st.session_state["_added_run"] = "; ".join([result.summary(), *result.problems])
+                st.rerun()  # the new run in the table and the sidebar, without a restart
+
 if not len(table):
     _state.no_runs_message()
     st.stop()

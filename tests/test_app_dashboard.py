@@ -5,7 +5,9 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
+import huggingface_hub
 import numpy as np
 import pandas as pd
 import pytest
@@ -196,3 +198,48 @@ def test_a_running_job_whose_worker_died_says_so_and_an_idle_cache_shows_nothing
     store.set_job(job, "running", worker_pid=dead.pid)
     (line,) = status_lines(open_app(divergence_db, monkeypatch, page="pages/runs.py"))
     assert line.endswith("worker stopped: start one on the Jobs page")
+
+
+def submit_add_run(at, path: str, **fields: str):
+    at.text_input(key="add_path").input(path)
+    for key, value in fields.items():
+        at.text_input(key=f"add_{key}").input(value)
+    next(b for b in at.button if b.label == "Add run").click()
+    return at.run()
+
+
+def test_adding_a_local_run_from_the_runs_page_shows_it_without_a_restart(
+    populated_db, tmp_path, tiny_checkpoint, monkeypatch
+) -> None:
+    folder = real_run(tmp_path / "fresh-run", tiny_checkpoint)
+    at = open_app(populated_db, monkeypatch)
+    assert not at.exception and "fresh-run" not in set(at.dataframe[0].value["name"])
+    submit_add_run(at, str(folder))
+    assert not at.exception and not at.error
+    assert at.success[0].value.startswith("registered run 'fresh-run': 6 checkpoints (steps 10..100), 6 new")
+    assert "fresh-run" in set(at.dataframe[0].value["name"])  # the table, read again after the write
+    assert len(Store(populated_db).checkpoints("fresh-run")) == 6
+
+
+def test_a_bad_path_on_the_runs_page_is_one_line_and_writes_nothing(populated_db, monkeypatch) -> None:
+    at = open_app(populated_db, monkeypatch)
+    before = Store(populated_db).generation()
+    submit_add_run(at, "/no/such/run", name="ghost")
+    assert not at.exception
+    (error,) = at.error
+    assert "no such folder" in error.value and "\n" not in error.value
+    assert Store(populated_db).generation() == before  # nothing written
+    assert "ghost" not in set(Store(populated_db).runs()["name"])
+    submit_add_run(at, "hf://org/model", filter="re:step(")
+    assert "not a valid regular expression" in at.error[0].value
+
+
+def test_a_hub_run_added_from_the_runs_page_keeps_the_filtered_revisions(db, monkeypatch) -> None:
+    branches = [SimpleNamespace(name=n, target_commit=f"sha-{n}") for n in ("main", "step1000", "step1500", "step2000")]
+    monkeypatch.setattr(huggingface_hub, "list_repo_refs", lambda repo_id: SimpleNamespace(branches=branches, tags=[]))
+    at = open_app(db, monkeypatch)  # an empty cache: the form is open, with what to do
+    assert not at.exception and at.expander[0].proto.expanded
+    submit_add_run(at, "hf://EleutherAI/pythia-14m", filter="step*000")
+    assert not at.exception and not at.error
+    assert "2 checkpoints (steps 1000..2000)" in at.success[0].value
+    assert list(Store(db).checkpoints("pythia-14m")["revision"]) == ["step1000", "step2000"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -109,3 +110,45 @@ def test_load_run_from_hub_without_network(tmp_path: Path) -> None:
     assert with_log.log["value"].tolist() == [3.0]
     with pytest.raises(ValueError, match="no usable checkpoints"):
         load_run("hf://EleutherAI/pythia-70m", refs=["main"])
+
+
+@pytest.mark.parametrize(
+    ("pattern", "kept"),
+    [
+        ("step*000", ["step1000", "step2000", "step10000"]),  # a glob matches the whole name
+        ("step?000", ["step1000", "step2000"]),
+        ("re:^step\\d000$", ["step1000", "step2000"]),
+        ("step\\d+000$", ["step1000", "step2000", "step10000"]),  # a regex-only character: searched as a regex
+        ("(1|2)000$", ["step1000", "step2000"]),  # not step10000: its last four digits are 0000
+        ("stage1-*", ["stage1-step500-tokens1B"]),
+    ],
+)
+def test_revision_filter_globs_and_regexes(pattern: str, kept: list[str]) -> None:
+    refs = ["main", "step500", "step1000", "step1500", "step2000", "step10000", "stage1-step500-tokens1B"]
+    assert sorted(c.revision for c in hub_checkpoints("org/model", refs, pattern)) == sorted(kept)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        ("", "--revision-filter is empty"),
+        ("re:step(", "not a valid regular expression"),
+        ("checkpoint-*", "no revision matches --revision-filter 'checkpoint-*' (3 revisions, e.g. main, step1, step2)"),
+    ],
+)
+def test_a_bad_or_empty_filter_is_one_line(pattern: str, message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        hub_checkpoints("org/model", ["step1", "step2", "main"], pattern)
+    assert "\n" not in str(err.value)
+    if "matches" not in message:  # a broken filter fails before the repository is listed online
+        monkeypatch.setattr(huggingface_hub, "list_repo_refs", lambda repo_id: pytest.fail("listed online"))
+        with pytest.raises(ValueError, match=re.escape(message)):
+            hub_checkpoints("org/model", None, pattern)
+
+
+def test_listed_refs_are_filtered_before_anything_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(huggingface_hub, "list_repo_refs", lambda repo_id: fake_refs("step10-tokens500K", "step20"))
+    run = load_run("hf://org/model", revision_filter="step2*")
+    assert [(c.step, c.fingerprint) for c in run.checkpoints] == [(20, "org/model@sha-step20")]
+    with pytest.raises(ValueError, match="--revision-filter selects hub revisions; use it with hf://ORG/MODEL"):
+        load_run("/some/folder", revision_filter="step*")

@@ -9,10 +9,16 @@ rewritten in practice).
 
 from __future__ import annotations
 
+import fnmatch
+import re
+from collections.abc import Callable
+
 from analysis.runs.base import Checkpoint
 from analysis.runs.local import parse_step_name
 
 HF_PREFIX = "hf://"
+# Characters that only a regular expression uses: a filter holding one is a regex, else a glob.
+_REGEX_ONLY = re.compile(r"[\^$()+{}|\\]")
 
 
 def parse_revision(ref: str) -> tuple[int, int | None] | None:
@@ -60,16 +66,51 @@ def _list_refs(repo_id: str) -> list[tuple[str, str | None]]:
     return found
 
 
-def hub_checkpoints(repo_id: str, refs: list[str] | None = None) -> list[Checkpoint]:
+def revision_matcher(pattern: str) -> Callable[[str], bool]:
+    """A test of revision names for ``--revision-filter``: a glob, or a regular expression.
+
+    ``re:`` forces a regex; otherwise a pattern with a regex-only character (``^ $ ( ) + { } | \\``) is a
+    regex, searched anywhere in the name (``step\\d+000$``), and anything else a glob matched against the
+    whole name (``step*000``, ``stage1-*``). Raises ValueError for an empty pattern or a broken regex.
+    """
+    text = pattern.strip()
+    if not text:
+        raise ValueError("--revision-filter is empty: give a glob such as 'step*000' or a regex such as 're:^step'")
+    if text.startswith("re:") or _REGEX_ONLY.search(text):
+        body = text.removeprefix("re:")
+        try:
+            compiled = re.compile(body)
+        except re.error as err:
+            raise ValueError(f"--revision-filter {pattern!r}: not a valid regular expression ({err})") from None
+        return lambda name: compiled.search(name) is not None
+    return lambda name: fnmatch.fnmatchcase(name, text)
+
+
+def hub_checkpoints(
+    repo_id: str, refs: list[str] | None = None, revision_filter: str | None = None
+) -> list[Checkpoint]:
     """The checkpoints of a hub repository, one per step-named branch, sorted by step.
 
     With ``refs`` None the branches and tags are listed online (raises ValueError with one
     line when that fails); otherwise only the given names are parsed and nothing is
-    contacted. ``main`` and names without a step are ignored. When two names give the
-    same step, the one with more tokens is kept (then the first in name order).
+    contacted. ``revision_filter`` (:func:`revision_matcher`) keeps only the names it matches;
+    one that matches none raises ValueError naming a few of the names there are.
+    ``main`` and names without a step are ignored. When two names give the same step, the
+    one with more tokens is kept (then the first in name order).
     """
     repo_id, _ = parse_hub_path(repo_id)
+    # A broken filter fails here, before the repository is listed online.
+    keep = revision_matcher(revision_filter) if revision_filter is not None else None
     named = _list_refs(repo_id) if refs is None else [(ref.strip(), None) for ref in refs]
+    if keep is not None:
+        kept = [(ref, commit) for ref, commit in named if keep(ref)]
+        if not kept:
+            some = ", ".join(sorted(ref for ref, _ in named)[:5]) or "none"
+            raise ValueError(
+                f"{HF_PREFIX}{repo_id}: no revision matches --revision-filter {revision_filter!r} "
+                f"({len(named)} revisions, e.g. {some})"
+            )
+        named = kept
     best: dict[int, Checkpoint] = {}
     for ref, commit in sorted(dict(named).items()):
         parsed = parse_revision(ref)

@@ -66,11 +66,11 @@ def _read_logs(files: list[Path], problems: list[str]) -> list[pd.DataFrame]:
     return frames
 
 
-def _load_hub(source: str, name: str | None, refs: list[str] | None) -> Run:
+def _load_hub(source: str, name: str | None, refs: list[str] | None, revision_filter: str | None = None) -> Run:
     repo_id, revision = parse_hub_path(source)
     if refs is None and revision is not None:
         refs = [revision]
-    checkpoints = hub_checkpoints(repo_id, refs)
+    checkpoints = hub_checkpoints(repo_id, refs, revision_filter)
     problems = [] if checkpoints else [f"{HF_PREFIX}{repo_id}: no branches named like step1000 or step1000-tokens4B"]
     return Run(
         name=name or repo_id.rsplit("/", 1)[-1],
@@ -116,11 +116,13 @@ def load_run(
     refs: list[str] | None = None,
     step_map: str | Path | None = None,
     steps_per_checkpoint: int | None = None,
+    revision_filter: str | None = None,
 ) -> Run:
     """Load a run: its checkpoints, its merged training log and what could not be used.
 
     ``path`` is a local run folder or ``hf://org/model`` (``hf://org/model@step1000`` for one
-    revision; ``refs`` names the revisions instead of listing them online). Logs found in a
+    revision; ``refs`` names the revisions instead of listing them online; ``revision_filter``,
+    a glob or regex, keeps only the revisions it matches: ``hub.revision_matcher``). Logs found in a
     local folder are merged (see ``logs.find_logs``); an unreadable one becomes a line in
     ``Run.problems``. ``log`` is read last, so it wins on shared (step, metric) pairs; unlike
     found logs it must be readable, else ValueError. ``step_map`` / ``steps_per_checkpoint``
@@ -130,9 +132,12 @@ def load_run(
     checkpoints nor log rows.
     """
     source = str(path)
-    if refs is not None and not source.startswith(HF_PREFIX):
+    hub = source.startswith(HF_PREFIX)
+    if refs is not None and not hub:
         raise ValueError(f"{source}: --revisions names hub revisions; use it with hf://ORG/MODEL")
-    run = _load_hub(source, name, refs) if source.startswith(HF_PREFIX) else _load_local(path, name)
+    if revision_filter is not None and not hub:
+        raise ValueError(f"{source}: --revision-filter selects hub revisions; use it with hf://ORG/MODEL")
+    run = _load_hub(source, name, refs, revision_filter) if hub else _load_local(path, name)
     run = apply_steps(run, step_map, steps_per_checkpoint)
     if log is not None:
         result = read_log(log)
