@@ -382,6 +382,28 @@ def correlations(
 # -- divergence windows -------------------------------------------------------------------------------------
 
 
+TOL_OF = ("value", "range", "absolute")
+
+
+def flat_tolerance(loss: np.ndarray, loss_tol: float, tol_of: str) -> np.ndarray:
+    """How far the loss may move over a span that starts at each point and still count as flat.
+
+    ``"value"``: ``loss_tol`` of the loss where the span starts (a 2% wobble of a loss of 3 is flat).
+    ``"range"``: ``loss_tol`` of the run's whole loss range, max - min over its points: for a loss that
+    falls to near zero, as a training loss does once a model fits its data, where any relative wobble of
+    a tiny value is large; flat then means "moves by less than 2% of what it moved over the run".
+    ``"absolute"``: ``loss_tol`` in the loss's own units.
+    """
+    loss = np.asarray(loss, dtype=float)
+    if tol_of == "value":
+        return loss_tol * np.abs(loss)
+    if tol_of == "range":
+        return np.full(len(loss), loss_tol * float(np.ptp(loss)) if len(loss) else 0.0)
+    if tol_of == "absolute":
+        return np.full(len(loss), float(loss_tol))
+    raise ValueError(f"tol_of={tol_of!r}: use one of {', '.join(TOL_OF)}")
+
+
 def _candidate_spans(loss: np.ndarray, loss_sign: float, tol: np.ndarray, min_points: int) -> dict[str, tuple]:
     """Index pairs (i, j), i < j, that qualify for each kind on the loss alone.
 
@@ -407,15 +429,14 @@ def _windows_of_run(
     loss_sign: float,
     score_sign: float,
     loss_tol: float,
-    relative: bool,
+    tol_of: str,
     alpha: float,
     min_points: int,
     n_sim: int,
     seed: int,
     cov: np.ndarray | None = None,
 ) -> tuple[list[dict], str]:
-    n = len(xs)
-    tol = loss_tol * np.abs(loss) if relative else np.full(n, loss_tol)
+    tol = flat_tolerance(loss, loss_tol, tol_of)
     spans = _candidate_spans(loss, loss_sign, tol, min_points)
     # grokking: the score improves (in its own direction) at flat loss; inverse: it worsens as loss improves.
     starts = np.concatenate([spans["grokking"][0], spans["inverse"][0]])
@@ -476,7 +497,7 @@ def divergence_windows(
     downstream_metric: str,
     *,
     loss_tol: float = 0.02,
-    relative: bool = True,
+    tol_of: str = "value",
     alpha: float = 0.05,
     min_points: int = 2,
     x: str = "step",
@@ -491,8 +512,9 @@ def divergence_windows(
     Points are the checkpoints where the downstream score was measured, with the loss interpolated there
     (``align``). Every span i..j of at least ``min_points`` points is a candidate:
 
-    - **grokking**: the loss stays flat (max - min over the span <= tol, tol = ``loss_tol`` * |loss_i| when
-      ``relative``, else ``loss_tol``) and the score improves from i to j;
+    - **grokking**: the loss stays flat (max - min over the span <= tol, see :func:`flat_tolerance`:
+      ``loss_tol`` times |loss_i| for ``tol_of="value"``, times the run's whole loss range for ``"range"``,
+      or ``loss_tol`` itself for ``"absolute"``) and the score improves from i to j;
     - **inverse**: the loss improves by more than tol from i to j and the score gets worse.
 
     "Improves" follows each metric's direction (:mod:`analysis.directions`): a perplexity that falls
@@ -518,6 +540,8 @@ def divergence_windows(
     """
     if loss_tol < 0:
         raise ValueError(f"loss_tol={loss_tol} must be >= 0")
+    if tol_of not in TOL_OF:
+        raise ValueError(f"tol_of={tol_of!r}: use one of {', '.join(TOL_OF)}")
     if not 0 < alpha < 1:
         raise ValueError(f"alpha={alpha} must be between 0 and 1")
     if min_points < 2:
@@ -541,7 +565,7 @@ def divergence_windows(
             loss_sign=loss_sign,
             score_sign=score_sign,
             loss_tol=loss_tol,
-            relative=relative,
+            tol_of=tol_of,
             alpha=alpha,
             min_points=min_points,
             n_sim=n_sim,

@@ -216,9 +216,60 @@ def test_absolute_tolerance():
     frame = grokking_frame()
     mask = (frame["metric"] == LOSS) & frame["step"].between(1000, 3000)
     frame.loc[mask, "value"] = 2.0 + 0.03 * (-1.0) ** (frame.loc[mask, "step"] // 250)  # +-0.03 by checkpoint
-    assert (divergence_windows(frame, LOSS, ACC, loss_tol=0.01, relative=False)["kind"] != "grokking").all()
-    found = divergence_windows(frame, LOSS, ACC, loss_tol=0.07, relative=False)
+    assert (divergence_windows(frame, LOSS, ACC, loss_tol=0.01, tol_of="absolute")["kind"] != "grokking").all()
+    found = divergence_windows(frame, LOSS, ACC, loss_tol=0.07, tol_of="absolute")
     assert found[["start", "end"]].values.tolist() == [[1000, 3000]]
+
+
+def _fitted_run(n: int, rng: np.random.Generator, rise: float) -> tuple[np.ndarray, np.ndarray]:
+    """A training loss that fits (4.6 -> ~0.01 by a fifth of the run), then wobbles 30% around its floor, as
+    a logged batch loss does; accuracy (stderr 0.02) flat at 0.01 plus noise, or rising by ``rise`` over the
+    last half."""
+    x = np.arange(1, n + 1, dtype=float)
+    loss = np.maximum(0.01, 4.6 * np.exp(-x / (n / 25))) * (1 + 0.3 * rng.uniform(-1, 1, n))
+    acc = 0.01 + rise * np.clip((np.arange(n) - n / 2) / (n / 2), 0, 1) + 0.02 * rng.standard_normal(n)
+    return loss, acc
+
+
+def _grokking_found(loss: np.ndarray, acc: np.ndarray, tol_of: str, seed: int) -> bool:
+    """The per-run window search of divergence_windows on arrays (skips the frame plumbing: fast enough to simulate)."""
+    found, _ = dv._windows_of_run(
+        np.arange(len(loss), dtype=float), loss, acc, np.full(len(acc), 0.02), loss_sign=-1.0, score_sign=1.0,
+        loss_tol=0.1, tol_of=tol_of, alpha=0.05, min_points=2, n_sim=500, seed=seed,
+    )  # fmt: skip
+    return any(w["kind"] == "grokking" for w in found)
+
+
+@pytest.mark.parametrize("n", [3, 5, 20, 100])
+def test_range_tolerance_keeps_the_error_rate_on_a_fitted_loss(n):
+    """Null: a loss at its noisy floor is flat by its range, and pure-noise accuracy gets a grokking window in
+    at most alpha of runs (95% binomial bound over 100 runs). The candidate spans depend on the loss only, so
+    the max-T calibration holds for any such rule; ``python -m bench.calibration`` covers 150-300 checkpoints."""
+    rng = np.random.default_rng(n)
+    runs = 100
+    hits = sum(_grokking_found(*_fitted_run(n, rng, 0.0), "range", seed=i) for i in range(runs))
+    assert hits / runs <= 0.05 + 1.96 * np.sqrt(0.05 * 0.95 / runs)
+
+
+@pytest.mark.parametrize("n", [10, 20, 100])
+def test_range_tolerance_finds_a_late_rise_at_a_fitted_loss(n):
+    """Power: accuracy rising by 0.5 over the second half, the loss at its floor, is found in nearly every run;
+    measured relative to the loss's own (tiny, wobbling) value, the flat stretch is rarely flat, and the rise
+    is found far less often."""
+    rng = np.random.default_rng(100 + n)
+    planted = [_fitted_run(n, rng, 0.5) for _ in range(30)]
+    by_range = sum(_grokking_found(loss, acc, "range", seed=i) for i, (loss, acc) in enumerate(planted))
+    by_value = sum(_grokking_found(loss, acc, "value", seed=i) for i, (loss, acc) in enumerate(planted))
+    assert by_range >= 27 and by_value < by_range
+
+
+def test_tolerance_modes_by_hand():
+    loss = np.array([4.0, 1.0, 0.02, 0.01])
+    assert dv.flat_tolerance(loss, 0.1, "value").tolist() == pytest.approx([0.4, 0.1, 0.002, 0.001])
+    assert dv.flat_tolerance(loss, 0.1, "range").tolist() == pytest.approx([0.399] * 4)
+    assert dv.flat_tolerance(loss, 0.1, "absolute").tolist() == [0.1] * 4
+    with pytest.raises(ValueError, match="tol_of='ratio': use one of value, range, absolute"):
+        divergence_windows(grokking_frame(), LOSS, ACC, tol_of="ratio")
 
 
 def test_planted_inverse_window_found_with_its_bounds():
