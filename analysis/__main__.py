@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,11 +74,63 @@ def _demo_data_files() -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """The demo: the shipped results (default), trained checkpoints (--train), or a full rebuild (--rebuild)."""
+    store = Store(args.db)
+    root = Path(args.root)
+    if args.rebuild:
+        return _demo_rebuild(store, root, args)
+    if args.train:
+        return _demo_train(store, root, args)
+    from analysis.demo_data import SHIPPED_DIR, import_demo, missing_demo_runs
+
+    missing = missing_demo_runs(store)
+    if not missing:
+        print(
+            f"the demo runs are in {args.db}; `python -m analysis demo --train` builds their checkpoints",
+            file=sys.stderr,
+        )
+        return 0
+    if not (SHIPPED_DIR / "manifest.json").is_file():
+        print(f"warning: no shipped demo results in {SHIPPED_DIR}; training the demo runs instead", file=sys.stderr)
+        return _demo_train(store, root, args)
+    _demo_data_files()
+    start = time.monotonic()
+    report = import_demo(store, root)
+    print(
+        f"imported the shipped demo results into {args.db} in {time.monotonic() - start:.1f} s: {report.summary()}\n"
+        f"`python -m analysis demo --train` builds the demo checkpoints to evaluate them yourself",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _demo_rebuild(store: Store, root: Path, args: argparse.Namespace) -> int:
+    """Retrain both demo runs from scratch, compute every demo evaluation, rewrite the shipped results."""
+    from analysis.demo_data import SHIPPED_DIR, import_demo, rebuild
+
+    out = Path(args.out) if args.out else SHIPPED_DIR
+    print(
+        f"rebuilding the demo from scratch in {root}, results to {out} (tens of minutes on a laptop CPU)",
+        file=sys.stderr,
+    )
+    seconds = rebuild(root, out, scale=args.scale, progress=_progress_bar("training"), unit_progress=_unit_bar)
+    _demo_data_files()
+    known = set(store.runs().get("name", []))
+    from analysis.demo import DEMO_RUNS
+
+    for name in DEMO_RUNS:
+        if name in known:
+            store.delete_run(name)  # the rebuilt runs replace the old ones
+    import_demo(store, root, out)
+    print(f"rebuilt the demo in {seconds / 60:.1f} minutes; {out} rewritten and imported into {args.db}")
+    return 0
+
+
+def _demo_train(store: Store, root: Path, args: argparse.Namespace) -> int:
+    """Train (or keep) the demo checkpoints, register them, queue or run their evaluation."""
     from analysis.demo import DEMO_RUNS, build_demo, is_complete
     from analysis.runs.load import load_run
 
-    store = Store(args.db)
-    root = Path(args.root)
     print(f"building the demo runs in {root} (cached: a finished run is not retrained)", file=sys.stderr)
     retrained = {name for name, cfg in DEMO_RUNS.items() if not is_complete(root / name, cfg.scaled(args.scale))}
     folders = build_demo(root, scale=args.scale, progress=_progress_bar("training"))
@@ -459,11 +512,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", parents=[common], help="train the two embedded demo runs and register them")
+    p = sub.add_parser(
+        "demo", parents=[common], help="load the embedded demo's shipped results (--train: build its checkpoints too)"
+    )
     p.add_argument("--root", default=str(DEMO_ROOT), help=f"where the demo checkpoints go (default {DEMO_ROOT})")
-    p.add_argument("--scale", type=float, default=1.0, help="fraction of the training steps (for quick tries)")
-    p.add_argument("--no-eval", action="store_true", help="train and register only; queue no evaluation")
-    p.add_argument("--wait", action="store_true", help="run the demo evaluation here instead of queueing it")
+    p.add_argument("--train", action="store_true", help="train the demo runs and evaluate them here")
+    p.add_argument(
+        "--rebuild", action="store_true", help="retrain from scratch, recompute everything, rewrite the shipped results"
+    )
+    p.add_argument("--out", help="--rebuild: where the results go (default data/demo_results)")
+    p.add_argument("--scale", type=float, default=1.0, help="--train, --rebuild: fraction of the steps (quick tries)")
+    p.add_argument("--no-eval", action="store_true", help="--train: train and register only; queue no evaluation")
+    p.add_argument("--wait", action="store_true", help="--train: run the demo evaluation here instead of queueing it")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("add-run", parents=[common], help="register a local checkpoint folder or hf://ORG/MODEL")

@@ -201,6 +201,40 @@ DEMO_EVAL = {
 }
 
 
+# The fine-tune probe on the demo runs (see README, The fine-tune probe): full fine-tuning on modular
+# subtraction, which neither run saw, scored by the answer's perplexity (accuracy stays near 0), on
+# ``FINETUNE_CHECKPOINTS`` checkpoints spread over the run. 9-20 s a checkpoint on a laptop CPU.
+DEMO_FINETUNE = {
+    "metrics": ("finetune",),
+    "metric_params": {
+        "finetune": {
+            "task": "modsub",
+            "method": "full",
+            "steps": "300",
+            "score": "perplexity,none",
+            "other_tasks": "modarith_mc",
+        }
+    },
+}
+FINETUNE_CHECKPOINTS = 12
+
+
+def finetune_steps(cfg: DemoConfig, n: int = FINETUNE_CHECKPOINTS) -> tuple[int, ...]:
+    """``n`` of the run's checkpoint steps, evenly spread over its list (first and last included)."""
+    steps = cfg.checkpoint_steps()
+    if n >= len(steps):
+        return tuple(steps)
+    picks = {steps[round(i * (len(steps) - 1) / (n - 1))] for i in range(n)} if n > 1 else {steps[-1]}
+    return tuple(sorted(picks))
+
+
+def demo_finetune_spec(run: str, *, device: str = "auto", scale: float = 1.0):
+    """The fine-tune probe job of one demo run (see DEMO_FINETUNE), on the run trained at ``scale``."""
+    from analysis.jobs.spec import JobSpec
+
+    return JobSpec(run=run, steps=finetune_steps(DEMO_RUNS[run].scaled(scale)), device=device, **DEMO_FINETUNE)
+
+
 def demo_eval_spec(run: str, *, device: str = "auto", **overrides):
     """The evaluation job of one demo run (see DEMO_EVAL); ``overrides`` replace JobSpec fields."""
     from analysis.jobs.spec import JobSpec
@@ -440,8 +474,12 @@ def train_run(
     *,
     progress: Callable[[int, int], None] | None = None,
     device: str | torch.device = "cpu",
+    until: int | None = None,
 ) -> Path:
     """Train one demo run into ``out_dir`` and return it.
+
+    ``until`` stops after that many steps (the checkpoints up to it saved, no ``COMPLETE`` marker):
+    the first checkpoints of a run, bit for bit, without training the rest.
 
     ``out_dir`` must be empty, missing, or an earlier (possibly unfinished) demo run, which is
     replaced. ``progress(step, cfg.steps)`` is called after every step. The same config, device and
@@ -462,6 +500,8 @@ def train_run(
     train_ids = encode_pairs(train_pairs, cfg.p, cfg.op, tokenizer).to(device)  # (N_train, T)
     heldout_ids = encode_pairs(eval_pairs(cfg), cfg.p, cfg.op, tokenizer).to(device)  # (N_eval, T)
     save_at = set(cfg.checkpoint_steps())
+    if until is not None and not 1 <= until <= cfg.steps:
+        raise ValueError(f"until={until} must be in [1, steps={cfg.steps}]")
 
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -474,14 +514,15 @@ def train_run(
             json.dumps(_summary(cfg, model, out_dir, sorted(save_at), len(train_ids), len(heldout_ids)), indent=2)
             + "\n"
         )
-        _train_loop(cfg, model, tokenizer, train_ids, heldout_ids, save_at, out_dir, progress)
+        _train_loop(cfg, model, tokenizer, train_ids, heldout_ids, save_at, out_dir, progress, until or cfg.steps)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
-    (out_dir / MARKER).write_text(_marker_text(cfg))  # last: its presence means the run is whole
+    if until is None or until == cfg.steps:
+        (out_dir / MARKER).write_text(_marker_text(cfg))  # last: its presence means the run is whole
     return out_dir
 
 
-def _train_loop(cfg, model, tokenizer, train_ids, heldout_ids, save_at, out_dir, progress) -> None:
+def _train_loop(cfg, model, tokenizer, train_ids, heldout_ids, save_at, out_dir, progress, last_step) -> None:
     """The optimisation loop of :func:`train_run`: AdamW, warmup then constant lr, log and save."""
     # Weight decay on matrices only (nanoGPT's rule): decaying norms' gains does not help and
     # only rescales them.
@@ -497,7 +538,7 @@ def _train_loop(cfg, model, tokenizer, train_ids, heldout_ids, save_at, out_dir,
     tokens = 0
     model.train()
     with open(out_dir / "metrics.jsonl", "w") as log:
-        for step in range(1, cfg.steps + 1):
+        for step in range(1, last_step + 1):
             lr = cfg.lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
             for group in optimizer.param_groups:
                 group["lr"] = lr

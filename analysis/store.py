@@ -487,6 +487,31 @@ class Store:
                 con.execute(f"DELETE FROM {table} WHERE run = ?", [name])
             con.execute("DELETE FROM runs WHERE name = ?", [name])
 
+    def relocate_runs(self, names: list[str], old_root: str, new_root: str) -> int:
+        """Point ``names``' source and checkpoint paths under ``old_root`` at ``new_root`` instead.
+
+        For results computed elsewhere (the shipped demo): the values stay, the paths follow the local
+        folders. Only a leading ``old_root`` is replaced. Returns the number of checkpoint rows changed.
+        """
+        changed = 0
+        with self._write() as con:
+            for name in names:
+                con.execute(
+                    "UPDATE runs SET source = ? || substr(source, length(?) + 1)"
+                    " WHERE name = ? AND starts_with(source, ?)",
+                    [new_root, old_root, name, old_root],
+                )
+                (n,) = con.execute(
+                    "SELECT count(*) FROM checkpoints WHERE run = ? AND starts_with(path, ?)", [name, old_root]
+                ).fetchone()
+                con.execute(
+                    "UPDATE checkpoints SET path = ? || substr(path, length(?) + 1)"
+                    " WHERE run = ? AND starts_with(path, ?)",
+                    [new_root, old_root, name, old_root],
+                )
+                changed += n
+        return changed
+
     def runs(self) -> pd.DataFrame:
         """One row per run: name, source, checkpoint count, first and last step, results count."""
         return self._read(

@@ -1,0 +1,209 @@
+"""The demo's computed results, shipped beside the code so the dashboard is whole on first open.
+
+``data/demo_results/`` holds what ``python -m analysis demo --rebuild`` computed on the two demo
+runs (see :mod:`analysis.demo`): an export of the cache in the exchange format (one Parquet file
+per table and ``manifest.json``, see :mod:`analysis.exchange`) and ``provenance.json``, which says
+how it was made (code version, the run and evaluation settings and seeds, library versions,
+machine, torch threads, build time).
+
+- ``python -m analysis demo`` imports it into the cache: seconds, no training.
+- ``python -m analysis demo --train`` builds the checkpoints too, to evaluate them yourself; the
+  runs it retrains are evaluated again from their own weights.
+- ``python -m analysis demo --rebuild`` (``make demo-rebuild``) retrains both runs from scratch,
+  computes every demo evaluation, and rewrites the folder.
+
+Checkpoint paths are stored relative to the demo root (``ROOT_TOKEN``) and pointed at the local
+``data/demo`` on import, so the results line up with checkpoints trained later on the same seeds.
+A test retrains the first checkpoints and checks the shipped values against recomputed ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+from analysis.store import Store
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "demo_results"
+PROVENANCE = "provenance.json"
+ROOT_TOKEN = "<demo-root>"  # what the demo root's absolute path is replaced by in the shipped files
+
+
+def code_version() -> str:
+    """The git commit of the working tree (``+dirty`` when it has uncommitted changes), or "unknown"."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def provenance(build_seconds: float, threads: int) -> dict:
+    """How the shipped results were made: enough to rebuild them and to know what might differ."""
+    import importlib.metadata as md
+
+    from analysis.demo import DEMO_EVAL, DEMO_FINETUNE, DEMO_RUNS, DEMO_VERSION
+
+    def version(name: str) -> str:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return "absent"
+
+    return {
+        "made_by": "python -m analysis demo --rebuild",
+        "made_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "code_version": code_version(),
+        "demo_version": DEMO_VERSION,
+        "runs": {name: asdict(cfg) for name, cfg in DEMO_RUNS.items()},  # seeds included
+        "evaluation": {**DEMO_EVAL, "finetune": DEMO_FINETUNE},
+        "libraries": {n: version(n) for n in ("torch", "transformers", "lm-eval", "duckdb", "numpy", "scipy")},
+        "python": platform.python_version(),
+        "machine": {
+            "system": platform.system(),
+            "arch": platform.machine(),
+            "cpus": os.cpu_count(),
+            "processor": _cpu_model(),
+        },
+        "torch_threads_per_run": threads,
+        "build_seconds": round(build_seconds),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def read_provenance(folder: Path = SHIPPED_DIR) -> dict:
+    """The folder's provenance, or a one-line error saying how to make it."""
+    path = Path(folder) / PROVENANCE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing; rebuild the shipped demo with `make demo-rebuild`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: unreadable ({str(err).splitlines()[0]}); rebuild with `make demo-rebuild`") from None
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
+        raise ValueError(f"{path}: not a demo provenance file (no 'runs'); rebuild with `make demo-rebuild`")
+    return data
+
+
+def export_demo(store: Store, folder: Path, root: Path, prov: dict) -> dict:
+    """Write the demo runs of ``store`` (checkpoints under ``root``) to ``folder`` with ``prov``; the manifest.
+
+    The paths in ``store`` are rewritten to ``ROOT_TOKEN`` first: ``store`` should be the build's own
+    cache, not the user's.
+    """
+    from analysis.demo import DEMO_RUNS
+    from analysis.exchange import export_parquet
+
+    folder = Path(folder)
+    names = list(DEMO_RUNS)
+    store.relocate_runs(names, str(Path(root).resolve()), ROOT_TOKEN)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    manifest = export_parquet(store, tmp, runs=names)
+    manifest.pop("source", None)  # the build's temporary cache: means nothing elsewhere
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (tmp / PROVENANCE).write_text(json.dumps(prov, indent=2) + "\n")
+    _replace_folder(tmp, folder)
+    return manifest
+
+
+def _replace_folder(new: Path, old: Path) -> None:
+    """Swap ``new`` in for ``old`` so a reader never sees half a folder."""
+    import shutil
+
+    if old.exists():
+        trash = old.with_name(old.name + ".old")
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.replace(old, trash)
+        os.replace(new, old)
+        shutil.rmtree(trash)
+    else:
+        os.replace(new, old)
+
+
+def missing_demo_runs(store: Store) -> list[str]:
+    """The demo runs the cache does not hold yet."""
+    from analysis.demo import DEMO_RUNS
+
+    known = set(store.runs().get("name", []))
+    return [name for name in DEMO_RUNS if name not in known]
+
+
+def import_demo(store: Store, root: Path, folder: Path = SHIPPED_DIR):
+    """Import the shipped demo results into ``store``, pointing checkpoint paths at ``root``; the ImportReport.
+
+    Nothing is written when the folder is incomplete or damaged (see :func:`analysis.exchange.import_parquet`).
+    """
+    from analysis.demo import DEMO_RUNS
+    from analysis.exchange import import_parquet
+
+    read_provenance(folder)
+    report = import_parquet(store, folder)
+    store.relocate_runs(list(DEMO_RUNS), ROOT_TOKEN, str(Path(root).resolve()))
+    return report
+
+
+def rebuild(root: Path, folder: Path, *, scale: float = 1.0, progress=None, unit_progress=None) -> float:
+    """Retrain the demo runs from scratch under ``root``, compute every demo evaluation, write ``folder``.
+
+    The results are computed in a cache of their own (a temporary file), never the user's, and
+    ``folder`` is replaced only once everything has succeeded. ``progress(done, total)`` follows the
+    training steps; ``unit_progress()`` makes a progress callback for each evaluation job. Returns the
+    build time in seconds. A failed evaluation stops the rebuild with its first error. ``scale`` < 1
+    trains shorter runs (see :meth:`DemoConfig.scaled`) to try the pipeline; only scale 1 is shipped.
+    """
+    import shutil
+    import tempfile
+    import time
+
+    from analysis.demo import DEMO_RUNS, build_demo, demo_eval_spec, demo_finetune_spec
+    from analysis.jobs import run_job, submit
+    from analysis.runs.load import load_run
+
+    start = time.monotonic()
+    root = Path(root)
+    for name in DEMO_RUNS:
+        shutil.rmtree(root / name, ignore_errors=True)  # from scratch: a kept run would not test the code
+    workers = min(len(DEMO_RUNS), os.cpu_count() or 1)
+    folders = build_demo(root, scale=scale, progress=progress, workers=workers)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with tempfile.TemporaryDirectory(prefix="demo-rebuild-") as tmp:
+        store = Store(Path(tmp) / "demo.duckdb")
+        for run_dir in folders:
+            store.register_run(load_run(run_dir))
+        for run_dir in folders:
+            for spec in (demo_eval_spec(run_dir.name), demo_finetune_spec(run_dir.name, scale=scale)):
+                job = submit(store, spec)
+                report = run_job(store, job, progress=unit_progress() if unit_progress else None)
+                if report.failed:
+                    raise RuntimeError(f"demo rebuild: {run_dir.name}: {report.failed[0]}")
+        seconds = time.monotonic() - start
+        export_demo(store, Path(folder), root, {**provenance(seconds, threads), "scale": scale})
+    return seconds
+
+
+__all__ = ["SHIPPED_DIR", "export_demo", "import_demo", "missing_demo_runs", "provenance", "read_provenance", "rebuild"]
