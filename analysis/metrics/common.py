@@ -364,6 +364,24 @@ def check_subset(subset: str) -> None:
     raise ValueError(f"unknown parameter subset {subset!r}; use {SUBSET_HELP}")
 
 
+def check_positive_int(owner: str, name: str, value: int) -> None:
+    """Raise ValueError naming ``owner``'s setting ``name`` unless ``value`` is an integer >= 1 (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
+
+
+def check_positive_number(owner: str, name: str, value: float) -> None:
+    """Raise ValueError naming ``owner``'s setting ``name`` unless ``value`` is a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{owner}: {name} must be a positive number, got {value!r}")
+
+
+def check_non_negative_number(owner: str, name: str, value: float) -> None:
+    """Raise ValueError naming ``owner``'s setting ``name`` unless ``value`` is a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{owner}: {name} must be a number >= 0, got {value!r}")
+
+
 def layer_index(name: str) -> int | None:
     """The first numeric component of a parameter name: 3 in 'model.layers.3.mlp.gate.weight'."""
     match = _LAYER_INDEX.search(name)
@@ -468,3 +486,27 @@ def config_params(config: Any, seed: int) -> dict[str, Any]:
     from dataclasses import asdict
 
     return {**asdict(config), "seed": int(seed)}
+
+
+def clustered_result(
+    name: str, values: list[list[float]], counts: list[int], config: Any, seed: int, extra: dict[str, Any]
+) -> MetricResult:
+    """A MetricResult from probe values v[b][p] and batch token counts (see :func:`batch_clustered_mean`)."""
+    est = batch_clustered_mean(values, counts)
+    return MetricResult(
+        name=name,
+        value=est.value,
+        stderr=est.stderr,
+        n=len(est.per_value),
+        per_probe=est.per_value,
+        params=config_params(config, seed),
+        extra={
+            "stderr_probes_only": est.stderr_probes_only,
+            "per_batch": est.per_batch,
+            "n_batches": len(values),
+            "n_tokens": sum(counts),
+            **extra,
+        },
+        stderr_covers=est.covers,
+        dof=est.dof,
+    )
