@@ -33,243 +33,22 @@ from scipy.optimize import isotonic_regression
 
 from analysis import significance as sig
 from analysis.directions import orientation
-from analysis.settings import unconverged
-
-X_AXES = ("step", "tokens", "flops")
-POOLED = "(pooled)"
-
-ALIGNED_COLUMNS = [
-    "run", "x", "step", "tokens", "left_metric", "right_metric", "left", "left_stderr", "right", "right_stderr",
-]  # fmt: skip
-CORRELATION_COLUMNS = [
-    "run", "downstream", "n", "spearman", "change_spearman", "change_lo", "change_hi", "change_p", "pearson",
-    "n_effective",
-]  # fmt: skip
-WINDOW_COLUMNS = [
-    "run", "kind", "start", "end", "downstream_change", "change_lo", "change_hi", "p_adjusted", "z_score",
-    "n_points", "loss_change", "loss_range", "n_spans", "stderr_source",
-]  # fmt: skip
-MATCHED_COLUMNS = ["loss_level", "run", "downstream", "stderr", "reference", "gap", "gap_stderr"]
-RESIDUAL_COLUMNS = [
-    "run", "x", "step", "tokens", "loss", "downstream", "fitted", "residual", "intercept", "slope",
-    "run_fitted", "run_residual", "run_intercept", "run_slope",
-]  # fmt: skip
-RANKING_COLUMNS = [
-    "run", "predictor", "downstream", "n", "spearman", "abs_spearman", "sign", "loo_rmse", "loo_r2", "is_loss",
-    "beats_loss_p", "beats_loss",
-]  # fmt: skip
-
-# Logged bookkeeping that is not a signal about the model (the schedule predicts everything monotone).
-_NOT_SIGNALS = {"lr", "learning_rate", "epoch", "step", "tokens", "samples", "global_step", "runtime", "time"}
-
-
-# -- input handling -----------------------------------------------------------------------------------------
-
-
-_TEXT_COLUMNS = {"run", "kind", "predictor", "downstream", "left_metric", "right_metric", "reference"}
-
-
-def _empty(columns: list[str]) -> pd.DataFrame:
-    """A frame with no rows and the given columns (text columns as object, the rest as float)."""
-    return pd.DataFrame({c: pd.Series(dtype=object if c in _TEXT_COLUMNS else float) for c in columns})
-
-
-def _available(names) -> str:
-    names = sorted({str(n) for n in names})
-    shown = ", ".join(names[:30])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > 30 else "") if names else "(none)"
-
-
-def _check_frame(frame: pd.DataFrame) -> None:
-    if not isinstance(frame, pd.DataFrame):
-        raise ValueError(f"expected a pandas DataFrame, got {type(frame).__name__}")
-    missing = [c for c in ("run", "step", "metric", "value") if c not in frame.columns]
-    if missing:
-        raise ValueError(
-            f"frame lacks column(s) {', '.join(missing)}: pass the long table "
-            "(run, step, tokens, metric, value, stderr)"
-        )
-
-
-def _check_metric(frame: pd.DataFrame, metric: str) -> None:
-    if not (frame["metric"] == metric).any():
-        raise ValueError(f"metric {metric!r} not in the data; available: {_available(frame['metric'].unique())}")
-
-
-def _check_x(x: str) -> None:
-    if x not in X_AXES:
-        raise ValueError(f"x-axis {x!r}: choose one of {', '.join(X_AXES)}")
-
-
-def add_flops(frame: pd.DataFrame, n_params: int | float | Mapping[str, float]) -> pd.DataFrame:
-    """A copy of ``frame`` with a ``flops`` column: 6 * n_params * tokens (the dense-transformer estimate).
-
-    ``n_params`` is one count for every run or a run -> count mapping that must name every run in the frame.
-    Rows with unknown tokens get no FLOPs (NaN).
-    """
-    _check_frame(frame)
-    out = frame.copy()
-    tokens = pd.to_numeric(out["tokens"], errors="coerce") if "tokens" in out else pd.Series(np.nan, index=out.index)
-    if isinstance(n_params, Mapping):
-        missing = sorted(set(out["run"].astype(str).unique()) - {str(k) for k in n_params})
-        if missing:
-            raise ValueError(f"n_params has no entry for run {missing[0]!r}: give every run's parameter count")
-        counts = out["run"].astype(str).map({str(k): float(v) for k, v in n_params.items()})
-    else:
-        counts = pd.Series(float(n_params), index=out.index)
-    if (counts <= 0).any():
-        raise ValueError("n_params must be positive")
-    out["flops"] = 6.0 * counts * tokens
-    return out
-
-
-def _one_setting(data: pd.DataFrame) -> None:
-    """Refuse a frame holding one (run, metric) under two settings: averaging them would mix experiments."""
-    if "params_hash" not in data or data.empty:
-        return
-    counts = data.groupby(["run", "metric"])["params_hash"].nunique()
-    mixed = counts[counts > 1]
-    if len(mixed):
-        (run, metric), k = mixed.index[0], int(mixed.iloc[0])
-        raise ValueError(
-            f"metric {metric!r} of run {run!r} has {k} settings in the data; pick one per metric first "
-            "(analysis.settings.select_settings, or the variant picker on the page)"
-        )
-
-
-def _prepare(
-    frame: pd.DataFrame,
-    metrics: Sequence[str],
-    *,
-    x: str,
-    n_params: int | float | Mapping[str, float] | None,
-    include_unconverged: bool = False,
-) -> pd.DataFrame:
-    """Rows of ``metrics`` with numeric run/x/step/tokens/value/stderr, NaNs and unconverged rows dropped."""
-    _check_frame(frame)
-    _check_x(x)
-    for metric in metrics:
-        _check_metric(frame, metric)
-    data = frame[frame["metric"].astype(str).isin(list(metrics))].copy()
-    if not include_unconverged:
-        data = data[~unconverged(data)]
-    if x == "flops":
-        if n_params is not None:
-            data = add_flops(data, n_params)
-        elif "flops" not in data:
-            raise ValueError("x='flops' needs n_params (the model's parameter count) or a flops column")
-    for column in ("tokens", "stderr"):
-        if column not in data:
-            data[column] = np.nan
-    data["run"] = data["run"].astype(str)
-    data["metric"] = data["metric"].astype(str)
-    _one_setting(data)
-    for column in ("step", "tokens", "value", "stderr", *(("flops",) if x == "flops" else ())):
-        data[column] = pd.to_numeric(data[column], errors="coerce").astype(float)
-    data["x"] = data[x]
-    data = data[np.isfinite(data["x"]) & np.isfinite(data["value"])]
-    if data.empty:
-        return pd.DataFrame(columns=["run", "metric", "x", "step", "tokens", "value", "stderr"])
-    # One value per (run, metric, x) remains; a log that repeats a step keeps their mean.
-    return data.groupby(["run", "metric", "x"], as_index=False, sort=True).agg(
-        step=("step", "min"), tokens=("tokens", "min"), value=("value", "mean"), stderr=("stderr", "mean")
-    )
-
-
-def _interp(at: np.ndarray, xs: np.ndarray, ys: np.ndarray, log: bool) -> np.ndarray:
-    """Linear interpolation of (xs, ys) at ``at`` (xs increasing), on log-x when asked and possible."""
-    if log and xs[0] > 0 and (at > 0).all():
-        return np.interp(np.log(at), np.log(xs), ys)
-    return np.interp(at, xs, ys)
-
-
-def align(
-    frame: pd.DataFrame,
-    left_metric: str,
-    right_metric: str,
-    *,
-    x: str = "step",
-    n_params: int | float | Mapping[str, float] | None = None,
-    log_interp: bool = True,
-    include_unconverged: bool = False,
-) -> pd.DataFrame:
-    """Two series of each run side by side at the right series' x positions.
-
-    The left series (e.g. ``train/loss``, logged every step) is linearly interpolated at the x of every
-    right-series point (e.g. a downstream score at a checkpoint), on log-x when ``log_interp`` and every x
-    of the run is positive (checkpoints are usually log-spaced), on linear x otherwise. Right points outside
-    the left series' x range are left out (no extrapolation). The left stderr is interpolated the same way.
-    ``x`` is ``step``, ``tokens`` or ``flops`` (6 * n_params * tokens; ``n_params`` one count or per run).
-
-    Columns: run, x, step, tokens, left_metric, right_metric, left, left_stderr, right, right_stderr.
-    """
-    data = _prepare(frame, [left_metric, right_metric], x=x, n_params=n_params, include_unconverged=include_unconverged)
-    pieces = []
-    for run, group in data.groupby("run", sort=True):
-        left = group[group["metric"] == left_metric]
-        right = group[group["metric"] == right_metric]
-        if left.empty or right.empty:
-            continue
-        lx = left["x"].to_numpy()
-        rx = right["x"].to_numpy()
-        inside = (rx >= lx[0]) & (rx <= lx[-1])
-        if not inside.any():
-            continue
-        right = right[inside]
-        rx = rx[inside]
-        lv = _interp(rx, lx, left["value"].to_numpy(), log_interp)
-        ls = _interp(rx, lx, left["stderr"].to_numpy(), log_interp)
-        pieces.append(
-            pd.DataFrame(
-                {
-                    "run": run,
-                    "x": rx,
-                    "step": right["step"].to_numpy(),
-                    "tokens": right["tokens"].to_numpy(),
-                    "left_metric": left_metric,
-                    "right_metric": right_metric,
-                    "left": lv,
-                    "left_stderr": ls,
-                    "right": right["value"].to_numpy(),
-                    "right_stderr": right["stderr"].to_numpy(),
-                }
-            )
-        )
-    out = pd.concat(pieces, ignore_index=True)[ALIGNED_COLUMNS] if pieces else _empty(ALIGNED_COLUMNS)
-    out.attrs["x"] = x
-    return out
-
-
-def _aligned_for(
-    data: pd.DataFrame,
-    loss_metric: str,
-    downstream_metrics: Sequence[str],
-    *,
-    x: str,
-    n_params,
-    log_interp: bool,
-) -> pd.DataFrame:
-    """Aligned (loss, downstream) points from either a long table or an ``align`` result."""
-    if isinstance(data, pd.DataFrame) and {"left_metric", "right_metric", "left", "right"} <= set(data.columns):
-        lefts = set(data["left_metric"].astype(str).unique())
-        if loss_metric not in lefts:
-            raise ValueError(f"metric {loss_metric!r} not in the data; available: {_available(lefts)}")
-        rights = set(data["right_metric"].astype(str).unique())
-        for metric in downstream_metrics:
-            if metric not in rights:
-                raise ValueError(f"metric {metric!r} not in the data; available: {_available(rights)}")
-        keep = (data["left_metric"] == loss_metric) & data["right_metric"].isin(list(downstream_metrics))
-        return data[keep]
-    _check_frame(data)
-    for metric in [loss_metric, *downstream_metrics]:
-        _check_metric(data, metric)
-    pieces = [align(data, loss_metric, m, x=x, n_params=n_params, log_interp=log_interp) for m in downstream_metrics]
-    return pd.concat(pieces, ignore_index=True) if pieces else _empty(ALIGNED_COLUMNS)
-
-
-def _finite_pairs(group: pd.DataFrame) -> pd.DataFrame:
-    return group[np.isfinite(group["left"].astype(float)) & np.isfinite(group["right"].astype(float))]
-
+from analysis.divergence.alignment import add_flops, align, aligned_for, finite_pairs
+from analysis.divergence.frames import (
+    ALIGNED_COLUMNS,
+    CORRELATION_COLUMNS,
+    MATCHED_COLUMNS,
+    POOLED,
+    RANKING_COLUMNS,
+    RESIDUAL_COLUMNS,
+    WINDOW_COLUMNS,
+    X_AXES,
+    available,
+    check_frame,
+    check_metric,
+    empty_frame,
+)
+from analysis.divergence.metric_roles import downstream_metrics, loss_metrics, signal_metrics
 
 # -- correlations -------------------------------------------------------------------------------------------
 
@@ -347,10 +126,10 @@ def correlations(
         lo, hi = window
         if not lo <= hi:
             raise ValueError(f"window {window}: give (lo, hi) with lo <= hi")
-    points = _aligned_for(aligned_or_frame, loss_metric, metrics, x=x, n_params=n_params, log_interp=log_interp)
+    points = aligned_for(aligned_or_frame, loss_metric, metrics, x=x, n_params=n_params, log_interp=log_interp)
     rows = []
     for (run, metric), group in points.groupby(["run", "right_metric"], sort=True):
-        group = _finite_pairs(group).sort_values("x")
+        group = finite_pairs(group).sort_values("x")
         if window is not None:
             group = group[(group["x"] >= window[0]) & (group["x"] <= window[1])]
         if len(group) < min_points:
@@ -373,7 +152,7 @@ def correlations(
             }
         )
     if not rows:
-        return _empty(CORRELATION_COLUMNS)
+        return empty_frame(CORRELATION_COLUMNS)
     out = pd.DataFrame(rows).reindex(columns=CORRELATION_COLUMNS)
     out.attrs["level"] = level
     return out
@@ -553,7 +332,7 @@ def divergence_windows(
     score_sign = orientation(downstream_metric, frame)
     rows = []
     for run, group in points.groupby("run", sort=True):
-        group = _finite_pairs(group).sort_values("x")
+        group = finite_pairs(group).sort_values("x")
         if len(group) < min_points:
             continue
         found, source = _windows_of_run(
@@ -573,7 +352,7 @@ def divergence_windows(
         )
         rows.extend({"run": run, **w, "stderr_source": source} for w in found)
     out = pd.DataFrame(rows).sort_values(["run", "start", "kind"], ignore_index=True) if rows else None
-    out = out[WINDOW_COLUMNS] if out is not None else _empty(WINDOW_COLUMNS)
+    out = out[WINDOW_COLUMNS] if out is not None else empty_frame(WINDOW_COLUMNS)
     out.attrs["alpha"] = alpha
     return out
 
@@ -588,7 +367,7 @@ def scatter_stderr(values: np.ndarray) -> float:
 
 def _monotone_curve(group: pd.DataFrame) -> pd.DataFrame:
     """The checkpoints that set a new lowest loss, in training order: loss strictly falls along them."""
-    group = _finite_pairs(group).sort_values("x")
+    group = finite_pairs(group).sort_values("x")
     loss = group["left"].to_numpy(dtype=float)
     best_before = np.r_[np.inf, np.minimum.accumulate(loss)[:-1]]
     return group[loss < best_before]
@@ -629,16 +408,16 @@ def matched_loss(
         known = set(frame["run"].astype(str).unique())
         for run in runs:
             if run not in known:
-                raise ValueError(f"run {run!r} not in the data; available: {_available(known)}")
+                raise ValueError(f"run {run!r} not in the data; available: {available(known)}")
     if isinstance(levels, Integral) and levels < 1:
         raise ValueError(f"levels={levels}: ask for at least one loss level")
     curves = {run: _monotone_curve(points[points["run"] == run]) for run in runs}
     if not runs or any(c.empty for c in curves.values()):
-        return _empty(MATCHED_COLUMNS)
+        return empty_frame(MATCHED_COLUMNS)
     lo = max(float(c["left"].min()) for c in curves.values())
     hi = min(float(c["left"].max()) for c in curves.values())
     if lo > hi:
-        return _empty(MATCHED_COLUMNS)
+        return empty_frame(MATCHED_COLUMNS)
     if levels is None or isinstance(levels, Integral):
         grid = np.linspace(hi, lo, 8 if levels is None else int(levels))
     else:
@@ -709,12 +488,12 @@ def residuals(
     Columns: run, x, step, tokens, loss, downstream, fitted, residual, intercept, slope,
     run_fitted, run_residual, run_intercept, run_slope.
     """
-    points = _finite_pairs(align(frame, loss_metric, downstream_metric, x=x, n_params=n_params, log_interp=log_interp))
+    points = finite_pairs(align(frame, loss_metric, downstream_metric, x=x, n_params=n_params, log_interp=log_interp))
     loss = points["left"].to_numpy(dtype=float)
     score = points["right"].to_numpy(dtype=float)
     intercept, slope = _linear_fit(loss, score)
     if not np.isfinite(slope):
-        return _empty(RESIDUAL_COLUMNS)
+        return empty_frame(RESIDUAL_COLUMNS)
     out = pd.DataFrame(
         {
             "run": points["run"].to_numpy(),
@@ -829,27 +608,6 @@ def _r2(errors: np.ndarray, y: np.ndarray, held_out: np.ndarray) -> float:
     return 1.0 - float((errors**2).sum()) / baseline if baseline > 0 else float("nan")
 
 
-_CONTINUOUS = {"p_correct", "margin", "nll_per_token"}  # analysis.evals.continuous: a score's smooth counterparts
-
-
-def signal_metrics(metrics: Sequence[str], downstream_metric: str) -> list[str]:
-    """The metrics that can predict ``downstream_metric``: what the ranking scores by default."""
-    return _default_candidates(metrics, downstream_metric)
-
-
-def _default_candidates(metrics: Sequence[str], downstream_metric: str) -> list[str]:
-    """Every metric but the target, lm-eval scores (``task/metric,filter``) and schedule bookkeeping; a task's
-    continuous counterparts (``task/p_correct,none``, ...) are signals and stay in."""
-    out = []
-    for metric in sorted(set(metrics)):
-        leaf = metric.rsplit("/", 1)[-1]
-        continuous = "," in leaf and leaf.split(",", 1)[0] in _CONTINUOUS
-        if metric == downstream_metric or ("," in metric and not continuous) or leaf.lower() in _NOT_SIGNALS:
-            continue
-        out.append(metric)
-    return out
-
-
 def _rank_one(run: str, predictor: str, downstream: str, points: pd.DataFrame, is_loss: bool) -> dict:
     a = points["left"].to_numpy(dtype=float)
     b = points["right"].to_numpy(dtype=float)
@@ -929,25 +687,25 @@ def predictor_ranking(
     Columns: run, predictor, downstream, n, spearman, abs_spearman, sign, loo_rmse, loo_r2, is_loss,
     beats_loss_p, beats_loss.
     """
-    _check_frame(frame)
-    _check_metric(frame, downstream_metric)
+    check_frame(frame)
+    check_metric(frame, downstream_metric)
     if min_points < 4:
         raise ValueError(f"min_points={min_points}: leave-one-out with a chosen direction needs at least 4 points")
     if candidates is None:
-        names = _default_candidates(frame["metric"].astype(str).unique(), downstream_metric)
+        names = signal_metrics(frame["metric"].astype(str).unique(), downstream_metric)
     else:
         names = [candidates] if isinstance(candidates, str) else list(candidates)
         for name in names:
-            _check_metric(frame, name)
+            check_metric(frame, name)
     if loss_metric is not None:
-        _check_metric(frame, loss_metric)
+        check_metric(frame, loss_metric)
         if loss_metric not in names:
             names.append(loss_metric)
     rows, run_rows, aligned = [], [], {}
     for name in names:
         if name == downstream_metric:
             continue
-        points = _finite_pairs(align(frame, name, downstream_metric, x=x, n_params=n_params, log_interp=log_interp))
+        points = finite_pairs(align(frame, name, downstream_metric, x=x, n_params=n_params, log_interp=log_interp))
         if len(points) >= min_points:
             aligned[name] = points
             rows.append(_rank_one(POOLED, name, downstream_metric, points, name == loss_metric))
@@ -956,7 +714,7 @@ def predictor_ranking(
                 if len(group) >= min_points:
                     run_rows.append(_rank_one(run, name, downstream_metric, group, name == loss_metric))
     if not rows and not run_rows:
-        return _empty(RANKING_COLUMNS)
+        return empty_frame(RANKING_COLUMNS)
     tested = {}
     if loss_metric in aligned:
         others = [r["predictor"] for r in rows if not r["is_loss"]]
@@ -1041,39 +799,37 @@ def ranking_verdict(ranking: pd.DataFrame, loss_metric: str | None) -> str:
 
 # --- choosing sensible defaults for the views -------------------------------------------------------
 
-_LOSS_PREFERENCE = ("eval/loss", "train/loss")
-# lm-eval's loss-like metrics (lower is better; ``task/<metric>,<filter>``), in the order offered as a loss after
-# the logged and held-out losses: a run known only from result files (Pythia's sweeps carry lambada_openai
-# perplexity) still has a loss side.
-_EVAL_LOSSES = ("bits_per_byte", "byte_perplexity", "word_perplexity", "perplexity", "ppl")
-
-
-def _eval_loss_rank(name: str) -> int | None:
-    """The place of an lm-eval loss-like metric in ``_EVAL_LOSSES``, or None for any other name."""
-    if "/" not in name or "," not in name:
-        return None
-    metric = name.rsplit("/", 1)[-1].split(",", 1)[0]
-    return _EVAL_LOSSES.index(metric) if metric in _EVAL_LOSSES else None
-
-
-def loss_metrics(names: Sequence[str]) -> list[str]:
-    """Metrics that are a loss, the preferred first: logged losses, held-out losses, then lm-eval's loss-like
-    metrics (``bits_per_byte``, ``byte_perplexity``, ``word_perplexity``, ``perplexity``, ``ppl``)."""
-    names = list(dict.fromkeys(names))
-    losses = [n for n in names if n in _LOSS_PREFERENCE or n.endswith(("/heldout_loss", "/loss"))]
-    losses = sorted(
-        losses, key=lambda n: (n not in _LOSS_PREFERENCE, _LOSS_PREFERENCE.index(n) if n in _LOSS_PREFERENCE else 0, n)
-    )
-    evals = [n for n in names if n not in losses and _eval_loss_rank(n) is not None]
-    return losses + sorted(evals, key=lambda n: (_eval_loss_rank(n), n))
-
-
-def downstream_metrics(names: Sequence[str]) -> list[str]:
-    """Metrics that are a downstream score: lm-eval results (``task/metric,filter``) and logged accuracies.
-
-    lm-eval's loss-like metrics (perplexities, bits per byte) come last: they are offered as a loss
-    (``loss_metrics``), so the default score is a real one whenever the runs have any.
-    """
-    names = list(dict.fromkeys(names))
-    scores = [n for n in names if ("," in n and "/" in n and "stderr" not in n) or n.endswith("/accuracy")]
-    return sorted(scores, key=lambda n: (_eval_loss_rank(n) is not None, "," not in n, n))
+__all__ = [
+    "ALIGNED_COLUMNS",
+    "CORRELATION_COLUMNS",
+    "CORRELATION_NOTE",
+    "MATCHED_COLUMNS",
+    "POOLED",
+    "RANKING_COLUMNS",
+    "RESIDUAL_COLUMNS",
+    "TOL_OF",
+    "WINDOW_COLUMNS",
+    "X_AXES",
+    "add_flops",
+    "align",
+    "better_sign",
+    "correlations",
+    "divergence_windows",
+    "downstream_metrics",
+    "flat_tolerance",
+    "isotonic_fit",
+    "last_residuals",
+    "loss_metrics",
+    "matched_loss",
+    "pava",
+    "pearson",
+    "predictor_ranking",
+    "rankdata",
+    "ranking_verdict",
+    "residuals",
+    "scatter_stderr",
+    "signal_metrics",
+    "spearman",
+    "window_sentences",
+    "windows_caption",
+]
