@@ -146,6 +146,39 @@ def lanczos(op: Callable[[Vector], Vector], start: Vector, max_iter: int, tol: f
     return EigenEstimate(theta, max_iter, residual, False)
 
 
+def _largest_by_power(
+    op: Callable[[Vector], Vector],
+    start: Vector,
+    like: Sequence[torch.Tensor],
+    gen: torch.Generator,
+    config: HessianEigenConfig,
+    ticker: Ticker,
+) -> tuple[EigenEstimate, float]:
+    """The largest algebraic eigenvalue of ``op`` by power iteration, and the dominant one found first.
+
+    A negative dominant eigenvalue lambda_dom starts a second run, from a fresh N(0, I) vector
+    drawn from ``gen``, on H - lambda_dom I, whose eigenvalues are all >= 0 and whose dominant
+    one is therefore lambda_max - lambda_dom; its residual is relative to |lambda_dom|.
+    """
+    est = power_iteration(op, start, config.max_iter, config.tol)
+    dominant = est.eigenvalue
+    if dominant < 0:
+        ticker.total = est.iterations + config.max_iter
+
+        def shifted(v: Vector) -> Vector:
+            return [h - dominant * x for h, x in zip(op(v), v, strict=True)]
+
+        restart = [randn_like(p.detach(), gen) for p in like]
+        gap = power_iteration(shifted, restart, config.max_iter, config.tol, scale=abs(dominant))
+        est = EigenEstimate(
+            dominant + gap.eigenvalue,
+            est.iterations + gap.iterations,
+            max(est.residual, gap.residual),
+            est.converged and gap.converged,
+        )
+    return est, dominant
+
+
 def hessian_top_eigenvalue(
     model: nn.Module,
     batches: Sequence[Batch],
@@ -191,23 +224,8 @@ def hessian_top_eigenvalue(
         if config.method == "lanczos":
             est = lanczos(op, start, config.max_iter, config.tol)
         else:
-            est = power_iteration(op, start, config.max_iter, config.tol)
-            dominant = est.eigenvalue
+            est, dominant = _largest_by_power(op, start, params, gen, config, ticker)
             extra["dominant_eigenvalue"] = dominant
-            if dominant < 0:
-                ticker.total = est.iterations + config.max_iter
-
-                def shifted(v: Vector) -> Vector:
-                    return [h - dominant * x for h, x in zip(op(v), v, strict=True)]
-
-                restart = [randn_like(p.detach(), gen) for p in params]
-                gap = power_iteration(shifted, restart, config.max_iter, config.tol, scale=abs(dominant))
-                est = EigenEstimate(
-                    dominant + gap.eigenvalue,
-                    est.iterations + gap.iterations,
-                    max(est.residual, gap.residual),
-                    est.converged and gap.converged,
-                )
         extra["n_params"] = sum(p.numel() for p in params)
     return MetricResult(
         name="hessian_top_eigenvalue",

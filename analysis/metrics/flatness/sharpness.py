@@ -194,6 +194,34 @@ def perturbation_sensitivity(
 # --- SAM ---------------------------------------------------------------------------------------
 
 
+def _pooled_gradient(
+    model: nn.Module, params: Sequence[torch.Tensor], batches: Sequence[Batch], loss_fn: LossFn, device: torch.device
+) -> tuple[list[torch.Tensor], float]:
+    """The gradient of the token-weighted loss over all ``batches``, and that loss."""
+    grads = [torch.zeros_like(p) for p in params]
+    loss_sum, n_total = 0.0, 0
+    with torch.enable_grad():
+        for batch in batches:
+            loss, count = loss_fn(model, to_device(batch, device))
+            for acc, g in zip(grads, gradient(loss, params), strict=True):
+                acc.add_(g, alpha=count)
+            loss_sum += float(loss.detach()) * count
+            n_total += count
+    return [g / n_total for g in grads], loss_sum / n_total
+
+
+def _ascent_direction(
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], adaptive: bool
+) -> tuple[Sequence[torch.Tensor], torch.Tensor]:
+    """The unscaled ascent step and the norm that scales it to length rho: g and ||g|| (SAM),
+    T^2 g and ||T g|| with T = diag(|w|) (ASAM)."""
+    if adaptive:
+        scales = [p.detach().abs() for p in params]
+        direction = [t * t * g for t, g in zip(scales, grads, strict=True)]
+        return direction, norm([t * g for t, g in zip(scales, grads, strict=True)])
+    return grads, norm(grads)
+
+
 def sam_sharpness(
     model: nn.Module,
     batches: Sequence[Batch],
@@ -218,24 +246,9 @@ def sam_sharpness(
     device = torch.device(device)
     with working_model(model, device) as work:
         params = [p for _, p in select_params(work, config.subset)]
-        grads = [torch.zeros_like(p) for p in params]
-        loss_sum, n_total = 0.0, 0
-        with torch.enable_grad():
-            for batch in batches:
-                loss, count = loss_fn(work, to_device(batch, device))
-                for acc, g in zip(grads, gradient(loss, params), strict=True):
-                    acc.add_(g, alpha=count)
-                loss_sum += float(loss.detach()) * count
-                n_total += count
-        grads = [g / n_total for g in grads]
-        base = loss_sum / n_total
+        grads, base = _pooled_gradient(work, params, batches, loss_fn, device)
         with torch.no_grad():
-            if config.adaptive:
-                scales = [p.detach().abs() for p in params]
-                direction = [t * t * g for t, g in zip(scales, grads, strict=True)]
-                size = norm([t * g for t, g in zip(scales, grads, strict=True)])
-            else:
-                direction, size = grads, norm(grads)
+            direction, size = _ascent_direction(params, grads, config.adaptive)
             grad_norm = float(norm(grads))
             if float(size) == 0.0:
                 value, perturbed = 0.0, base
