@@ -24,6 +24,7 @@ from analysis.divergence import (
     residuals,
     spearman,
 )
+from analysis.divergence.windows import _windows_of_run
 
 LOSS, ACC = "train/loss", "arc_easy/acc,none"
 CKPTS = np.arange(250, 5001, 250)  # 20 checkpoints
@@ -233,7 +234,7 @@ def _fitted_run(n: int, rng: np.random.Generator, rise: float) -> tuple[np.ndarr
 
 def _grokking_found(loss: np.ndarray, acc: np.ndarray, tol_of: str, seed: int) -> bool:
     """The per-run window search of divergence_windows on arrays (skips the frame plumbing: fast enough to simulate)."""
-    found, _ = dv._windows_of_run(
+    found, _ = _windows_of_run(
         np.arange(len(loss), dtype=float), loss, acc, np.full(len(acc), 0.02), loss_sign=-1.0, score_sign=1.0,
         loss_tol=0.1, tol_of=tol_of, alpha=0.05, min_points=2, n_sim=500, seed=seed,
     )  # fmt: skip
