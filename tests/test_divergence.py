@@ -24,6 +24,7 @@ from analysis.divergence import (
     residuals,
     spearman,
 )
+from analysis.divergence.ranking import _loo_errors
 from analysis.divergence.windows import _windows_of_run
 
 LOSS, ACC = "train/loss", "arc_easy/acc,none"
@@ -461,10 +462,10 @@ def test_predictor_ranking_per_run_and_candidates():
 def test_predictor_ranking_isotonic_loo_by_hand():
     # y = x^2 on x = 0..4 (monotone): leaving out an inner point, the fit interpolates its neighbours.
     x = np.arange(5.0)
-    errors = dv._loo_errors(x, x**2)
+    errors = _loo_errors(x, x**2)
     assert errors.tolist() == pytest.approx([0 - 1, 1 - (0 + 4) / 2, 4 - (1 + 9) / 2, 9 - (4 + 16) / 2, 16 - 9])
     # Held out at chosen points only, each against all four others.
-    assert dv._loo_errors(x, x**2, np.array([0, 2, 4])).tolist() == pytest.approx([-1, -1, 7])
+    assert _loo_errors(x, x**2, np.array([0, 2, 4])).tolist() == pytest.approx([-1, -1, 7])
 
 
 def test_isotonic_fit_agrees_with_the_reference_pava():

@@ -241,7 +241,7 @@ def test_a_signal_much_closer_to_the_score_beats_the_loss():
 
 def test_the_direction_of_a_fold_never_sees_its_held_out_point():
     # Three points: held out, the middle one leaves two whose order alone sets the direction.
-    from analysis.divergence import _loo_errors
+    from analysis.divergence.ranking import _loo_errors
 
     x = np.array([0.0, 1.0, 2.0, 3.0])
     y = np.array([0.0, 10.0, 1.0, 2.0])
