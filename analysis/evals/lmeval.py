@@ -16,7 +16,6 @@ import json
 import math
 import numbers
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from analysis.evals.heldout import model_device
 from analysis.evals.tasks import resolve_tasks, task_manager
 from analysis.runs.base import MAX_STEP, check_not_lfs_pointer
+from analysis.runs.stepnames import parse_step_name
 
 # Result keys that describe a task rather than measure it.
 _META_KEYS = {"alias", "name", "sample_len", " ", "group", "task"}
@@ -381,21 +381,15 @@ def samples_from_results(results: dict[str, Any]) -> list[SampleRecord]:
 
 # --------------------------------------------------------------------------- importing files
 
-# "step83000", "stage1-step1000-tokens4B", "global_step500", "step_1000", "checkpoint-1000", "iter_0001000"
-_STEP_PATTERNS = (
-    re.compile(r"(?:^|[^a-z0-9])step[_-]?(\d+)(?![0-9])", re.IGNORECASE),
-    re.compile(r"(?:^|[^a-z0-9])checkpoint[_-](\d+)(?![0-9])", re.IGNORECASE),
-    re.compile(r"(?:^|[^a-z0-9])iter[_-]?(\d+)(?![0-9])", re.IGNORECASE),
-)
-
 
 def step_from_text(text: str) -> int | None:
-    """The training step named in a revision or path component, or None."""
-    for pattern in _STEP_PATTERNS:
-        match = pattern.search(text)
-        if match:
-            return int(match.group(1))
-    return None
+    """The training step named in a revision or path component, or None.
+
+    "step83000", "stage1-step1000-tokens4B", "global_step500", "checkpoint-1000", "iter_0001000", "300": the
+    grammar that names checkpoint folders (``analysis.runs.stepnames``), so a result file and its checkpoint agree.
+    """
+    parsed = parse_step_name(text)
+    return None if parsed is None else parsed[0]
 
 
 def _revision(model_args: Any) -> str | None:

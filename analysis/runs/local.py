@@ -4,7 +4,8 @@ Recognised layouts, inside a run folder:
 
 - one folder per checkpoint, named by step: ``checkpoint-200/`` (HF Trainer), ``step_200/``,
   ``step200/``, ``global_step200/``, ``iter_0000200/``, ``ckpt-200/``, ``200/``, and OLMo style
-  ``step200-tokens4B/`` or ``stage1-step200-tokens4194M/`` (tokens with an optional K/M/B/T suffix);
+  ``step200-tokens4B/`` or ``stage1-step200-tokens4194M/`` (tokens with an optional K/M/B/T suffix;
+  the whole grammar is in ``analysis.runs.stepnames``);
 - one weights file per checkpoint beside a single shared ``config.json``: ``step_200.safetensors``,
   ``model_step200.bin``, ``200.safetensors``. Such a checkpoint's ``path`` is the weights file.
   To load it, :func:`as_model_folder` links the shared config and tokenizer files and that
@@ -23,23 +24,10 @@ import os
 import re
 import shutil
 import struct
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from analysis.runs.base import MAX_STEP, NO_WEIGHTS_PREFIX, Checkpoint, check_not_lfs_pointer, lfs_pointer_problem
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
-
-_TOKEN_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
-
-_STEP_RE = re.compile(
-    r"""^(?:
-        (?:.*?[-_])?(?:checkpoint|global_step|step|iter|ckpt)[-_]?(?P<step>\d+)
-        (?:[-_]tokens(?P<tokens>\d+(?:\.\d+)?)(?P<unit>[KMBGT]?))?
-      | (?P<bare>\d+)
-    )$""",
-    re.IGNORECASE | re.VERBOSE,
-)
+from analysis.runs.stepnames import WEIGHT_SUFFIXES, parse_step_name  # the grammar; still importable from here
 
 # Files that decide what a checkpoint computes; training state (optimizer, RNG, trainer_state.json)
 # and logs are left out of the fingerprint so that they can change without invalidating results.
@@ -55,32 +43,6 @@ _SIDECAR_PREFIXES = (
 
 # A safetensors header above this size is certainly corruption, not a real header.
 _MAX_HEADER_BYTES = 100_000_000
-
-
-def parse_step_name(name: str) -> tuple[int, int | None] | None:
-    """Parse a checkpoint folder or file name into ``(step, tokens)``; None when it names no step.
-
-    ``"checkpoint-200"`` -> (200, None); ``"step1000-tokens4B"`` -> (1000, 4_000_000_000);
-    ``"step1000-tokens4194M"`` -> (1000, 4_194_000_000); ``"model_step100.bin"`` -> (100, None).
-    """
-    stem = name
-    for suffix in WEIGHT_SUFFIXES:
-        if stem.lower().endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
-    match = _STEP_RE.match(stem)
-    if match is None:
-        return None
-    if match.group("bare") is not None:
-        return int(match.group("bare")), None
-    step = int(match.group("step"))
-    if match.group("tokens") is None:
-        return step, None
-    try:
-        tokens = int(Decimal(match.group("tokens")) * _TOKEN_UNITS[match.group("unit").upper()])
-    except InvalidOperation:
-        return step, None
-    return step, tokens
 
 
 def is_weights_file(path: Path) -> bool:
