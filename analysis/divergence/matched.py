@@ -26,6 +26,47 @@ def _monotone_curve(group: pd.DataFrame) -> pd.DataFrame:
     return group[loss < best_before]
 
 
+def _chosen_runs(frame: pd.DataFrame, points: pd.DataFrame, runs: str | Sequence[str] | None) -> list[str]:
+    """The runs to compare, the reference first: those named (each must be in ``frame``) or, for None, every
+    run of the aligned ``points`` in sorted order."""
+    if runs is None:
+        return sorted(dict.fromkeys(points["run"]))
+    chosen = [runs] if isinstance(runs, str) else list(runs)
+    if not chosen:
+        raise ValueError("runs is empty: name at least one run")
+    known = set(frame["run"].astype(str).unique())
+    for run in chosen:
+        if run not in known:
+            raise ValueError(f"run {run!r} not in the data; available: {available(known)}")
+    return chosen
+
+
+def _loss_grid(curves: dict[str, pd.DataFrame], levels: int | Sequence[float] | None) -> np.ndarray | None:
+    """The loss levels to read every run at, highest first, inside every run's loss range (None when the
+    ranges do not overlap): 8 evenly spaced for None, that many for an int, or exactly the levels given."""
+    lo = max(float(c["left"].min()) for c in curves.values())
+    hi = min(float(c["left"].max()) for c in curves.values())
+    if lo > hi:
+        return None
+    if levels is None or isinstance(levels, (int, Integral)):
+        return np.linspace(hi, lo, 8 if levels is None else int(levels))
+    grid = np.asarray(list(levels), dtype=float)
+    # A level given at the range's edge may miss it by rounding: allow that much before refusing it.
+    slack = 1e-9 * max(1.0, abs(hi))
+    outside = grid[(grid < lo - slack) | (grid > hi + slack) | ~np.isfinite(grid)]
+    if len(outside):
+        raise ValueError(f"loss level {outside[0]:g} is outside the common loss range [{lo:.6g}, {hi:.6g}]")
+    return np.clip(np.sort(grid)[::-1], lo, hi)
+
+
+def _score_at_levels(curve: pd.DataFrame, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A run's score and its stderr at each loss level, interpolated linearly in loss along its record curve."""
+    loss = curve["left"].to_numpy(dtype=float)[::-1]  # increasing, as np.interp wants
+    score = np.interp(grid, loss, curve["right"].to_numpy(dtype=float)[::-1])
+    se = np.interp(grid, loss, curve["right_stderr"].to_numpy(dtype=float)[::-1])
+    return score, se
+
+
 def matched_loss(
     frame: pd.DataFrame,
     loss_metric: str,
@@ -51,41 +92,16 @@ def matched_loss(
     (sqrt of the summed squared stderrs; 0 for the reference itself). Sorted by falling loss, then run order.
     """
     points = align(frame, loss_metric, downstream_metric, x=x, n_params=n_params, log_interp=log_interp)
-    present = list(dict.fromkeys(points["run"]))
-    if runs is None:
-        runs = sorted(present)
-    else:
-        runs = [runs] if isinstance(runs, str) else list(runs)
-        if not runs:
-            raise ValueError("runs is empty: name at least one run")
-        known = set(frame["run"].astype(str).unique())
-        for run in runs:
-            if run not in known:
-                raise ValueError(f"run {run!r} not in the data; available: {available(known)}")
-    if isinstance(levels, Integral) and levels < 1:
+    runs = _chosen_runs(frame, points, runs)
+    if isinstance(levels, (int, Integral)) and levels < 1:
         raise ValueError(f"levels={levels}: ask for at least one loss level")
     curves = {run: _monotone_curve(points[points["run"] == run]) for run in runs}
     if not runs or any(c.empty for c in curves.values()):
         return empty_frame(MATCHED_COLUMNS)
-    lo = max(float(c["left"].min()) for c in curves.values())
-    hi = min(float(c["left"].max()) for c in curves.values())
-    if lo > hi:
+    grid = _loss_grid(curves, levels)
+    if grid is None:
         return empty_frame(MATCHED_COLUMNS)
-    if levels is None or isinstance(levels, Integral):
-        grid = np.linspace(hi, lo, 8 if levels is None else int(levels))
-    else:
-        grid = np.asarray(list(levels), dtype=float)
-        slack = 1e-9 * max(1.0, abs(hi))
-        outside = grid[(grid < lo - slack) | (grid > hi + slack) | ~np.isfinite(grid)]
-        if len(outside):
-            raise ValueError(f"loss level {outside[0]:g} is outside the common loss range [{lo:.6g}, {hi:.6g}]")
-        grid = np.clip(np.sort(grid)[::-1], lo, hi)
-    values = {}
-    for run, curve in curves.items():
-        loss = curve["left"].to_numpy(dtype=float)[::-1]  # increasing, as np.interp wants
-        score = np.interp(grid, loss, curve["right"].to_numpy(dtype=float)[::-1])
-        se = np.interp(grid, loss, curve["right_stderr"].to_numpy(dtype=float)[::-1])
-        values[run] = (score, se)
+    values = {run: _score_at_levels(curve, grid) for run, curve in curves.items()}
     reference = runs[0]
     ref_score, ref_se = values[reference]
     pieces = []

@@ -57,6 +57,7 @@ def _r2(errors: np.ndarray, y: np.ndarray, held_out: np.ndarray) -> float:
 
 
 def _rank_one(run: str, predictor: str, downstream: str, points: pd.DataFrame, is_loss: bool) -> dict:
+    """One ranking row: a predictor's rank correlation with the score and its leave-one-out fit error."""
     a = points["left"].to_numpy(dtype=float)
     b = points["right"].to_numpy(dtype=float)
     rho = spearman(a, b)
@@ -76,7 +77,7 @@ def _rank_one(run: str, predictor: str, downstream: str, points: pd.DataFrame, i
     }
 
 
-def _versus_loss(aligned: dict[str, pd.DataFrame], loss_metric: str, names: list[str], n_sim: int) -> dict:
+def _versus_loss(aligned: dict[str, pd.DataFrame], loss_metric: str, names: list[str], n_sim: int) -> dict[str, float]:
     """Holm-adjusted p-values that each candidate's out-of-sample error is below the loss's.
 
     Each candidate is compared with the loss on the checkpoints both have, the loss's leave-one-out errors
@@ -85,7 +86,8 @@ def _versus_loss(aligned: dict[str, pd.DataFrame], loss_metric: str, names: list
     """
     key = ["run", "x"]
     loss_points = aligned[loss_metric][[*key, "left", "right"]].rename(columns={"left": "loss"})
-    raw, baselines = {}, {}
+    raw: dict[str, float] = {}
+    baselines: dict[tuple, np.ndarray] = {}
     for name in names:
         shared = loss_points.merge(aligned[name][[*key, "left"]], on=key).sort_values(key, ignore_index=True)
         if len(shared) < 4:
@@ -98,6 +100,48 @@ def _versus_loss(aligned: dict[str, pd.DataFrame], loss_metric: str, names: list
         errors = _loo_errors(shared["left"].to_numpy(dtype=float), y) ** 2
         raw[name] = float(sig.beats_baseline(errors[None, :], base, shared["run"].to_numpy(), n_sim=n_sim)[0])
     return dict(zip(raw, sig.holm(list(raw.values())), strict=True))
+
+
+def _candidate_names(
+    frame: pd.DataFrame, downstream_metric: str, candidates: str | Sequence[str] | None, loss_metric: str | None
+) -> list[str]:
+    """The metrics to rank, each checked against the data (every signal for None), the loss added last when
+    it is not among them."""
+    if candidates is None:
+        names = signal_metrics(list(frame["metric"].astype(str).unique()), downstream_metric)
+    else:
+        names = [candidates] if isinstance(candidates, str) else list(candidates)
+        for name in names:
+            check_metric(frame, name)
+    if loss_metric is not None:
+        check_metric(frame, loss_metric)
+        if loss_metric not in names:
+            names.append(loss_metric)
+    return names
+
+
+def _mark_beats_loss(
+    rows: list[dict], aligned: dict[str, pd.DataFrame], loss_metric: str | None, alpha: float, n_sim: int
+) -> None:
+    """Give every pooled row its ``beats_loss_p`` and ``beats_loss`` (NaN and False where nothing was tested)."""
+    tested: dict[str, float] = {}
+    if loss_metric is not None and loss_metric in aligned:
+        others = [r["predictor"] for r in rows if not r["is_loss"]]
+        tested = _versus_loss(aligned, loss_metric, others, n_sim) if others else {}
+    for row in rows:
+        p = tested.get(row["predictor"], float("nan"))
+        row["beats_loss_p"] = p
+        row["beats_loss"] = bool(p <= alpha) if np.isfinite(p) else False
+
+
+def _best_first(rows: list[dict], run_rows: list[dict]) -> pd.DataFrame:
+    """The pooled rows by out-of-sample fit, best first, then the per-run rows by run, best first in each."""
+    parts = []
+    for chunk, keys in ((rows, ["loo_r2", "abs_spearman"]), (run_rows, ["run", "loo_r2", "abs_spearman"])):
+        if chunk:
+            ascending = [True, False, False] if len(keys) == 3 else [False, False]
+            parts.append(pd.DataFrame(chunk).sort_values(keys, ascending=ascending, na_position="last"))
+    return pd.concat(parts, ignore_index=True).reindex(columns=RANKING_COLUMNS)
 
 
 def predictor_ranking(
@@ -139,17 +183,10 @@ def predictor_ranking(
     check_metric(frame, downstream_metric)
     if min_points < 4:
         raise ValueError(f"min_points={min_points}: leave-one-out with a chosen direction needs at least 4 points")
-    if candidates is None:
-        names = signal_metrics(frame["metric"].astype(str).unique(), downstream_metric)
-    else:
-        names = [candidates] if isinstance(candidates, str) else list(candidates)
-        for name in names:
-            check_metric(frame, name)
-    if loss_metric is not None:
-        check_metric(frame, loss_metric)
-        if loss_metric not in names:
-            names.append(loss_metric)
-    rows, run_rows, aligned = [], [], {}
+    names = _candidate_names(frame, downstream_metric, candidates, loss_metric)
+    rows: list[dict] = []
+    run_rows: list[dict] = []
+    aligned: dict[str, pd.DataFrame] = {}
     for name in names:
         if name == downstream_metric:
             continue
@@ -163,20 +200,8 @@ def predictor_ranking(
                     run_rows.append(_rank_one(run, name, downstream_metric, group, name == loss_metric))
     if not rows and not run_rows:
         return empty_frame(RANKING_COLUMNS)
-    tested = {}
-    if loss_metric in aligned:
-        others = [r["predictor"] for r in rows if not r["is_loss"]]
-        tested = _versus_loss(aligned, loss_metric, others, n_sim) if others else {}
-    for row in rows:
-        p = tested.get(row["predictor"], float("nan"))
-        row["beats_loss_p"] = p
-        row["beats_loss"] = bool(p <= alpha) if np.isfinite(p) else False
-    parts = []
-    for chunk, keys in ((rows, ["loo_r2", "abs_spearman"]), (run_rows, ["run", "loo_r2", "abs_spearman"])):
-        if chunk:
-            ascending = [True, False, False] if len(keys) == 3 else [False, False]
-            parts.append(pd.DataFrame(chunk).sort_values(keys, ascending=ascending, na_position="last"))
-    out = pd.concat(parts, ignore_index=True).reindex(columns=RANKING_COLUMNS)
+    _mark_beats_loss(rows, aligned, loss_metric, alpha, n_sim)
+    out = _best_first(rows, run_rows)
     out["beats_loss"] = out["beats_loss"].fillna(False).astype(bool)
     out.attrs["alpha"] = alpha
     return out
