@@ -22,15 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from analysis.metrics.pathways import (
-    RoutingProfile,
-    consistency_cosines,
-    mean_pairwise_distance,
-    memorised_from,
-    normalize_by_max,
-    pathway_string,
-    pathways_from_weights,
-)
+from analysis.metrics.pathways.consistency import consistency_cosines, normalize_by_max
+from analysis.metrics.pathways.distance import mean_pairwise_distance
+from analysis.metrics.pathways.extraction import pathway_string, pathways_from_weights
+from analysis.metrics.pathways.routing import RoutingProfile
 
 DEFAULT_EPS = 0.1  # nats: a sample counts as learnt below this loss (p(answer) >= 0.9 for one answer token)
 DEFAULT_DELTA = 0.05  # and within this of its loss at the last checkpoint
@@ -75,6 +70,60 @@ def sample_records(profile: RoutingProfile, *, threshold: float = 0.7, answer_to
         }
         for i in range(profile.n_samples)
     ]
+
+
+# --- the memorisation criterion -----------------------------------------------------------------------------
+
+
+def memorised_from(
+    losses: np.ndarray | Sequence[Sequence[float]],
+    steps: np.ndarray | Sequence[int],
+    eps: float,
+    delta: float = 0.05,
+) -> np.ndarray:
+    """The step from which each training sample counts as memorised, or -1.
+
+    ``losses`` is (n_checkpoints, n_samples), rows in the order of ``steps`` (strictly
+    increasing). A sample is memorised from t* when at t* and every later checkpoint its
+    loss is <= eps and within delta of its loss at the last checkpoint; t* is the
+    earliest such checkpoint. A NaN loss breaks the run. Returns (n_samples,) int64.
+    """
+    losses = np.asarray(losses, dtype=np.float64)
+    steps = np.asarray(steps, dtype=np.int64)
+    if losses.ndim != 2 or steps.ndim != 1 or losses.shape[0] != steps.shape[0] or len(steps) == 0:
+        raise ValueError(
+            f"memorised_from: losses must be (n_checkpoints, n_samples) with one row per step; "
+            f"got losses {losses.shape} and {steps.shape[0] if steps.ndim == 1 else steps.shape} steps"
+        )
+    if np.any(np.diff(steps) <= 0):
+        raise ValueError("memorised_from: steps must be strictly increasing; sort checkpoints by step first")
+    if not math.isfinite(eps) or not math.isfinite(delta) or delta < 0:
+        raise ValueError(f"memorised_from: eps must be finite and delta a number >= 0, got eps={eps}, delta={delta}")
+    ok = (losses <= eps) & (np.abs(losses - losses[-1]) <= delta)  # (C, S)
+    from_here = np.flip(np.logical_and.accumulate(np.flip(ok, axis=0), axis=0), axis=0)  # ok at every later one
+    first = from_here.argmax(axis=0)  # (S,) earliest checkpoint of the final run
+    return np.where(from_here[-1], steps[first], -1).astype(np.int64)
+
+
+def group_by_memorisation(
+    first_steps: np.ndarray | Sequence[int], bins: Sequence[int] | None = None
+) -> dict[int, np.ndarray]:
+    """Sample indices grouped by memorisation step (-1: never memorised), keys ascending.
+
+    With ``bins`` (increasing step edges), memorised samples are grouped by the bin
+    [edge_i, edge_{i+1}) their step falls in, keyed by edge_i; steps before the first
+    edge join the first bin, the last bin is open-ended.
+    """
+    first_steps = np.asarray(first_steps, dtype=np.int64)
+    keys = first_steps.copy()
+    if bins is not None:
+        edges = np.asarray(bins, dtype=np.int64)
+        if edges.ndim != 1 or len(edges) == 0 or np.any(np.diff(edges) <= 0):
+            raise ValueError("group_by_memorisation: bins must be a non-empty, strictly increasing list of steps")
+        memorised = first_steps >= 0
+        slot = np.clip(np.searchsorted(edges, first_steps, side="right") - 1, 0, len(edges) - 1)
+        keys = np.where(memorised, edges[slot], -1)
+    return {int(k): np.flatnonzero(keys == k) for k in np.unique(keys)}
 
 
 # --- across checkpoints, from stored sample rows ----------------------------------------------------------
