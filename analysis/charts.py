@@ -7,6 +7,7 @@ run names, so a run has the same colour on every page and in every report.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -41,6 +42,27 @@ class ChartStyle:
     def line_width(self) -> float:
         return 3.5 if self.large else 2.0
 
+    @property
+    def tick_size(self) -> int:
+        return self.font_size - 2
+
+    def fonts(self) -> dict:
+        """Explicit sizes for every text of a figure.
+
+        The dashboard draws figures in Streamlit's theme, whose template sets title, legend, axis-title and
+        tick sizes of its own (16, 12, 14, 12 px): a figure-wide ``font.size`` alone left the projector mode
+        with 12 px legends. Sizes set on the figure win over any template.
+        """
+        return {
+            "font": {"size": self.font_size},
+            "legend": {"font": {"size": self.font_size}},
+            "hoverlabel": {"font": {"size": self.font_size}},
+        }
+
+    def axis_fonts(self) -> dict:
+        """Axis-title and tick-label sizes, for ``update_xaxes`` / ``update_yaxes``."""
+        return {"title_font": {"size": self.font_size}, "tickfont": {"size": self.tick_size}}
+
 
 def run_colors(runs: list[str] | pd.Series) -> dict[str, str]:
     """A stable run -> colour map (sorted names, cycling through the palette)."""
@@ -69,19 +91,56 @@ def ema(values: np.ndarray | pd.Series, weight: float) -> np.ndarray:
     return out
 
 
+def wrap_text(text: str, width: int) -> str:
+    """``text`` broken onto lines of about ``width`` characters (Plotly ``<br>``), after a space, ``/`` or ``,``.
+
+    Metric names have no spaces (``modarith_em/exact_match,first_word``): they break at their separators.
+    """
+    lines: list[str] = []
+    for piece in re.split(r"(?<=[ /,])", str(text)):
+        if lines and len(lines[-1]) + len(piece.rstrip()) <= width:
+            lines[-1] += piece
+        else:
+            lines.append(piece)
+    return "<br>".join(line.rstrip() for line in lines if line)
+
+
+def wrap_title(text: str, style: ChartStyle) -> str:
+    """A figure title wrapped for ``style``: ~40 characters a line in large fonts, 90 else.
+
+    A figure may be drawn half-width at projector size, where 40 characters of 22 px text fill ~440 px.
+    """
+    return wrap_text(text, 40 if style.large else 90)
+
+
+def axis_label(text: str, style: ChartStyle) -> str:
+    """An axis title wrapped for ``style`` (~26 characters a line in large fonts, 60 else): a y-axis title
+    runs along a row a few hundred pixels tall."""
+    return wrap_text(text, 26 if style.large else 60)
+
+
 def _layout(fig: go.Figure, style: ChartStyle, *, title: str, x_title: str, y_title: str, log_x: bool, log_y: bool):
+    fonts = style.fonts()
+    text = wrap_title(title, style)
+    lines = text.count("<br>") + 1
     fig.update_layout(
         template=style.template,
         height=style.height,
-        title={"text": title, "x": 0.0, "xanchor": "left"},
-        font={"size": style.font_size},
+        # The title in a top margin sized to its lines, the legend at the foot of the figure (Plotly widens the
+        # bottom margin to fit it): a legend that wraps onto several rows (a narrow column, many runs,
+        # projector fonts) cannot run into the title, and a long title wraps instead of being cut.
+        title={"text": text, "x": 0.0, "xanchor": "left", "font": {"size": style.font_size + 2}},
         hovermode="x unified",
         showlegend=True,
-        legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "right", "x": 1.0},
-        margin={"l": 60, "r": 20, "t": 70, "b": 50},
-    )
-    fig.update_xaxes(title_text=x_title, type="log" if log_x else "linear", showgrid=True)
-    fig.update_yaxes(title_text=y_title, type="log" if log_y else "linear", showgrid=True)
+        legend={"orientation": "h", "yref": "container", "y": 0.0, "yanchor": "bottom", "xanchor": "left", "x": 0.0,
+                **fonts["legend"]},
+        margin={"l": 60, "r": 20, "t": round(lines * (style.font_size + 2) * 1.35 + 26), "b": 30},
+        font=fonts["font"],
+        hoverlabel=fonts["hoverlabel"],
+    )  # fmt: skip
+    x_title, y_title = axis_label(x_title, style), axis_label(y_title, style)
+    fig.update_xaxes(title_text=x_title, type="log" if log_x else "linear", showgrid=True, **style.axis_fonts())
+    fig.update_yaxes(title_text=y_title, type="log" if log_y else "linear", showgrid=True, **style.axis_fonts())
     return fig
 
 
@@ -90,7 +149,8 @@ def empty_figure(message: str, style: ChartStyle | None = None) -> go.Figure:
     style = style or ChartStyle()
     fig = go.Figure()
     fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
-    fig.update_layout(template=style.template, height=style.height, font={"size": style.font_size})
+    fig.update_layout(template=style.template, height=style.height, **style.fonts())
+    fig.update_annotations(font={"size": style.font_size})
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     return fig
@@ -256,34 +316,37 @@ def _band(xs: np.ndarray, ys: np.ndarray, err: np.ndarray, color: str, run: str)
     )
 
 
-# Learning-rate phases: greys, lighter than any window, so a window drawn over a decay stays readable.
+# Learning-rate phases: greys, lighter than any window, so a window drawn over a decay stays readable. The legend
+# swatch is the same grey, opaque (a 10% fill would not show at marker size).
 PHASE_FILLS = {"warmup": "rgba(120,120,120,0.07)", "decay": "rgba(60,60,60,0.10)"}
+PHASE_SWATCHES = {"warmup": "#e4e4e4", "decay": "#c8c8c8"}
 
 
-def _phase_shapes(phases: pd.DataFrame | None, xs: np.ndarray, style: ChartStyle) -> list[dict]:
-    """Shaded warmup and decay spans of each run (both rows), labelled at the foot of the bottom row.
+def _phase_bands(phases: pd.DataFrame | None, xs: np.ndarray) -> tuple[list[dict], list[go.Scatter]]:
+    """Shaded warmup and decay spans of each run (both rows) and one legend entry per band ("lr decay · run").
 
-    Spans are clipped to the plotted x values ``xs``: Plotly widens an autoranged axis to fit its shapes,
-    and a warmup from step 0 has no place on a log axis.
+    Named in the legend rather than inside the plot: a warmup is often a sliver at the left edge, where text
+    would be cut or sit on the curves. Spans are clipped to the plotted x values ``xs``: Plotly widens an
+    autoranged axis to fit its shapes, and a warmup from step 0 has no place on a log axis.
     """
     shapes: list[dict] = []
+    keys: list[go.Scatter] = []
     xs = xs[np.isfinite(xs)]
     if phases is None or not len(phases) or not len(xs):
-        return shapes
-    # Runs that share a schedule share one band (one label naming them all, not labels on top of each other).
+        return shapes, keys
+    # Runs that share a schedule share one band and one legend entry naming them all.
     spans = phases.astype({"run": str}).groupby(["phase", "start", "end"], sort=False)["run"].agg(", ".join)
     for (phase, start, end), runs in spans.items():
         fill = PHASE_FILLS.get(str(phase))
         start, end = max(float(start), xs.min()), min(float(end), xs.max())
         if fill is None or not end > start:
             continue
-        label = {"text": f"{phase} · {runs}", "textposition": "bottom center",
-                 "font": {"size": style.font_size - 4, "color": "#555555"}}  # fmt: skip
         for xref, yref in (("x", "y domain"), ("x2", "y2 domain")):
-            shape = {"type": "rect", "xref": xref, "yref": yref, "x0": start, "x1": end, "y0": 0, "y1": 1,
-                     "fillcolor": fill, "line": {"width": 0}, "layer": "below"}  # fmt: skip
-            shapes.append(shape | ({"label": label} if xref == "x2" else {}))
-    return shapes
+            shapes.append({"type": "rect", "xref": xref, "yref": yref, "x0": start, "x1": end, "y0": 0, "y1": 1,
+                           "fillcolor": fill, "line": {"width": 0}, "layer": "below"})  # fmt: skip
+        swatch = {"symbol": "square", "size": 14, "color": PHASE_SWATCHES[str(phase)]}
+        keys.append(go.Scatter(x=[None], y=[None], mode="markers", name=f"lr {phase} · {runs}", marker=swatch))
+    return shapes, keys
 
 
 def loss_downstream_figure(
@@ -306,8 +369,8 @@ def loss_downstream_figure(
     checkpoints and are drawn as measured, with a ±1 stderr band. ``windows`` (the output of
     ``divergence.divergence_windows``: run, kind, start, end) are shaded on both rows in the colour of their
     kind and labelled "kind · run" on the top row. ``phases`` (``schedule.run_phases`` on the same x-axis)
-    shade each run's learning-rate warmup and decay in light grey on both rows, labelled "decay · run" at the
-    foot of the bottom row; the stable phase is left unshaded. For ``x="flops"`` the frame needs a ``flops``
+    shade each run's learning-rate warmup and decay in light grey on both rows, named in the legend
+    ("lr decay · run"); the stable phase is left unshaded. For ``x="flops"`` the frame needs a ``flops``
     column (``divergence.add_flops``).
     """
     from plotly.subplots import make_subplots
@@ -392,7 +455,10 @@ def loss_downstream_figure(
             shape = {"type": "rect", "xref": xref, "yref": yref, "x0": start, "x1": end, "y0": 0, "y1": 1,
                      "fillcolor": fill, "line": {"width": 0}, "layer": "below"}  # fmt: skip
             shapes.append(shape | ({"label": label} if xref == "x" else {}))
-    shapes += _phase_shapes(phases, xs_all, style)
+    bands, keys = _phase_bands(phases, xs_all)
+    shapes += bands
+    for key in keys:
+        fig.add_trace(key, 1, 1)
     if shapes:
         fig.update_layout(shapes=shapes)
     _layout(
@@ -406,8 +472,8 @@ def loss_downstream_figure(
     )
     fig.update_layout(height=int(style.height * 1.6))
     fig.update_xaxes(title_text="", row=1, col=1)
-    fig.update_yaxes(title_text=loss_metric, row=1, col=1)
-    fig.update_yaxes(title_text=downstream_metric, row=2, col=1)
+    fig.update_yaxes(title_text=axis_label(loss_metric, style), row=1, col=1)
+    fig.update_yaxes(title_text=axis_label(downstream_metric, style), row=2, col=1)
     return fig
 
 
@@ -509,7 +575,7 @@ def trajectory_figure(
         title=title or f"{score} against {loss}",
     )
     if reverse_loss and fig.data:
-        fig.update_xaxes(autorange="reversed", title_text=f"{loss} (falling →)")
+        fig.update_xaxes(autorange="reversed", title_text=axis_label(f"{loss} (falling →)", style))
     return fig
 
 
@@ -546,7 +612,7 @@ def metric_vs_figure(
         title=title or f"{downstream_metric} against {metric}",
     )
     if log_metric and fig.data:
-        fig.update_xaxes(type="log", title_text=f"{metric} (log)")
+        fig.update_xaxes(type="log", title_text=axis_label(f"{metric} (log)", style))
     return fig
 
 
@@ -807,7 +873,12 @@ def learnt_figure(
     )  # fmt: skip
     _layout(fig, style, title=title, x_title="checkpoint step", y_title="samples", log_x=False, log_y=False)
     fig.update_xaxes(type="category")
-    fig.update_layout(yaxis2={"title": "share", "overlaying": "y", "side": "right", "range": [0, 1.05]})
+    # The share axis keeps its own ticks (0%..100%), not ones lined up with the count axis (0.135, 0.27, ...).
+    fig.update_layout(
+        yaxis2={"title": {"text": "share", "font": {"size": style.font_size}}, "overlaying": "y", "side": "right",
+                "range": [0, 1.05], "tickformat": ".0%", "tickmode": "linear", "tick0": 0, "dtick": 0.25,
+                "showgrid": False, "tickfont": {"size": style.tick_size}}
+    )  # fmt: skip
     return fig
 
 
@@ -951,7 +1022,9 @@ def small_multiples_figure(
     colors = colors or run_colors(runs)
     cols = max(1, min(cols, len(panels)))
     rows = -(-len(panels) // cols)
-    titles = [t + (" · derived" if derived else "") for _, t, derived in panels]
+    # A subplot title wider than its panel runs into the next one's: wrap it to about the panel's width.
+    per_line = (100 if style.large else 170) // cols
+    titles = [wrap_text(t + (" · derived" if derived else ""), per_line) for _, t, derived in panels]
     fig = make_subplots(
         rows=rows, cols=cols, shared_xaxes="all", subplot_titles=titles, vertical_spacing=min(0.35 / rows, 0.12),
         horizontal_spacing=0.07,
@@ -982,15 +1055,17 @@ def small_multiples_figure(
     fig.update_layout(
         template=style.template,
         height=rows * panel_height + 90,
-        font={"size": small},
-        title={"text": title or "", "x": 0.0, "xanchor": "left"},
+        font={"size": small},  # sizes set here, not left to a template (ChartStyle.fonts says why)
+        title={"text": title or "", "x": 0.0, "xanchor": "left", "font": {"size": style.font_size}},
         legend={"orientation": "h", "yanchor": "bottom", "y": 1.0 + 40 / (rows * panel_height), "x": 1.0,
-                "xanchor": "right"},
+                "xanchor": "right", "font": {"size": small}},
+        hoverlabel={"font": {"size": small}},
         margin={"l": 45, "r": 15, "t": 80 if title else 60, "b": 45},
         hovermode="closest",
     )  # fmt: skip
-    fig.update_xaxes(type="log" if log_x else "linear", showgrid=True, tickfont={"size": small - 1})
-    fig.update_yaxes(showgrid=True, tickfont={"size": small - 1}, nticks=4)
+    axis = {"tickfont": {"size": small - 1}, "title_font": {"size": small}}
+    fig.update_xaxes(type="log" if log_x else "linear", showgrid=True, **axis)
+    fig.update_yaxes(showgrid=True, nticks=4, **axis)
     x_title = X_LABELS.get(x, x) + (" (log)" if log_x else "")
     last_row = len(panels) - (rows - 1) * cols  # panels in the last row
     for c in range(1, cols + 1):

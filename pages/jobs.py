@@ -9,6 +9,7 @@ import streamlit as st
 from analysis.logs import job_log
 from pages import _state, _worker
 
+_state.selection()  # the page setup and sidebar when a link opens this page directly
 st.title("Jobs")
 db = _state.db_path()
 top = st.columns([2, 2, 6])

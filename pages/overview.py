@@ -22,7 +22,8 @@ if not len(view.panels):
 
 c1, c2, c3 = st.columns([4, 2, 2])
 find = c1.text_input("Filter panels", key="find", bind="query-params", placeholder="task name, e.g. mmlu or arc")
-cols = c2.selectbox("Columns", [2, 3, 4, 5], index=2, key="cols", bind="query-params")
+# Projector fonts fit two panels a row at 1280 px; four overlap their titles and tick labels.
+cols = c2.selectbox("Columns", [2, 3, 4, 5], index=0 if sel.style.large else 2, key="cols", bind="query-params")
 log_x = c3.toggle(f"log {X_LABELS.get(sel.x, sel.x)}", value=True, key="log_x", bind="query-params")
 
 panels = view.panels

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from analysis.charts import PHASE_FILLS
 from analysis.flops import count_parameters
 from analysis.runs import load_run
 from analysis.runs.base import Checkpoint, Run
@@ -55,10 +56,10 @@ def test_divergence_page_shades_the_lr_decay_and_notes_the_window_inside_it(dive
     at = open_app(divergence_db, monkeypatch, page="pages/divergence.py", loss="train/loss", score="toy/acc,none")
     assert not at.exception and not at.error
     fig = figure_of(at.get("plotly_chart")[0])
-    labels = [s["label"]["text"] for s in fig["layout"]["shapes"] if s.get("label", {}).get("text")]
-    assert "decay · grok" in labels and not any(t.startswith("decay · stuck") for t in labels)
-    decay = next(s for s in fig["layout"]["shapes"] if s.get("label", {}).get("text") == "decay · grok")
-    assert 70 <= decay["x0"] <= 80 and decay["x1"] == 120
+    keys = [t["name"] for t in fig["data"] if t.get("name", "").startswith("lr ")]
+    assert keys == ["lr warmup · grok, stuck", "lr decay · grok"]  # stuck: constant after warmup, no decay
+    decay = [s for s in fig["layout"]["shapes"] if s["fillcolor"] == PHASE_FILLS["decay"]]
+    assert len(decay) == 2 and 70 <= decay[0]["x0"] <= 80 and decay[0]["x1"] == 120
     assert any("overlaps a learning-rate decay" in w.value for w in at.warning)
     table = at.dataframe[0].value
     grok = table[table["run"] == "grok"]
@@ -69,7 +70,8 @@ def test_divergence_page_without_an_lr_log_has_no_bands_and_no_note(divergence_d
     at = open_app(divergence_db, monkeypatch, page="pages/divergence.py", loss="train/loss", score="toy/acc,none")
     assert not at.exception and not at.error
     fig = figure_of(at.get("plotly_chart")[0])
-    assert not any("decay" in s.get("label", {}).get("text", "") for s in fig["layout"].get("shapes", []))
+    assert not any(t.get("name", "").startswith("lr ") for t in fig["data"])
+    assert not [s for s in fig["layout"].get("shapes", []) if s["fillcolor"] in PHASE_FILLS.values()]
     assert not any("learning-rate decay" in w.value for w in at.warning)
     assert (at.dataframe[0].value["lr_schedule"] == "").all()
 

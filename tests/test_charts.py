@@ -214,7 +214,37 @@ def test_lr_phases_are_grey_bands_clipped_to_the_data_and_shared_by_runs_with_on
     assert len(shapes) == 4  # decay (shared by a and b) and warmup, on both rows; stable is not shaded
     decay = [s for s in shapes if s.fillcolor == charts.PHASE_FILLS["decay"]]
     assert [(s.x0, s.x1) for s in decay] == [(4000, 5000), (4000, 5000)]  # clipped to the last point
-    assert [s.label.text for s in decay if s.label.text] == ["decay · a, b"]  # labelled once, bottom row
     warmup = next(s for s in shapes if s.fillcolor == charts.PHASE_FILLS["warmup"])
     assert (warmup.x0, warmup.x1) == (10, 100)  # step 0 has no place on a log axis: from the first point
-    assert len(charts.loss_downstream_figure(frame, LOSS, ACC).layout.shapes) == 0
+    keys = [t for t in fig.data if t.name.startswith("lr ")]  # named once each in the legend, never in the plot
+    assert [t.name for t in keys] == ["lr decay · a, b", "lr warmup · a"]
+    assert all(t.x == (None,) and t.marker.color == charts.PHASE_SWATCHES[t.name.split()[1]] for t in keys)
+    assert not any(s.label.text for s in shapes)
+    plain = charts.loss_downstream_figure(frame, LOSS, ACC)
+    assert len(plain.layout.shapes) == 0 and not any(t.name.startswith("lr ") for t in plain.data)
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_every_text_has_an_explicit_size_so_a_theme_cannot_shrink_the_projector_fonts(large: bool):
+    style = ChartStyle(large=large)
+    fig = charts.loss_downstream_figure(grokking_frame(), LOSS, ACC, style=style)
+    layout = fig.layout
+    assert layout.legend.font.size == layout.hoverlabel.font.size == style.font_size
+    assert layout.title.font.size == style.font_size + 2
+    for axis in (layout.xaxis, layout.xaxis2, layout.yaxis, layout.yaxis2):
+        assert axis.title.font.size == style.font_size and axis.tickfont.size == style.tick_size
+    # The legend sits at the foot of the figure, so rows of it can never run into the title.
+    assert (layout.legend.yref, layout.legend.y, layout.legend.yanchor) == ("container", 0, "bottom")
+
+
+def test_long_titles_and_metric_names_wrap_at_separators_for_the_projector():
+    name = "modarith_em/exact_match,first_word"
+    assert charts.wrap_text(name, 26) == "modarith_em/exact_match,<br>first_word"
+    assert charts.wrap_text("short", 26) == "short"
+    assert charts.wrap_text("a b c d", 3) == "a b<br>c d"
+    big = charts.trajectory_figure(dv.align(two_runs_frame(), LOSS, ACC), style=ChartStyle(large=True))
+    assert all(len(line) <= 40 for line in big.layout.title.text.split("<br>"))
+    small = charts.trajectory_figure(dv.align(two_runs_frame(), LOSS, ACC))
+    assert "<br>" not in small.layout.title.text  # a short title stays on one line
+    # A two-line title gets a taller top margin than a one-line one.
+    assert big.layout.margin.t > small.layout.margin.t
