@@ -164,24 +164,14 @@ def routing_profile(
                 if logits is None:
                     raise ValueError(f"{_model_type(model)} returned no token logits; per-sample loss needs them")
                 nlls.append(_token_nll(logits, batch["input_ids"].to(mask.device), mask).cpu())
-            probs = torch.stack(layers, dim=1).double()  # (B, L, T, E)
-            n_experts = probs.shape[-1]
-            real = mask.bool()[:, None, :, None]  # (B, 1, T, 1)
-            n = mask.sum(dim=1).double()  # (B,)
-            if bool((n == 0).any()):
-                row = int((n == 0).nonzero()[0, 0])
-                raise ValueError(
-                    f"sample {sum(len(c) for c in counts) + row} has no real token (attention_mask all 0); "
-                    "drop empty samples from the probe set"
-                )
-            weights.append(probs.sum(dim=2) / n[:, None, None])  # (B, L, E)
-            plogp = torch.where(probs > 0, probs * probs.log(), torch.zeros_like(probs))
-            ent = -plogp.sum(dim=-1) / math.log(n_experts) if n_experts > 1 else plogp.sum(dim=-1) * 0
-            entropies.append(ent.sum(dim=2))  # (B, L); padding rows are all-zero, entropy 0
-            chosen = torch.zeros_like(probs).scatter_(-1, probs.topk(min(top_k, n_experts), dim=-1).indices, 1.0)
-            topk.append((chosen * real).sum(dim=2))  # (B, L, E)
+            mean_weights, entropy_sums, topk_counts, n = _sample_statistics(
+                layers, mask, top_k, first=sum(len(c) for c in counts)
+            )
+            weights.append(mean_weights)
+            entropies.append(entropy_sums)
+            topk.append(topk_counts)
             counts.append(n)
-        n_layers = len(layers)
+        n_layers, n_experts = weights[-1].shape[1:]
         try:
             routers = tuple(w.detach().double().cpu().numpy() for w in router_weights(work, n_layers, n_experts))
         except ValueError:
@@ -196,6 +186,33 @@ def routing_profile(
         model_type=_model_type(model),
         token_nll=_pad_rows(nlls) if keep_nll else None,
     )
+
+
+def _sample_statistics(
+    layers: list[torch.Tensor], mask: torch.Tensor, top_k: int, first: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch's per-sample routing statistics, float64, from its router weights L x (B, T, E) and mask (B, T).
+
+    Returns the token-averaged weights (B, L, E), the sums over real tokens of entropy / ln E
+    (B, L), the top-k counts (B, L, E) and the real tokens per sample (B,). ``first`` is the
+    index of the batch's first sample in the probe set, for the error on a sample without
+    any real token.
+    """
+    probs = torch.stack(layers, dim=1).double()  # (B, L, T, E)
+    n_experts = probs.shape[-1]
+    real = mask.bool()[:, None, :, None]  # (B, 1, T, 1)
+    n = mask.sum(dim=1).double()  # (B,)
+    if bool((n == 0).any()):
+        row = int((n == 0).nonzero()[0, 0])
+        raise ValueError(
+            f"sample {first + row} has no real token (attention_mask all 0); drop empty samples from the probe set"
+        )
+    mean_weights = probs.sum(dim=2) / n[:, None, None]  # (B, L, E)
+    plogp = torch.where(probs > 0, probs * probs.log(), torch.zeros_like(probs))
+    ent = -plogp.sum(dim=-1) / math.log(n_experts) if n_experts > 1 else plogp.sum(dim=-1) * 0
+    chosen = torch.zeros_like(probs).scatter_(-1, probs.topk(min(top_k, n_experts), dim=-1).indices, 1.0)
+    # Entropy sums (B, L): padding rows are all-zero, entropy 0. Top-k counts (B, L, E) over real tokens only.
+    return mean_weights, ent.sum(dim=2), (chosen * real).sum(dim=2), n
 
 
 def _pad_rows(parts: list[torch.Tensor]) -> np.ndarray:
