@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -26,6 +27,9 @@ from analysis.metrics.pathways.consistency import consistency_cosines, normalize
 from analysis.metrics.pathways.distance import mean_pairwise_distance
 from analysis.metrics.pathways.extraction import pathway_string, pathways_from_weights
 from analysis.metrics.pathways.routing import RoutingProfile
+
+if TYPE_CHECKING:  # for the annotation only: importing the store at run time would load duckdb with this module
+    from analysis.store import Store
 
 DEFAULT_EPS = 0.1  # nats: a sample counts as learnt below this loss (p(answer) >= 0.9 for one answer token)
 DEFAULT_DELTA = 0.05  # and within this of its loss at the last checkpoint
@@ -243,7 +247,7 @@ def _mean_stderr(values: np.ndarray) -> tuple[float, float | None, int]:
     return float(vals.mean()), stderr, len(vals)
 
 
-def _as_dict(record) -> dict:
+def _as_dict(record: dict | str | None) -> dict:
     if isinstance(record, dict):
         return record
     if isinstance(record, str):
@@ -253,15 +257,15 @@ def _as_dict(record) -> dict:
     return {}
 
 
-def _num(x) -> float:
+def _num(x: float | None) -> float:
     return math.nan if x is None else float(x)
 
 
-def _natural(text: str) -> Sequence:
+def _natural(text: str) -> tuple[int, int, str]:
     return (0, int(text), "") if text.isdigit() else (1, 0, text)
 
 
-def load_memorisation(store, run: str, domain: str = "train", **kwargs) -> MemorisationTable:
+def load_memorisation(store: Store, run: str, domain: str = "train", **kwargs: float) -> MemorisationTable:
     """The memorisation table of one run and probe domain from the cache (one parameter set: the most complete)."""
     rows = store.sample_results(run, f"{domain}/sample_loss")
     if rows.empty:

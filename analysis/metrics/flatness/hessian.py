@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,7 +51,7 @@ class HessianTraceConfig:
 # --- derivatives --------------------------------------------------------------------------
 
 
-def gradient(output: torch.Tensor, params: Sequence[torch.Tensor], **kwargs) -> Vector:
+def gradient(output: torch.Tensor, params: Sequence[torch.Tensor], **kwargs: Any) -> Vector:
     """d output / d params, one tensor per parameter; ``kwargs`` go to ``torch.autograd.grad``."""
     # allow_unused: experts no token was routed to have no gradient; they count as zeros.
     return list(torch.autograd.grad(output, params, allow_unused=True, materialize_grads=True, **kwargs))

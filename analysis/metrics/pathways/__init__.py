@@ -37,8 +37,10 @@ and are still importable from here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from analysis.metrics.common import MetricResult
 from analysis.metrics.pathways.consistency import (
     consistency_cosines,
     group_pathway_consistency,
@@ -76,7 +78,7 @@ _pad = pad_sequences  # the name bench.pathways pads the kernel's inputs with
 
 # Each routing metric as a function of a RoutingProfile: a job reads the routing once per
 # checkpoint and scores every routing metric from it (and each memorisation group too).
-FROM_PROFILE = {
+FROM_PROFILE: dict[str, Callable[..., MetricResult]] = {
     "pathway_distance": lambda profile, config, seed: group_pathway_distance(profile, None, config, seed=seed),
     "pathway_distance_chars": lambda profile, config, seed: group_pathway_distance(
         profile, None, config, seed=seed, chars=True

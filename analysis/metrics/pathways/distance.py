@@ -118,6 +118,7 @@ def group_pathway_distance(
     config = config or PathwayDistanceConfig()
     idx = sample_indices(profile, indices)
     paths = pathways_from_weights(profile.weights[idx], config.threshold)
+    seqs: list[Sequence[int]]
     if chars:
         seqs = [sequence_codes(pathway_string(p)) for p in paths]
     else:

@@ -152,7 +152,11 @@ def routing_profile(
     top_k = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"{_model_type(model)} config has no num_experts_per_tok; expert_load needs the router's k")
-    weights, entropies, counts, topk, nlls = [], [], [], [], []
+    weights: list[torch.Tensor] = []  # per batch (B, L, E)
+    entropies: list[torch.Tensor] = []  # (B, L)
+    counts: list[torch.Tensor] = []  # (B,)
+    topk: list[torch.Tensor] = []  # (B, L, E)
+    nlls: list[torch.Tensor] = []  # (B, T-1)
     with working_model(model, device, upcast=False) as work, torch.no_grad():
         for batch in batches:
             mask = batch.get("attention_mask")
@@ -172,6 +176,7 @@ def routing_profile(
             topk.append(topk_counts)
             counts.append(n)
         n_layers, n_experts = weights[-1].shape[1:]
+        routers: tuple[np.ndarray, ...] | None
         try:
             routers = tuple(w.detach().double().cpu().numpy() for w in router_weights(work, n_layers, n_experts))
         except ValueError:
