@@ -2,8 +2,10 @@
 
 - :mod:`.common`: the batch type, :class:`MetricResult`, "the loss", parameter subsets.
 - :mod:`.flatness`: Hessian trace and top eigenvalue, Fisher trace, adaptive, perturbation
-  and SAM sharpness.
-- :mod:`.pathways`: expert-routing pathways of mixture-of-experts models, memorisation groups.
+  and SAM sharpness (a package, one module per concept).
+- :mod:`.pathways`: expert-routing pathways of mixture-of-experts models: routing profile,
+  pathway distance and consistency, routing entropy and expert load (a package, one module
+  per concept; memorisation groups are in :mod:`analysis.memorisation`).
 - :mod:`.alignment`: cosines between data domains' loss gradients, with a same-domain ceiling.
 - :mod:`.registry`: metrics by name, configs from key=value params, :func:`compute`.
 """
