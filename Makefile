@@ -9,7 +9,7 @@ DB     ?= data/cache.duckdb
 PORT   ?= 8501
 HOST   ?= 127.0.0.1
 
-.PHONY: run test setup demo demo-train demo-rebuild system-deps lint bench clean
+.PHONY: run test test-fast setup demo demo-train demo-rebuild system-deps lint bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,11 @@ lint: setup
 
 test: setup system-deps lint
 	$(BIN)/pytest
+
+# The quick tier while working: unit and AppTest tests, under 2 minutes on 2 cores. Browser, Ray,
+# lm-eval-on-a-checkpoint, training and simulation tests are marked slow; `make test` runs them all.
+test-fast: setup lint
+	$(BIN)/pytest -m "not slow"
 
 bench: setup
 	$(BIN)/python -m bench

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from analysis.store import DEFAULT_DB, Store, StoreLockedError
 
@@ -497,6 +497,7 @@ def _split(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per task, each with the shared --db, --debug and --log-level flags."""
     parser = argparse.ArgumentParser(
         prog="python -m analysis",
         description="Where pretraining loss stops predicting downstream ability: cache, compute, report.",
@@ -511,7 +512,25 @@ def build_parser() -> argparse.ArgumentParser:
         "(a worker also to <db folder>/logs/<db name>-worker-<pid>.log)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # In the order `--help` lists the commands.
+    _add_demo_command(sub, common)
+    _add_run_commands(sub, common)
+    _add_statistics_commands(sub, common)
+    _add_compute_commands(sub, common)
+    _add_transfer_commands(sub, common)
+    _add_metric_command(sub, common)
+    _add_report_command(sub, common)
+    p = sub.add_parser("migrate", parents=[common], help="create or upgrade the cache schema")
+    p.set_defaults(func=cmd_migrate)
+    return parser
 
+
+# The subparsers container: argparse names its type only privately.
+_Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _add_demo_command(sub: _Commands, common: argparse.ArgumentParser) -> None:
+    """demo: the embedded demo's shipped results, its checkpoints, or a rebuild of both."""
     p = sub.add_parser(
         "demo", parents=[common], help="load the embedded demo's shipped results (--train: build its checkpoints too)"
     )
@@ -526,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="--train: run the demo evaluation here instead of queueing it")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_run_commands(sub: _Commands, common: argparse.ArgumentParser) -> None:
+    """add-run, runs and query: registering runs and reading what the cache holds for them."""
     p = sub.add_parser("add-run", parents=[common], help="register a local checkpoint folder or hf://ORG/MODEL")
     p.add_argument("path", help="run folder (checkpoint-N/, step_N/, ...) or hf://ORG/MODEL")
     p.add_argument("--name", help="run name (default: the folder name)")
@@ -558,6 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.set_defaults(func=cmd_query)
 
+
+def _add_statistics_commands(sub: _Commands, common: argparse.ArgumentParser) -> None:
+    """windows, rank and forecast: the divergence statistics, sharing their run, score and loss flags."""
     stats = argparse.ArgumentParser(add_help=False)
     stats.add_argument("--run", action="append", required=True, help="run name (repeat for several)")
     stats.add_argument("--score", required=True, help="downstream metric, e.g. arc_easy/acc,none")
@@ -586,6 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", type=float, default=0.9, help="prediction interval level (default 0.9)")
     p.set_defaults(func=cmd_forecast)
 
+
+def _add_compute_commands(sub: _Commands, common: argparse.ArgumentParser) -> None:
+    """eval, worker and jobs: computing what a run's checkpoints lack, here, queued or under Ray."""
     p = sub.add_parser("eval", parents=[common], help="compute what is missing for a run's checkpoints")
     p.add_argument("--run", required=True)
     p.add_argument("--steps", type=_split, help="checkpoint steps (default: all), e.g. 60,300")
@@ -623,6 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("jobs", parents=[common], help="list jobs and their progress")
     p.set_defaults(func=cmd_jobs)
 
+
+def _add_transfer_commands(sub: _Commands, common: argparse.ArgumentParser) -> None:
+    """import-evals, export and import-cache: lm-eval result files in, cache tables out and back in."""
     p = sub.add_parser("import-evals", parents=[common], help="import lm-eval result files into a run")
     p.add_argument("path", help="an lm-eval results JSON file or a folder of them")
     p.add_argument("--run", required=True)
@@ -638,6 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="a folder written by `python -m analysis export`")
     p.set_defaults(func=cmd_import_cache)
 
+
+def _add_metric_command(sub: _Commands, common: argparse.ArgumentParser) -> None:
+    """metric: one metric on one checkpoint folder, printed, with nothing cached."""
     p = sub.add_parser("metric", parents=[common], help="compute one metric on one checkpoint, print it, cache nothing")
     p.add_argument("name", help="metric name (heldout_loss, hessian_trace, ...)")
     p.add_argument("--checkpoint", required=True, help="a transformers model folder")
@@ -648,6 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["json", "text"], default="json")
     p.set_defaults(func=cmd_metric)
 
+
+def _add_report_command(sub: _Commands, common: argparse.ArgumentParser) -> None:
+    """report: the exported report of one or more runs."""
     p = sub.add_parser("report", parents=[common], help="export a report: HTML, PDF, Markdown, CSV or Parquet")
     p.add_argument(
         "--run", action="append", required=True, help="run name (repeat for several; the first is the reference)"
@@ -661,10 +698,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--full", action="store_true", help="every table in full and a page per section (default: about 20 pages)"
     )
     p.set_defaults(func=cmd_report)
-
-    p = sub.add_parser("migrate", parents=[common], help="create or upgrade the cache schema")
-    p.set_defaults(func=cmd_migrate)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

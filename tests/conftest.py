@@ -31,6 +31,14 @@ settings.register_profile("explore", derandomize=False, max_examples=500)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A browser test is always slow: `make test-fast` leaves it out even where its module has no slow mark."""
+    for item in items:
+        if item.get_closest_marker("browser") is not None and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """One torch intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``), restored after.

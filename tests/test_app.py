@@ -131,6 +131,7 @@ def test_evaluate_reports_a_bad_request_in_one_line(populated_db: Path, monkeypa
     assert "no such file" in at.error[0].value
 
 
+@pytest.mark.slow
 def test_app_never_shows_a_lock_error_while_another_process_writes(populated_db: Path, monkeypatch) -> None:
     import subprocess
     import sys
@@ -383,6 +384,7 @@ def test_divergence_page_picks_one_setting_of_a_score_and_switching_redraws(sett
     assert score_curve(shared, "grok") == pytest.approx(FIVE_SHOT, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_compare_and_report_pages_offer_the_same_setting_picker(settings_db: Path, monkeypatch) -> None:
     at = open_app(settings_db, monkeypatch, page="pages/compare.py")
     assert not at.exception and not at.error
@@ -396,6 +398,7 @@ def test_compare_and_report_pages_offer_the_same_setting_picker(settings_db: Pat
     assert report.selectbox(key=SETTING_KEY).options == ["0-shot", "5-shot"]
 
 
+@pytest.mark.slow
 def test_forecast_page_backtests_a_hidden_end_of_an_imported_pythia_sweep(db: Path, monkeypatch) -> None:
     from analysis.__main__ import main
 

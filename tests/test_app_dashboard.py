@@ -128,6 +128,7 @@ def test_a_run_without_a_model_size_falls_back_to_tokens_with_one_line(flops_db:
 
 
 @pytest.mark.parametrize("page", [script for script, *_ in PAGES])
+@pytest.mark.slow
 def test_every_page_opens_on_the_flops_axis(flops_db: Path, monkeypatch, page: str) -> None:
     at = open_app(flops_db, monkeypatch, page=page, runs="tiny", x="flops", score="toy/acc,none", loss="train/loss")
     assert not at.exception, at.exception
@@ -161,6 +162,7 @@ def status_lines(at) -> list[str]:
 
 
 @pytest.mark.parametrize("page", ["pages/divergence.py", "pages/runs.py", "pages/samples.py", "pages/report.py"])
+@pytest.mark.slow
 def test_every_page_shows_running_and_queued_jobs_with_a_link_to_the_jobs_page(busy_db, monkeypatch, page) -> None:
     db, _ = busy_db
     at = open_app(db, monkeypatch, page=page)

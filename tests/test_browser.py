@@ -9,7 +9,8 @@ import pytest
 from tests.browser import browser_page, streamlit_server, wait_for_chart
 from tests.conftest import OUT
 
-pytestmark = pytest.mark.browser
+# Slow: drives the app in Chromium (`make test-fast` leaves it out).
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 def test_deep_link_renders_the_runs_chart(populated_db: Path) -> None:

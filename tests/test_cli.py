@@ -30,6 +30,7 @@ def trainer_run(tmp_path_factory) -> Path:
     return make_trainer_output(tmp_path_factory.mktemp("trainer") / "my run", steps=(2, 4, 6))
 
 
+@pytest.mark.slow
 def test_add_run_registers_a_real_trainer_output(trainer_run: Path, db: Path) -> None:
     code, out, err = cli("add-run", str(trainer_run), "--db", str(db))
     assert code == 0, err
@@ -48,6 +49,7 @@ def test_add_run_registers_a_real_trainer_output(trainer_run: Path, db: Path) ->
     assert logged.to_dict() == expected  # exact: no float rounding on the way
 
 
+@pytest.mark.slow
 def test_add_run_twice_changes_nothing_and_a_touched_checkpoint_is_seen(trainer_run: Path, tmp_path: Path) -> None:
     run = shutil.copytree(trainer_run, tmp_path / "copy")
     db = tmp_path / "c.duckdb"
@@ -59,6 +61,7 @@ def test_add_run_twice_changes_nothing_and_a_touched_checkpoint_is_seen(trainer_
     assert code == 0 and "0 new, 1 changed" in out
 
 
+@pytest.mark.slow
 def test_checkpoint_without_config_is_reported_and_the_rest_registered(trainer_run: Path, tmp_path: Path) -> None:
     run = shutil.copytree(trainer_run, tmp_path / "partial")
     (run / "checkpoint-2" / "config.json").unlink()
@@ -85,6 +88,7 @@ def test_unusable_folders_give_one_line_and_nonzero_exit(tmp_path: Path, setup, 
     assert not (tmp_path / "c.duckdb").exists()  # nothing written
 
 
+@pytest.mark.slow
 def test_unreadable_explicit_log_is_an_error(trainer_run: Path, tmp_path: Path) -> None:
     bad = tmp_path / "log.csv"
     bad.write_text("not,a\nlog,file\n")

@@ -159,6 +159,7 @@ def test_write_task_files_reproduces_the_bundled_files(tmp_path):
 # ----------------------------------------------------------------------------- the scaled build
 
 
+@pytest.mark.slow
 def test_build_layout(built):
     _, run_dirs = built
     assert [d.name for d in run_dirs] == list(demo.DEMO_RUNS)
@@ -181,6 +182,7 @@ def test_build_layout(built):
         assert demo.is_complete(run_dir, cfg)
 
 
+@pytest.mark.slow
 def test_metrics_log(built):
     _, run_dirs = built
     for run_dir in run_dirs:
@@ -203,6 +205,7 @@ def test_metrics_log(built):
         assert last < math.log(cfg.p) + 0.1
 
 
+@pytest.mark.slow
 def test_checkpoints_load_with_default_experts_and_give_the_same_logits(built):
     _, run_dirs = built
     run_dir = run_dirs[0]
@@ -225,6 +228,7 @@ def test_checkpoints_load_with_default_experts_and_give_the_same_logits(built):
     assert acc == pytest.approx(rows[-1]["eval/accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_weights(built, tmp_path):
     # Retrain the start of the built grokking run here, with the thread count its worker process
     # used; evaluations do not touch the weights or the batch order, so its checkpoints must match
@@ -256,6 +260,7 @@ def test_same_seed_gives_identical_weights(built, tmp_path):
     assert not torch.equal(first["lm_head.weight"], changed["lm_head.weight"])
 
 
+@pytest.mark.slow
 def test_complete_marker_skips_and_missing_marker_rebuilds(built):
     root, run_dirs = built
     grok, mem = run_dirs

@@ -243,6 +243,7 @@ def _grokking_found(loss: np.ndarray, acc: np.ndarray, tol_of: str, seed: int) -
 
 
 @pytest.mark.parametrize("n", [3, 5, 20, 100])
+@pytest.mark.slow
 def test_range_tolerance_keeps_the_error_rate_on_a_fitted_loss(n):
     """Null: a loss at its noisy floor is flat by its range, and pure-noise accuracy gets a grokking window in
     at most alpha of runs (95% binomial bound over 100 runs). The candidate spans depend on the loss only, so

@@ -193,12 +193,14 @@ def _coverage(n: int, interval) -> float:
 
 
 @pytest.mark.parametrize("n", [8, 32, 256])
+@pytest.mark.slow
 def test_ratio_interval_covers_the_population_loss_at_the_nominal_rate(n):
     # 93-97%: the nominal 95% +- 9 Monte-Carlo stderrs (0.0022); measured 0.942, 0.944, 0.949.
     assert 0.93 <= _coverage(n, ratio_interval) <= 0.97
 
 
 @pytest.mark.parametrize("n", [8, 32, 256])
+@pytest.mark.slow
 def test_per_sequence_mean_stderr_undercovers_on_the_same_data(n):
     def old(sums, counts):
         ratio = sums.sum() / counts.sum()
@@ -305,6 +307,7 @@ def test_a_tokenizer_with_neither_bos_nor_eos_leaves_out_the_first_tokens_bytes(
     assert result.bits_per_byte == pytest.approx(math.log2(len(tok)) * tokens / n_bytes, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_text_without_bos_is_scored_from_the_eos_prefix(tmp_path, model, tokenizer):
     tok = _word_tokenizer(adds_bos=False, bos=False)
     probe = _write_jsonl(tmp_path / "web.jsonl", [{"text": t} for t in TEXTS])

@@ -63,6 +63,7 @@ def checkpoint(tmp_path_factory, data_dir):
     return folder
 
 
+@pytest.mark.slow
 def test_run_lm_eval_equals_lm_eval_loading_the_checkpoint_itself(tmp_path, data_dir, checkpoint):
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -107,6 +108,7 @@ def test_run_lm_eval_equals_lm_eval_loading_the_checkpoint_itself(tmp_path, data
     assert model.training is False
 
 
+@pytest.mark.slow
 def test_task_yaml_path_and_device_check(tmp_path, data_dir, checkpoint):
     model, tokenizer = load_model(checkpoint, device="cpu")
     materialised = materialize_tasks(tmp_path / "m", data_dir)
@@ -174,6 +176,7 @@ def test_unknown_bundled_name_suggests_without_indexing(tmp_path, data_dir):
         resolve_tasks(["modarith_emm"], task_dir=tmp_path, data_dir=data_dir, allow_builtin=False)
 
 
+@pytest.mark.slow
 def test_unknown_name_suggests_a_builtin_task(tmp_path, data_dir):
     # Indexes lm-eval's own ~14,700 tasks (a few seconds), all from local files.
     with pytest.raises(ValueError, match=r"^unknown task 'arc_esay'; did you mean 'arc_easy'\?$"):
@@ -337,6 +340,7 @@ def test_bad_result_files(tmp_path, content, message):
         parse_results_file(tmp_path / "missing.json")
 
 
+@pytest.mark.slow
 def test_continuous_metrics_equal_a_hand_computation_from_the_per_choice_log_likelihoods(
     tmp_path, data_dir, checkpoint
 ):
@@ -374,6 +378,7 @@ def test_continuous_metrics_equal_a_hand_computation_from_the_per_choice_log_lik
     assert logp == pytest.approx(s.loglikelihoods[0], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_log_samples_files_lm_eval_writes_give_the_continuous_metrics_at_import(tmp_path, data_dir, checkpoint):
     """A real `--log_samples` output folder, written by lm-eval's own EvaluationTracker from a real run."""
     import lm_eval

@@ -22,7 +22,9 @@ from analysis.evals.onepass import BACKEND_NAME, MIN_SAVING, OnePassLM, head_wei
 from analysis.evals.tasks import BUNDLED_TASKS, DEFAULT_DATA_DIR, materialize_tasks, task_vocabulary
 from analysis.models import build_word_tokenizer, tiny_moe_config
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add synchronisation
+# Tiny tensors: threads only add synchronisation. Slow: compares with lm-eval's own HFLM on tiny checkpoints
+# (`make test-fast` leaves it out).
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 LL_TASKS = [t.name for t in BUNDLED_TASKS.values() if t.output_type in ("multiple_choice", "loglikelihood")]
 TOL = {"rel": 1e-6, "abs": 1e-6}

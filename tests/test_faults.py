@@ -18,12 +18,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
 from analysis.store import Store
 from tests.conftest import ROOT, synthetic_run
 from tests.test_bad_inputs import snapshot
+
+# Slow: fills disks and locks files in subprocesses (`make test-fast` leaves it out).
+pytestmark = pytest.mark.slow
 
 # Linux capabilities that let root ignore file modes, and prctl's PR_CAPBSET_DROP.
 FILE_MODE_CAPS = (1, 2, 3)  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER

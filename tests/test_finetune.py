@@ -22,6 +22,9 @@ from analysis.store import Store
 from tests.conftest import ROOT
 from tests.factories import save_tiny_checkpoint
 
+# Slow: fine-tunes tiny checkpoints and runs lm-eval on them (`make test-fast` leaves it out).
+pytestmark = pytest.mark.slow
+
 STEPS = (10, 20)
 # Full fine-tuning, few steps: the tiny model learns the copy task in about a second.
 FAST = ("method=full", "lr=3e-3", "steps=40", "warmup_steps=2", "limit=40")

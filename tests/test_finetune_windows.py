@@ -25,6 +25,7 @@ def _any_window(n: int, rng: np.random.Generator, *, fall: float = 0.0, pre_tren
 
 
 @pytest.mark.parametrize(("n", "runs"), [(5, 400), (20, 400), (100, 200)])
+@pytest.mark.slow
 def test_no_real_fall_gives_a_window_at_rate_alpha(n: int, runs: int) -> None:
     rng = np.random.default_rng(n)
     rate = np.mean([bool(_any_window(n, rng)) for _ in range(runs)])

@@ -48,6 +48,7 @@ def simulate(method: str, n_fit: int, rng: np.random.Generator):
 
 @pytest.mark.parametrize("method", ["power", "log", "two-step"])
 @pytest.mark.parametrize("n_fit", [8, 14])
+@pytest.mark.slow
 def test_the_90_percent_prediction_interval_covers_a_new_checkpoint_about_90_percent_of_the_time(method, n_fit):
     """Fit the first n_fit of 20 log-spaced checkpoints, predict the last (7x to 50x further out)."""
     rng = np.random.default_rng(n_fit + len(method))
@@ -105,6 +106,7 @@ def test_a_fit_that_does_not_converge_says_so_and_predicts_nothing(monkeypatch):
     assert not f.converged and not f.identifiable and np.isnan(f.predicted).all() and np.isnan(f.lo).all()
 
 
+@pytest.mark.slow
 def test_backtest_on_pythia_matches_what_the_readme_reports():
     """Fit Pythia 70M and 1.4B on steps <= 33,000 and forecast step 143,000 for eight tasks."""
     table = backtest_table(pythia_frame())

@@ -51,6 +51,7 @@ def direct_norm(folder: Path) -> float:
     return float(torch.sqrt(sum(t.double().pow(2).sum() for t in tensors.values())))
 
 
+@pytest.mark.slow
 def test_a_registered_kind_is_planned_computed_stored_and_then_cached(run_dir: Path, tmp_path: Path, param_norm):  # noqa: F811
     store = Store(tmp_path / "cache.duckdb")
     store.register_run(load_run(run_dir))
@@ -68,6 +69,7 @@ def test_a_registered_kind_is_planned_computed_stored_and_then_cached(run_dir: P
     assert again.computed == 0 and again.cached == 4 and LOADS["count"] == before  # produces() found them
 
 
+@pytest.mark.slow
 def test_a_kind_that_fails_fails_its_item_alone(run_dir: Path, tmp_path: Path, param_norm, monkeypatch):  # noqa: F811
     def broken(item, ctx, progress=None):
         raise ValueError("no weights to measure\nsecond line")
@@ -140,6 +142,7 @@ def test_the_unit_context_reads_the_probe_set_only_when_asked_and_once(run_dir: 
         _ = UnitContext(spec(run_dir), model, tok, 10, "fp", "x", {}).probe
 
 
+@pytest.mark.slow
 def test_targeted_job_queries(tmp_path: Path, run_dir: Path) -> None:  # noqa: F811
     absent = Store(tmp_path / "absent.duckdb")
     assert absent.job(1) is None and absent.job_status(1) is None and absent.open_jobs() == []

@@ -24,6 +24,9 @@ from analysis.store import Store
 from tests.conftest import ROOT
 from tests.test_evals_lmeval import CURRENT, LEGACY, _write
 
+# Slow: runs lm-eval and metrics on tiny checkpoints (`make test-fast` leaves it out).
+pytestmark = pytest.mark.slow
+
 TASKS = ("sequence_ll", "antonyms_mc")
 STEPS = (10, 20, 40, 80)
 

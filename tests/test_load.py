@@ -12,7 +12,8 @@ import pytest
 
 from bench.load import run_load
 
-pytestmark = pytest.mark.browser
+# Slow: drives the app in Chromium (`make test-fast` leaves it out).
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 def test_four_browsers_and_a_writer_see_no_errors_and_no_blank_pages(divergence_db: Path) -> None:

@@ -42,6 +42,7 @@ def queued(tmp_path: Path) -> tuple[Store, int]:
     return store, job
 
 
+@pytest.mark.slow
 def test_a_worker_writes_a_log_file_with_each_units_start_and_finish(queued: tuple[Store, int]) -> None:
     store, job = queued
     code, out, err = cli("worker", "--once", "--poll", "0.1", "--db", str(store.path))
@@ -62,6 +63,7 @@ def test_a_worker_writes_a_log_file_with_each_units_start_and_finish(queued: tup
     assert len(lines) >= 2 * len(STEPS) and all(f"job {job}" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_log_level_error_keeps_a_worker_quiet(queued: tuple[Store, int]) -> None:
     store, _ = queued
     code, _, err = cli("worker", "--once", "--db", str(store.path), "--log-level", "ERROR")
@@ -70,6 +72,7 @@ def test_log_level_error_keeps_a_worker_quiet(queued: tuple[Store, int]) -> None
     assert store.jobs()["status"].tolist() == ["done"]
 
 
+@pytest.mark.slow
 def test_log_level_debug_adds_the_progress_notes(queued: tuple[Store, int]) -> None:
     store, job = queued
     assert cli("worker", "--once", "--db", str(store.path), "--log-level", "debug")[0] == 0
@@ -77,6 +80,7 @@ def test_log_level_debug_adds_the_progress_notes(queued: tuple[Store, int]) -> N
     assert f"DEBUG analysis.jobs.runner: job {job} step {STEPS[0]}: heldout:probe.jsonl (0/1 items done)" in text
 
 
+@pytest.mark.slow
 def test_a_failing_checkpoint_is_logged_as_a_warning_with_its_reason(queued: tuple[Store, int]) -> None:
     store, job = queued
     shutil.rmtree(store.checkpoints("run")["path"].iloc[0])  # step 2's folder is gone
@@ -129,6 +133,7 @@ def test_the_tail_reads_every_workers_files_in_time_order_and_only_the_job_asked
     assert job_log_tail(db, 1) == [] and job_log_tail(tmp_path / "none.duckdb", 7) == []
 
 
+@pytest.mark.slow
 def test_the_jobs_page_shows_a_jobs_log_tail_from_the_worker_file_or_the_stored_messages(
     queued: tuple[Store, int], monkeypatch
 ) -> None:

@@ -107,6 +107,7 @@ def test_flip_summary_statuses():
     )
 
 
+@pytest.mark.slow
 def test_runner_stores_memorisation_rows_and_reads_routing_once(store: Store, run_dir, monkeypatch):  # noqa: F811
     calls = []
     real = pathways.routing_profile

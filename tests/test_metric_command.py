@@ -62,6 +62,7 @@ def test_the_raw_checkpoint_really_has_no_tokenizer(folders) -> None:
 
 
 @pytest.mark.parametrize(("name", "params"), [("heldout_loss", ()), ("hessian_trace", ("n_probes=2",))])
+@pytest.mark.slow
 def test_input_ids_probes_give_the_same_value_without_tokenizer_files(folders, name, params) -> None:
     with_tok = _metric(name, folders["with_tok"], folders["ids"], *params)
     raw = _metric(name, folders["raw"], folders["ids"], *params)
@@ -70,6 +71,7 @@ def test_input_ids_probes_give_the_same_value_without_tokenizer_files(folders, n
     assert raw["value"] != 0.0
 
 
+@pytest.mark.slow
 def test_bits_per_byte_of_token_ids_is_unavailable_and_says_why(folders) -> None:
     raw = _metric("heldout_loss", folders["raw"], folders["ids"])["domains"]["ids"]
     assert raw["bits_per_byte"] is None
@@ -87,6 +89,7 @@ def test_a_text_probe_on_a_checkpoint_without_tokenizer_is_one_line(folders) -> 
     assert "no tokenizer files" in err and str(folders["raw"]) in err and "text.jsonl" in err
 
 
+@pytest.mark.slow
 def test_padding_is_ignored_and_the_pad_id_comes_from_the_config(folders) -> None:
     from analysis.evals.heldout import heldout_loss, load_probe_set
     from analysis.jobs.kinds import probe_batches
@@ -140,6 +143,7 @@ def broken_forward(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_a_forward_pass_that_fails_is_one_line_and_exit_2(folders, broken_forward) -> None:
     argv = ["metric", "hessian_trace", "--checkpoint", str(broken_forward), "--data", str(folders["ids"])]
     done = subprocess.run(
@@ -185,6 +189,7 @@ def test_a_config_that_does_not_fit_the_weights_names_the_tensor(folders, tmp_pa
 # --- 3. a seed per metric -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_seed_is_a_parameter_of_every_metric_and_changes_the_probes(folders) -> None:
     one = compute_once("hessian_trace", folders["raw"], folders["ids"], params=["n_probes=3", "seed=1"], device="cpu")
     two = compute_once("hessian_trace", folders["raw"], folders["ids"], params=["n_probes=3", "seed=2"], device="cpu")
@@ -225,6 +230,7 @@ def test_heldout_loss_refuses_parameters_it_does_not_have(folders) -> None:
     assert code == 2 and "heldout_loss takes no parameters" in err
 
 
+@pytest.mark.slow
 def test_a_metric_seed_overrides_the_job_seed_and_is_cached_as_its_own_setting(folders, tmp_path) -> None:
     store = Store(tmp_path / "cache.duckdb")
     store.register_run(load_run(folders["raw"].parent))  # the run without tokenizer files
@@ -269,6 +275,7 @@ def _batches(folders) -> tuple:
         ("hessian_top_eigenvalue", {"max_iter": 3, "tol": 1e-12}, 3),  # cannot converge in 3: every iteration
     ],
 )
+@pytest.mark.slow
 def test_long_metrics_report_each_step_and_give_the_same_value(folders, name, config, expected) -> None:
     from analysis.metrics.registry import compute, progress_unit
 
@@ -281,6 +288,7 @@ def test_long_metrics_report_each_step_and_give_the_same_value(folders, name, co
     assert progress_unit(name) != "step"
 
 
+@pytest.mark.slow
 def test_the_metric_command_prints_progress_lines_when_stderr_is_not_a_terminal(folders) -> None:
     args = ("metric", "hessian_trace", "--checkpoint", str(folders["raw"]), "--data", str(folders["ids"]))
     code, out, err = cli(*args, "--param", "n_probes=3")
@@ -289,6 +297,7 @@ def test_the_metric_command_prints_progress_lines_when_stderr_is_not_a_terminal(
     assert json.loads(out)["n"] == 3
 
 
+@pytest.mark.slow
 def test_a_jobs_unit_reports_progress_inside_a_long_metric(folders, tmp_path, monkeypatch) -> None:
     from analysis.jobs import runner
 

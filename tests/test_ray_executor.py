@@ -15,6 +15,9 @@ from analysis.store import Store
 from tests.test_job_kinds import param_norm  # noqa: F401  (a fixture)
 from tests.test_jobs import run_dir, spec  # noqa: F401  (run_dir is a fixture)
 
+# Slow: starts Ray and computes on tiny checkpoints (`make test-fast` leaves it out).
+pytestmark = pytest.mark.slow
+
 GROUPED = ("hessian_trace", "pathway_distance", "routing_entropy")
 
 

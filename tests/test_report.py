@@ -20,6 +20,9 @@ from tests.conftest import OUT
 from tests.test_app import open_app
 from tests.test_cli import cli
 
+# Slow: renders reports through Chromium (PDF, PNG) (`make test-fast` leaves it out).
+pytestmark = pytest.mark.slow
+
 SIGNAL_STEPS = (10, 40, 80, 120)
 
 

@@ -284,6 +284,7 @@ def trainer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_trainer_output(tmp_path_factory.mktemp("trainer") / "out", steps=(2, 4, 6))
 
 
+@pytest.mark.slow
 def test_trainer_output_loads_with_exact_log(trainer_run: Path) -> None:
     run = load_run(trainer_run)
     assert run.problems == []
@@ -301,6 +302,7 @@ def test_trainer_output_loads_with_exact_log(trainer_run: Path) -> None:
     assert run.config["model_type"] == "olmoe"
 
 
+@pytest.mark.slow
 def test_find_logs_uses_the_latest_trainer_state(trainer_run: Path) -> None:
     checkpoints, _ = discover_checkpoints(trainer_run)
     assert find_logs(trainer_run, checkpoints) == [trainer_run.resolve() / "checkpoint-6" / "trainer_state.json"]

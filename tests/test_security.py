@@ -101,6 +101,7 @@ HOSTILE_STATE = """() => ({
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_hostile_names_render_as_text_and_the_server_is_loopback_only(db: Path) -> None:
     hostile_cache(db)
     outside: list[str] = []

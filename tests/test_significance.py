@@ -53,11 +53,13 @@ def false_window_rate(n: int, reps: int, *, flat_loss: bool, stderr: float | Non
 
 
 @pytest.mark.parametrize(("n", "reps"), [(3, 400), (5, 400), (10, 300), (20, 300), (50, 200), (150, 120)])
+@pytest.mark.slow
 def test_flat_loss_and_noisy_score_give_a_false_window_at_rate_alpha(n, reps):
     rate = false_window_rate(n, reps, flat_loss=True, stderr=0.02)
     assert abs(rate - ALPHA) <= mc_bound(ALPHA, reps), f"n={n}: {rate:.3f} of pure-noise runs had a window"
 
 
+@pytest.mark.slow
 def test_five_hundred_checkpoints_of_noise_stay_at_alpha():
     reps = 40
     rate = false_window_rate(500, reps, flat_loss=True, stderr=0.02, n_sim=400)
@@ -65,17 +67,20 @@ def test_five_hundred_checkpoints_of_noise_stay_at_alpha():
 
 
 @pytest.mark.parametrize(("n", "reps"), [(5, 300), (20, 300), (100, 150)])
+@pytest.mark.slow
 def test_improving_loss_and_flat_score_give_a_false_inverse_window_at_rate_alpha(n, reps):
     rate = false_window_rate(n, reps, flat_loss=False, stderr=0.02)
     assert abs(rate - ALPHA) <= mc_bound(ALPHA, reps)
 
 
 @pytest.mark.parametrize(("n", "reps"), [(5, 300), (20, 300), (100, 150)])
+@pytest.mark.slow
 def test_a_score_without_stderr_is_studentized_and_stays_at_alpha(n, reps):
     rate = false_window_rate(n, reps, flat_loss=True, stderr=None)
     assert abs(rate - ALPHA) <= mc_bound(ALPHA, reps)
 
 
+@pytest.mark.slow
 def test_the_error_rate_follows_alpha():
     reps = 300
     rng = np.random.default_rng(5)
@@ -99,6 +104,7 @@ def planted_rise(n: int, rng: np.random.Generator, *, sigma: float = 0.02, rise:
 
 
 @pytest.mark.parametrize(("n", "reps"), [(20, 60), (50, 60), (150, 30)])
+@pytest.mark.slow
 def test_a_rise_of_8_stderr_over_3_checkpoints_is_found_at_least_90_percent_of_the_time(n, reps):
     rng = np.random.default_rng(n)
     found = 0
@@ -111,6 +117,7 @@ def test_a_rise_of_8_stderr_over_3_checkpoints_is_found_at_least_90_percent_of_t
     assert found / reps >= 0.9
 
 
+@pytest.mark.slow
 def test_windows_report_simultaneous_intervals_that_cover_the_true_change():
     """Each reported window's (change_lo, change_hi) is a (1 - 2 alpha) simultaneous interval."""
     rng = np.random.default_rng(11)
@@ -208,6 +215,7 @@ def ranking_case(n: int, k: int, rng: np.random.Generator, *, loss_noise: float,
 
 
 @pytest.mark.parametrize(("n", "k", "reps"), [(6, 30, 60), (20, 10, 80), (60, 5, 60)])
+@pytest.mark.slow
 def test_signals_no_better_than_the_loss_beat_it_at_most_alpha_of_the_time(n, k, reps):
     """Candidates exchangeable with the loss (the same noise around the score) must not 'beat' it."""
     rng = np.random.default_rng(n)
@@ -219,6 +227,7 @@ def test_signals_no_better_than_the_loss_beat_it_at_most_alpha_of_the_time(n, k,
     assert hits / reps <= ALPHA + mc_bound(ALPHA, reps)
 
 
+@pytest.mark.slow
 def test_six_checkpoints_and_thirty_noise_signals_never_beat_the_loss():
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -228,6 +237,7 @@ def test_six_checkpoints_and_thirty_noise_signals_never_beat_the_loss():
         assert (out.loc[~out["is_loss"], "beats_loss_p"] >= 1 / 8).all()  # 3 blocks: p >= 2^-3 before Holm
 
 
+@pytest.mark.slow
 def test_a_signal_much_closer_to_the_score_beats_the_loss():
     rng = np.random.default_rng(3)
     reps, hits = 20, 0
@@ -281,6 +291,7 @@ def items_case(n: int, items: int, rng: np.random.Generator, delta: float = 0.0)
     return frame, samples
 
 
+@pytest.mark.slow
 def test_paired_windows_keep_alpha_on_items_that_never_change():
     rng = np.random.default_rng(21)
     reps, hits = 200, 0
@@ -291,6 +302,7 @@ def test_paired_windows_keep_alpha_on_items_that_never_change():
     assert abs(hits / reps - ALPHA) <= mc_bound(ALPHA, reps)
 
 
+@pytest.mark.slow
 def test_paired_windows_find_a_move_that_two_independent_stderrs_miss():
     rng = np.random.default_rng(22)
     reps, paired, unpaired = 40, 0, 0

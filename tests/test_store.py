@@ -222,6 +222,7 @@ con.close()
 """
 
 
+@pytest.mark.slow
 def test_lock_held_too_long_gives_a_clear_error_then_recovers(populated_db: Path) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(populated_db), "2.5"], stdout=subprocess.PIPE, text=True
@@ -252,6 +253,7 @@ print(i, flush=True)
 """
 
 
+@pytest.mark.slow
 def test_reader_and_writer_processes_never_see_a_lock_error(populated_db: Path) -> None:
     writer = subprocess.Popen(
         # A worker writes once per checkpoint unit, seconds apart; 20 writes a second is far busier.
@@ -279,6 +281,7 @@ def test_reader_and_writer_processes_never_see_a_lock_error(populated_db: Path) 
     assert final == [float(writes - 1)]
 
 
+@pytest.mark.slow
 def test_threads_of_one_process_read_and_write_the_same_file_without_errors(populated_db: Path) -> None:
     # The dashboard's sessions are threads: DuckDB refuses a read-only and a read-write connection to one
     # file open at the same time in one process, so the store makes them take turns. A fixed amount of
@@ -315,6 +318,7 @@ def test_threads_of_one_process_read_and_write_the_same_file_without_errors(popu
     assert Store(populated_db).results("alpha", ["counter"])["value"].tolist() == [14.0]
 
 
+@pytest.mark.slow
 def test_kill_during_write_loses_only_the_uncommitted_transaction(populated_db: Path) -> None:
     code = textwrap.dedent(
         """
