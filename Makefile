@@ -61,7 +61,7 @@ lint: setup
 test: setup system-deps lint
 	$(BIN)/pytest
 
-# The quick tier while working: unit and AppTest tests, under 2 minutes on 2 cores. Browser, Ray,
+# The quick tier while working: unit and AppTest tests, about 100 s of CPU time. Browser, Ray,
 # lm-eval-on-a-checkpoint, training and simulation tests are marked slow; `make test` runs them all.
 test-fast: setup lint
 	$(BIN)/pytest -m "not slow"
