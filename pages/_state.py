@@ -210,15 +210,22 @@ def selection() -> Selection:
 
     It also draws the status line of work under way at the top of the page (:func:`work_under_way`).
     """
-    sel = st.session_state.get("_selection")
-    if sel is None:
-        # The page runs without app.py: Streamlit serves a deep link (/divergence?...) straight from
-        # the pages/ folder. Give it the same page setup and sidebar.
+    if _RUN_GENERATION.get() is None or "_selection" not in st.session_state:
+        # The page runs without app.py: Streamlit serves a deep link (/divergence?...) straight from the
+        # pages/ folder, and reruns it the same way after every widget change. Give it the page setup and
+        # sidebar on every run, not only the first, or the sidebar is gone after the first click.
         st.set_page_config(**PAGE_CONFIG)
         sidebar()
-        sel = st.session_state["_selection"]
     work_under_way()
-    return sel
+    return st.session_state["_selection"]
+
+
+def chosen() -> Selection:
+    """The sidebar's choices, for a page that already called :func:`selection` in this run (via signal_view).
+
+    A second ``selection()`` would draw the sidebar and the status line twice on a page opened by a link.
+    """
+    return st.session_state["_selection"]
 
 
 def require_runs(sel: Selection) -> None:

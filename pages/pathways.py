@@ -16,7 +16,7 @@ PATHWAYS = (
 _state.signal_view("Pathways", PATHWAYS, "routing metrics")
 
 st.header("Inside memorised groups")
-sel = _state.selection()
+sel = _state.chosen()  # signal_view drew the sidebar
 c1, c2, c3, c4, c5 = st.columns([2, 2, 2, 2, 2])
 run = c1.selectbox("Run", sel.runs, key="group_run", bind="query-params")
 domains = sorted(m.removesuffix("/sample_loss") for m in _state.sample_metrics(run) if m.endswith("/sample_loss"))

@@ -27,6 +27,7 @@ with st.expander("Add a run", expanded=not len(table)), st.form("add_run"):
     )  # fmt: skip
     trust = right.checkbox("Trust its modelling code (runs Python from the checkpoints)", key="add_trust")
     if st.form_submit_button("Add run", type="primary"):
+        failure = None
         with st.status("Adding the run…", expanded=True) as box:
             try:
                 result = add_run(
@@ -34,13 +35,14 @@ with st.expander("Add a run", expanded=not len(table)), st.form("add_run"):
                     revision_filter=pattern.strip() or None, trust_remote_code=trust, progress=box.write,
                 )  # fmt: skip
             except (ValueError, KeyError, OSError, StoreLockedError) as err:
-                box.update(label="Nothing added", state="error")
-                st.error(_state.md_text(err.args[0] if isinstance(err, KeyError) else str(err)))
-            else:
-                box.update(label=f"Added {result.report.run}", state="complete")
-                _state.select_run_next(result.report.run)
-                st.session_state["_added_run"] = "; ".join([result.summary(), *result.problems])
-                st.rerun()  # the new run in the table and the sidebar, without a restart
+                failure = err.args[0] if isinstance(err, KeyError) else str(err)
+                box.update(label="Nothing added", state="error", expanded=False)
+        if failure is not None:
+            st.error(_state.md_text(failure))  # outside the box, which folds up: the reason stays in view
+        else:
+            _state.select_run_next(result.report.run)
+            st.session_state["_added_run"] = "; ".join([result.summary(), *result.problems])
+            st.rerun()  # the new run in the table and the sidebar, without a restart
 
 if not len(table):
     _state.no_runs_message()

@@ -222,6 +222,7 @@ def test_adding_a_local_run_from_the_runs_page_shows_it_without_a_restart(
     assert not at.exception and not at.error
     assert at.success[0].value.startswith("registered run 'fresh-run': 6 checkpoints (steps 10..100), 6 new")
     assert "fresh-run" in set(at.dataframe[0].value["name"])  # the table, read again after the write
+    assert at.multiselect(key="runs").value == ["alpha", "beta", "fresh-run"]  # and picked in the sidebar
     assert len(Store(populated_db).checkpoints("fresh-run")) == 6
 
 
@@ -247,3 +248,12 @@ def test_a_hub_run_added_from_the_runs_page_keeps_the_filtered_revisions(db, mon
     assert not at.exception and not at.error
     assert "2 checkpoints (steps 1000..2000)" in at.success[0].value
     assert list(Store(db).checkpoints("pythia-14m")["revision"]) == ["step1000", "step2000"]
+
+
+def test_a_page_opened_by_link_keeps_its_sidebar_after_a_widget_changes(populated_db: Path, monkeypatch) -> None:
+    at = open_app(populated_db, monkeypatch, page="pages/runs.py")  # runs the page script alone, as a deep link
+    assert at.multiselect(key="runs").value == ["alpha", "beta"]
+    at.toggle(key="logy").set_value(True).run()
+    assert not at.exception
+    assert at.multiselect(key="runs").value == ["alpha", "beta"] and at.radio(key="x").value == "step"
+    assert [link.proto.label for link in at.sidebar.get("page_link")][:2] == ["Divergence", "Overview"]
