@@ -388,7 +388,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from analysis.logs import worker_log_path
 
     # Progress goes to the log (stderr and the worker's file, set up in main), not a progress bar.
-    logging.getLogger(__name__).info("worker log: %s (Ctrl-C to stop)", worker_log_path(args.db, os.getpid()))
+    # Not __name__: under `python -m analysis` that is "__main__", outside the configured "analysis" loggers.
+    log = logging.getLogger("analysis.__main__")
+    log.info("worker log: %s (Ctrl-C to stop)", worker_log_path(args.db, os.getpid()))
     ran = serve(Store(args.db), poll=args.poll, once=args.once)
     print(f"ran {ran} job(s)")
     return 0
@@ -704,13 +706,16 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; every failure ends in one ``error:`` line and exit 2 (``--debug``: the traceback first)."""
     import traceback
 
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from analysis.logs import configured, worker_log_path
 
     args = build_parser().parse_args(argv)
     try:
         # Logging is configured here once per command; a worker also keeps a log file beside the cache.
         log_file = worker_log_path(args.db, os.getpid()) if args.command == "worker" else None
-        with configured(args.log_level, log_file):
+        # Log lines on stderr print above a command's progress bar instead of through it.
+        with configured(args.log_level, log_file) as log, logging_redirect_tqdm(loggers=[log]):
             return args.func(args)
     except (ValueError, KeyError, FileNotFoundError, StoreLockedError) as err:
         if args.debug:
