@@ -161,3 +161,24 @@ def test_the_jobs_page_shows_a_jobs_log_tail_from_the_worker_file_or_the_stored_
     reason = store.job_units(job).set_index("unit").loc["2", "message"]
     assert stored[0] == f"step 2 [failed]: {reason}" and stored[1].startswith("step 4 [done]: ")
     assert "messages stored in the cache" in at.caption[-1].value
+
+
+@pytest.mark.slow
+def test_a_worker_process_logs_its_file_path_and_an_empty_queue(tmp_path: Path) -> None:
+    """Through ``python -m analysis``, where the command line's module is ``__main__``."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    db = tmp_path / "cache.duckdb"
+    Store(db).migrate()
+    proc = subprocess.run(
+        [sys.executable, "-m", "analysis", "worker", "--once", "--db", str(db)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout == "ran 0 job(s)\n", proc.stderr
+    [path] = (tmp_path / "logs").glob("cache-worker-*.log")
+    text = path.read_text()
+    assert f"INFO analysis.__main__: worker log: {path}" in text and "queue empty; 0 job(s) run" in text
+    assert text.splitlines() == proc.stderr.splitlines()  # the same lines on stderr and in the file
