@@ -141,3 +141,19 @@ def test_decay_sentence_counts_the_overlapping_windows() -> None:
     assert decay_sentence(["", ""]) == ""
     assert decay_sentence(["", "overlaps the lr decay (1 to 2)"]).startswith("One window overlaps a learning-rate")
     assert decay_sentence(["a", "b", ""]).startswith("2 windows overlap")
+
+
+def test_the_report_shades_the_decay_and_notes_the_window_inside_it(divergence_db) -> None:
+    from analysis.report import build_report
+    from analysis.store import Store
+    from tests.test_app_dashboard import add_lr_log
+
+    add_lr_log(divergence_db, "grok", decay_from=70)
+    add_lr_log(divergence_db, "stuck", decay_from=None)
+    report = build_report(Store(divergence_db), ["grok", "stuck"])
+    curves = next(f.figure for f in report.figures if f.key == "curves")
+    assert [t.name for t in curves.data if t.name.startswith("lr ")] == ["lr warmup · grok, stuck", "lr decay · grok"]
+    windows = report.section("windows")
+    assert any(t.startswith("One window overlaps a learning-rate decay") for t in windows.text)
+    table = windows.tables[0].frame
+    assert table.loc[table["run"] == "grok", "lr_schedule"].str.startswith("overlaps the lr decay").all()

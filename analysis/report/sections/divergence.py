@@ -19,6 +19,7 @@ from analysis.charts import (
 from analysis.report.context import MAX_RANKED, ReportContext, db_flag, eval_command, runs_flags
 from analysis.report.model import Missing, ReportFigure, Section
 from analysis.samples import score_items
+from analysis.schedule import decay_notes, decay_sentence, run_phases
 
 
 def needs_pair(ctx: ReportContext, section: Section) -> bool:
@@ -67,20 +68,19 @@ def divergence_sections(ctx: ReportContext) -> list[Section]:
     ctx.tables |= {"windows": windows, "aligned": aligned, "correlations": corr}
     nl, ns = ctx.named(loss), ctx.named(score)  # with the setting beside a metric cached under several
 
+    phases = run_phases(ctx.frame, x=o.x)  # each run's learning-rate warmup and decay, where it logs the rate
     curves.text.append(
         f"{nl} (top) and {ns} (bottom) against {o.x}, one colour per run; shaded spans are the divergence "
-        "windows of the next section. The second figure follows each run through its checkpoints in the "
+        "windows of the next section"
+        + (", grey ones the learning-rate warmup and decay named in the legend" if len(phases) else "")
+        + ". The second figure follows each run through its checkpoints in the "
         "(loss, score) plane: a vertical stretch is downstream ability changing at constant loss."
     )
-    curves.figures.append(
-        ReportFigure(
-            "curves",
-            f"{nl} and {ns}",
-            loss_downstream_figure(
-                ctx.frame, loss, score, x=o.x, log_x=o.log_x, colors=ctx.colors, style=ctx.style, windows=windows
-            ),
-        )
-    )
+    figure = loss_downstream_figure(
+        ctx.frame, loss, score, x=o.x, log_x=o.log_x, colors=ctx.colors, style=ctx.style, windows=windows,
+        phases=phases,
+    )  # fmt: skip
+    curves.figures.append(ReportFigure("curves", f"{nl} and {ns}", figure))
     curves.figures.append(
         ReportFigure("trajectory", f"{ns} against {nl}", trajectory_figure(aligned, colors=ctx.colors, style=ctx.style))
     )
@@ -95,7 +95,10 @@ def divergence_sections(ctx: ReportContext) -> list[Section]:
     )
     if len(windows):
         windows_section.text.extend(f"{t}." for t in dv.window_sentences(windows, ns, o.x))
-        ctx.put(windows_section, "windows", "Windows found", windows)
+        notes = decay_notes(windows, phases)
+        if any(notes):
+            windows_section.text.append(decay_sentence(notes))
+        ctx.put(windows_section, "windows", "Windows found", windows.assign(lr_schedule=notes))
     return [curves, windows_section]
 
 
