@@ -36,87 +36,10 @@ import duckdb
 import pandas as pd
 
 from analysis.runs.base import NO_WEIGHTS_PREFIX, Checkpoint, Run
+from analysis.store.schema import MIGRATIONS, SCHEMA_VERSION, migrate_schema, schema_version
 
 DEFAULT_DB = Path("data/cache.duckdb")
 
-# Each migration brings the schema from version i to i + 1. Never edit a released one:
-# append a new one instead, so old cache files upgrade in place.
-MIGRATIONS: list[list[str]] = [
-    [
-        """CREATE TABLE meta (key VARCHAR PRIMARY KEY, value BIGINT NOT NULL)""",
-        """CREATE TABLE runs (
-            name VARCHAR PRIMARY KEY,
-            source VARCHAR NOT NULL,
-            config VARCHAR NOT NULL DEFAULT '{}',
-            trust_remote_code BOOLEAN NOT NULL DEFAULT FALSE,
-            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
-            updated_at TIMESTAMP NOT NULL DEFAULT current_timestamp)""",
-        """CREATE TABLE checkpoints (
-            run VARCHAR NOT NULL,
-            step BIGINT NOT NULL,
-            tokens BIGINT,
-            path VARCHAR NOT NULL,
-            fingerprint VARCHAR NOT NULL,
-            revision VARCHAR,
-            PRIMARY KEY (run, step))""",
-        """CREATE TABLE log_series (
-            run VARCHAR NOT NULL,
-            step BIGINT NOT NULL,
-            tokens BIGINT,
-            metric VARCHAR NOT NULL,
-            value DOUBLE NOT NULL,
-            PRIMARY KEY (run, step, metric))""",
-        """CREATE TABLE results (
-            run VARCHAR NOT NULL,
-            step BIGINT NOT NULL,
-            metric VARCHAR NOT NULL,
-            params_hash VARCHAR NOT NULL,
-            fingerprint VARCHAR NOT NULL,
-            value DOUBLE,
-            stderr DOUBLE,
-            n BIGINT,
-            params VARCHAR NOT NULL DEFAULT '{}',
-            code_version VARCHAR NOT NULL DEFAULT '',
-            lib_versions VARCHAR NOT NULL DEFAULT '{}',
-            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
-            PRIMARY KEY (run, step, metric, params_hash))""",
-        """CREATE TABLE sample_results (
-            run VARCHAR NOT NULL,
-            step BIGINT NOT NULL,
-            metric VARCHAR NOT NULL,
-            params_hash VARCHAR NOT NULL,
-            sample_id VARCHAR NOT NULL,
-            value DOUBLE,
-            record VARCHAR NOT NULL DEFAULT '{}',
-            PRIMARY KEY (run, step, metric, params_hash, sample_id))""",
-        """CREATE TABLE jobs (
-            id BIGINT PRIMARY KEY,
-            run VARCHAR NOT NULL,
-            spec VARCHAR NOT NULL,
-            status VARCHAR NOT NULL DEFAULT 'queued',
-            message VARCHAR NOT NULL DEFAULT '',
-            worker_pid BIGINT,
-            created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
-            updated_at TIMESTAMP NOT NULL DEFAULT current_timestamp)""",
-        """CREATE TABLE job_units (
-            job_id BIGINT NOT NULL,
-            unit VARCHAR NOT NULL,
-            status VARCHAR NOT NULL DEFAULT 'queued',
-            done BIGINT NOT NULL DEFAULT 0,
-            total BIGINT NOT NULL DEFAULT 0,
-            message VARCHAR NOT NULL DEFAULT '',
-            updated_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
-            PRIMARY KEY (job_id, unit))""",
-        """INSERT INTO meta VALUES ('schema_version', 1), ('generation', 0)""",
-    ],
-    [
-        # Whether an iterative estimate (an eigenvalue) converged; NULL for direct estimates.
-        "ALTER TABLE results ADD COLUMN converged BOOLEAN",
-        # The direction a result declares (lm-eval result files carry it per metric); NULL when not declared.
-        "ALTER TABLE results ADD COLUMN higher_is_better BOOLEAN",
-    ],
-]
-SCHEMA_VERSION = len(MIGRATIONS)
 
 RESULT_COLUMNS = ["run", "step", "tokens", "metric", "value", "stderr"]
 LONG_COLUMNS = [*RESULT_COLUMNS, "params_hash", "params", "converged", "higher_is_better"]
@@ -328,7 +251,7 @@ class Store:
         """One write transaction on a migrated database; bumps the generation counter."""
         with self._connect(read_only=False) as con:
             try:
-                self._migrate(con)
+                migrate_schema(con, self.path)
                 con.execute("BEGIN TRANSACTION")
                 try:
                     yield con
@@ -361,7 +284,7 @@ class Store:
         if not self.path.exists():
             raise ValueError(f"{self.path}: no cache file; pass the right --db")
         with self._connect(read_only=True) as con:
-            version = self._schema_version(con)
+            version = schema_version(con)
             if version != SCHEMA_VERSION:
                 raise ValueError(
                     f"{self.path}: schema {version}, this tool uses {SCHEMA_VERSION}; run `python -m analysis migrate`"
@@ -373,7 +296,7 @@ class Store:
         if not self.path.exists():
             return pd.DataFrame()
         with self._connect(read_only=True) as con:
-            version = self._schema_version(con)
+            version = schema_version(con)
             if version == 0:
                 return pd.DataFrame()
             if version > SCHEMA_VERSION:
@@ -386,38 +309,11 @@ class Store:
                 )
             return con.execute(sql, list(params)).df()
 
-    @staticmethod
-    def _schema_version(con: duckdb.DuckDBPyConnection) -> int:
-        exists = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'").fetchone()
-        if not exists or exists[0] == 0:
-            return 0
-        row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        return int(row[0]) if row else 0
-
-    def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
-        version = self._schema_version(con)
-        if version > SCHEMA_VERSION:
-            raise ValueError(
-                f"{self.path}: written by a newer version of this tool (schema {version}); upgrade the tool"
-            )
-        if version == SCHEMA_VERSION:
-            return
-        con.execute("BEGIN TRANSACTION")
-        try:
-            for statements in MIGRATIONS[version:]:
-                for sql in statements:
-                    con.execute(sql)
-            con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [SCHEMA_VERSION])
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-
     def migrate(self) -> int:
         """Create or upgrade the schema; returns the schema version now in the file."""
         with self._connect(read_only=False) as con:
-            self._migrate(con)
-            return self._schema_version(con)
+            migrate_schema(con, self.path)
+            return schema_version(con)
 
     def generation(self) -> int:
         """A counter every write bumps: readers cache on it. -1 when there is no cache yet."""
@@ -959,3 +855,24 @@ def library_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[name] = "absent"
     return out
+
+
+__all__ = [
+    "DEFAULT_DB",
+    "EXCHANGE_TABLES",
+    "JOB_STATES",
+    "LONG_COLUMNS",
+    "MIGRATIONS",
+    "RESULT_COLUMNS",
+    "SCHEMA_VERSION",
+    "JobRecord",
+    "RegisterReport",
+    "ResultRow",
+    "SampleRow",
+    "Store",
+    "StoreLockedError",
+    "TableMerge",
+    "UnitUpdate",
+    "library_versions",
+    "params_hash",
+]
