@@ -23,12 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import random
-import threading
-import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,10 +30,8 @@ import duckdb
 import pandas as pd
 
 from analysis.runs.base import NO_WEIGHTS_PREFIX, Checkpoint, Run
-from analysis.store.schema import MIGRATIONS, SCHEMA_VERSION, migrate_schema, schema_version
-
-DEFAULT_DB = Path("data/cache.duckdb")
-
+from analysis.store.connection import DEFAULT_DB, StoreConnection, StoreLockedError
+from analysis.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 RESULT_COLUMNS = ["run", "step", "tokens", "metric", "value", "stderr"]
 LONG_COLUMNS = [*RESULT_COLUMNS, "params_hash", "params", "converged", "higher_is_better"]
@@ -70,10 +62,6 @@ class JobRecord:
     spec: dict  # the JobSpec's fields, as queued
     message: str = ""
     worker_pid: int | None = None  # the worker that runs (or ran) it
-
-
-class StoreLockedError(RuntimeError):
-    """Another process held the database file for longer than the retry budget."""
 
 
 def params_hash(params: dict) -> str:
@@ -165,160 +153,8 @@ def _finite_or_none(x: float | None) -> float | None:
     return x if math.isfinite(x) else None
 
 
-_TURNS: dict[str, threading.RLock] = {}
-_TURNS_GUARD = threading.Lock()
-
-
-def _file_turn(path: Path) -> threading.RLock:
-    """The lock this process's threads take turns on for one cache file (re-entrant: a thread may nest reads)."""
-    key = os.path.realpath(path)
-    with _TURNS_GUARD:
-        return _TURNS.setdefault(key, threading.RLock())
-
-
-def _is_lock_error(err: Exception) -> bool:
-    text = str(err).lower()
-    return "lock" in text and ("conflict" in text or "could not set lock" in text)
-
-
-class Store:
+class Store(StoreConnection):
     """A handle on one cache file. Holds only the path: every method opens and closes."""
-
-    def __init__(self, path: str | Path = DEFAULT_DB, *, lock_timeout: float = 30.0) -> None:
-        self.path = Path(path)
-        self.lock_timeout = lock_timeout
-
-    # -- connections ---------------------------------------------------------------
-
-    @contextmanager
-    def _connect(self, *, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Open the file, retrying with jittered backoff while another process holds it.
-
-        Threads of one process (the dashboard's sessions) take turns on a file: DuckDB refuses a
-        read-only and a read-write connection to the same file open at once in one process.
-        """
-        if not read_only:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise ValueError(f"{self.path}: cannot create its folder ({err.strerror}); pass another --db") from None
-        deadline = time.monotonic() + self.lock_timeout
-        turn = _file_turn(self.path)
-        if not turn.acquire(timeout=self.lock_timeout):
-            raise StoreLockedError(
-                f"{self.path}: still in use by another thread of this process after {self.lock_timeout:.0f} s; "
-                "try again when it has finished"
-            )
-        try:
-            with self._open(read_only, deadline) as con:
-                yield con
-        finally:
-            turn.release()
-
-    @contextmanager
-    def _open(self, read_only: bool, deadline: float) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Connect, retrying until ``deadline`` while another process holds the file's lock."""
-        delay = 0.005
-        while True:
-            try:
-                con = duckdb.connect(str(self.path), read_only=read_only)
-                break
-            except duckdb.Error as err:
-                if not _is_lock_error(err):
-                    if "permission denied" in str(err).lower():
-                        raise ValueError(
-                            f"{self.path}: cannot open the cache for writing (permission denied); "
-                            "make the file and its folder writable, or pass another --db"
-                        ) from None
-                    raise ValueError(
-                        f"{self.path}: cannot open the cache ({str(err).splitlines()[0]}); "
-                        "move the file aside to start a fresh cache"
-                    ) from None
-                if time.monotonic() > deadline:
-                    raise StoreLockedError(
-                        f"{self.path}: still locked by another process after {self.lock_timeout:.0f} s; "
-                        "stop the other process or use another --db"
-                    ) from None
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 0.05)  # short: a busy writer leaves only brief gaps
-        try:
-            yield con
-        finally:
-            con.close()
-
-    @contextmanager
-    def _write(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """One write transaction on a migrated database; bumps the generation counter."""
-        with self._connect(read_only=False) as con:
-            try:
-                migrate_schema(con, self.path)
-                con.execute("BEGIN TRANSACTION")
-                try:
-                    yield con
-                    con.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
-                    con.execute("COMMIT")
-                except BaseException:
-                    with suppress(duckdb.Error):  # after a failed COMMIT there is nothing left to roll back
-                        con.execute("ROLLBACK")
-                    raise
-            except (duckdb.IOException, duckdb.TransactionException, duckdb.FatalException) as err:
-                # Disk full, a file size limit, a folder that refuses the .wal file. The transaction is
-                # atomic: the file keeps its last committed state (tests/test_faults.py).
-                if isinstance(err, duckdb.TransactionException) and "commit" not in str(err).lower():
-                    raise
-                reason = str(err).splitlines()[0]
-                raise ValueError(
-                    f"{self.path}: cannot write the cache ({reason}); "
-                    "free disk space or make the file and its folder writable, then run the command again"
-                ) from None
-
-    @contextmanager
-    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """One raw write transaction, for benchmarks' baselines (bench/store_write.py); code adds a Store method."""
-        with self._write() as con:
-            yield con
-
-    @contextmanager
-    def _snapshot(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A read-only connection on an up-to-date cache (the exchange's export)."""
-        if not self.path.exists():
-            raise ValueError(f"{self.path}: no cache file; pass the right --db")
-        with self._connect(read_only=True) as con:
-            version = schema_version(con)
-            if version != SCHEMA_VERSION:
-                raise ValueError(
-                    f"{self.path}: schema {version}, this tool uses {SCHEMA_VERSION}; run `python -m analysis migrate`"
-                )
-            yield con
-
-    def _read(self, sql: str, params: Iterable = ()) -> pd.DataFrame:
-        """Run one query read-only; an absent cache file reads as empty."""
-        if not self.path.exists():
-            return pd.DataFrame()
-        with self._connect(read_only=True) as con:
-            version = schema_version(con)
-            if version == 0:
-                return pd.DataFrame()
-            if version > SCHEMA_VERSION:
-                raise ValueError(
-                    f"{self.path}: written by a newer version of this tool (schema {version}); upgrade the tool"
-                )
-            if version < SCHEMA_VERSION:
-                raise ValueError(
-                    f"{self.path}: schema {version} is older than {SCHEMA_VERSION}; run `python -m analysis migrate`"
-                )
-            return con.execute(sql, list(params)).df()
-
-    def migrate(self) -> int:
-        """Create or upgrade the schema; returns the schema version now in the file."""
-        with self._connect(read_only=False) as con:
-            migrate_schema(con, self.path)
-            return schema_version(con)
-
-    def generation(self) -> int:
-        """A counter every write bumps: readers cache on it. -1 when there is no cache yet."""
-        frame = self._read("SELECT value FROM meta WHERE key = 'generation'")
-        return int(frame["value"].iloc[0]) if len(frame) else -1
 
     # -- runs and checkpoints --------------------------------------------------------
 
