@@ -460,7 +460,7 @@ def cmd_metric(args: argparse.Namespace) -> int:
 
     result = compute_once(
         args.name, args.checkpoint, args.data, params=args.param or [], device=args.device, seed=args.seed,
-        progress=progress_printer(args.name),
+        progress=progress_printer(args.name), dtype=args.dtype,
     )  # fmt: skip
     if args.format == "json":
         print(json.dumps(result))
@@ -627,7 +627,7 @@ def _add_compute_commands(sub: _Commands, common: argparse.ArgumentParser) -> No
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's own")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: chosen for the device")
     p.add_argument(
         "--param", action="append", help="METRIC.KEY=VALUE, e.g. hessian_trace.n_probes=16 or hessian_trace.seed=1"
     )
@@ -680,6 +680,7 @@ def _add_metric_command(sub: _Commands, common: argparse.ArgumentParser) -> None
     p.add_argument("--data", required=True, help="probe data: JSONL with text or input_ids")
     p.add_argument("--param", action="append", help="KEY=VALUE (repeat); seed=N seeds this metric's draws")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: chosen for the device")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=["json", "text"], default="json")
     p.set_defaults(func=cmd_metric)

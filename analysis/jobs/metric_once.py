@@ -24,6 +24,7 @@ def compute_once(
     batch_size: int = 16,
     batches: int = 2,
     progress: Callable[[int, int], None] | None = None,
+    dtype: str | None = None,
 ) -> dict:
     """Compute metric ``name`` on the model in ``checkpoint`` over the probe data in ``data``.
 
@@ -31,12 +32,14 @@ def compute_once(
     are KEY=VALUE strings for the metric's config, plus ``seed`` (overrides ``seed``).
     The checkpoint's tokenizer is loaded only when a text probe sample needs it, so
     ``input_ids`` probes work on checkpoints without tokenizer files. ``progress(i, n)``
-    follows a long metric's probes or iterations.
+    follows a long metric's probes or iterations. ``dtype`` (float32, bfloat16, float16) overrides the
+    dtype chosen for the device (:func:`analysis.models.compute_dtype_for`); the output says which ran.
     """
     from analysis.evals.heldout import heldout_loss, load_probe_set
     from analysis.jobs.kinds import probe_batches
+    from analysis.jobs.precision import metric_purpose
     from analysis.jobs.spec import JobSpec
-    from analysis.models import load_model, pad_token_id
+    from analysis.models import compute_dtype_for, dtype_name, load_model, pad_token_id, stored_dtype
 
     settings = {}
     for item in params:
@@ -54,7 +57,9 @@ def compute_once(
         get_metric(name)  # unknown names fail before the model loads
         config, own_seed = metric_settings(name, settings)
         seed = seed if own_seed is None else own_seed
-    model, tokenizer = load_model(checkpoint, device=device, lazy_tokenizer=True)
+    # The dtype a job would compute this metric in on this device: the same number as a cached one.
+    dtype_used = compute_dtype_for(device, stored_dtype(checkpoint), metric_purpose(name), requested=dtype)
+    model, tokenizer = load_model(checkpoint, device=device, dtype=dtype_used, lazy_tokenizer=True)
     probe = load_probe_set(data, tokenizer, max_length, max_samples=max_samples)
 
     clean = _clean
@@ -70,7 +75,7 @@ def compute_once(
                 fields["bits_per_byte_note"] = _NO_BYTES + ("" if tokenizer.available else _NO_TOKENIZER)
         stderr = next(iter(domains.values()))["stderr"] if len(domains) == 1 else None
         return {"metric": name, "value": value, "stderr": stderr, "n": probe.n_samples, "domains": domains,
-                "probe_fingerprint": probe.fingerprint}  # fmt: skip
+                "probe_fingerprint": probe.fingerprint, "dtype": dtype_name(dtype_used)}  # fmt: skip
     from analysis.metrics.registry import compute
 
     spec = JobSpec(run="-", metrics=(name,), batch_size=batch_size, metric_batches=batches, data=str(data))
@@ -85,6 +90,7 @@ def compute_once(
         "params": result.params,
         "per_probe": [clean(v) for v in result.per_probe],
         "probe_fingerprint": probe.fingerprint,
+        "dtype": dtype_name(dtype_used),
     }
 
 

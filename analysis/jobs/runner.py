@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from analysis.jobs.kinds import UnitContext, WorkKind, adopt, get_kind
+from analysis.jobs.precision import load_dtype, with_dtypes
 from analysis.jobs.spec import Item, JobSpec, plan_items
 from analysis.store import ResultRow, SampleRow, Store, StoreLockedError, UnitUpdate, library_versions
 
@@ -80,17 +81,14 @@ def missing_units(store: Store, spec: JobSpec) -> int:
     if spec.steps is not None:
         ckpts = ckpts[ckpts["step"].isin(spec.steps)]
     missing = 0
-    for step, fp in zip(ckpts["step"], ckpts["fingerprint"], strict=True):
+    for step, path, fp in zip(ckpts["step"], ckpts["path"], ckpts["fingerprint"], strict=True):
         keys = store.cached_keys(spec.run, int(step), fp)
-        missing += any(not it.is_cached(keys) for it in items)
+        missing += any(not it.is_cached(keys) for it in with_dtypes(items, spec, path))
     return missing
 
 
-def _dtype(name: str | None) -> torch.dtype | None:
-    return None if name is None else getattr(torch, name)
-
-
-def _load(path: str, spec: JobSpec, trust_remote_code: bool):
+def _load(path: str, spec: JobSpec, trust_remote_code: bool, todo: list[Item] | tuple[Item, ...] = ()):
+    """Load a checkpoint for ``todo``, in the dtype its items were keyed with (:mod:`analysis.jobs.precision`)."""
     from analysis.models import load_model
     from analysis.runs.local import as_model_folder
 
@@ -99,9 +97,8 @@ def _load(path: str, spec: JobSpec, trust_remote_code: bool):
     folder = as_model_folder(path, scratch)
     # The tokenizer loads when an item needs it: metrics on input_ids probes run on raw training
     # checkpoints that have no tokenizer files.
-    return load_model(
-        folder, device=spec.device, dtype=_dtype(spec.dtype), trust_remote_code=trust_remote_code, lazy_tokenizer=True
-    )
+    dtype = load_dtype(todo, spec)
+    return load_model(folder, device=spec.device, dtype=dtype, trust_remote_code=trust_remote_code, lazy_tokenizer=True)
 
 
 @dataclass
@@ -146,7 +143,7 @@ def compute_unit(
     versions = versions if versions is not None else library_versions()
     model = ctx = None
     try:
-        model, tokenizer = _load(path, spec, trust_remote_code)
+        model, tokenizer = _load(path, spec, trust_remote_code, todo)
         data = next((it.params["data"] for it in todo if "data" in it.params), None)
         ctx = UnitContext(spec, model, tokenizer, step, fingerprint, path, versions, data)
         if any(get_kind(it.kind).uses_probe for it in todo):
@@ -229,7 +226,8 @@ def prepare_unit(store: Store, job_id: int, plan: JobPlan, unit, report: JobRepo
         return None
     path, fp = plan.ckpts.loc[step, "path"], plan.ckpts.loc[step, "fingerprint"]
     keys = store.cached_keys(plan.spec.run, step, fp)
-    todo = [it for it in plan.items if not it.is_cached(keys)]
+    # Each item's dtype (a cache key) depends on how this checkpoint is stored: resolved here, per checkpoint.
+    todo = [it for it in with_dtypes(plan.items, plan.spec, path) if not it.is_cached(keys)]
     report.cached += n_items - len(todo)
     if not todo:
         store.set_unit(UnitUpdate(job_id, unit.unit, "done", n_items, n_items, "cached"))
