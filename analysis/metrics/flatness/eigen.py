@@ -43,7 +43,10 @@ from analysis.metrics.flatness.hessian import Vector, make_hvp_operator
 class HessianEigenConfig:
     """The largest (algebraic) Hessian eigenvalue by power iteration or Lanczos."""
 
-    max_iter: int = 100  # Hessian-vector products at most (per phase for power iteration)
+    # Hessian-vector products at most (per phase for power iteration). Kept at 100 although one product costs
+    # ~4.7 min at Pythia-160m size on a 2-core CPU (README, Benchmarks): fewer would not make it practical
+    # there, only leave it unconverged more often; on a CPU at that size use a GPU or a parameter subset.
+    max_iter: int = 100
     # Converged when the residual ||H v - lambda v|| / |lambda| of the returned pair is at most
     # tol; the eigenvalue error is then about tol^2 |lambda| / gap, far below tol itself.
     tol: float = 1e-3
