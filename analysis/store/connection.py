@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pandas as pd
@@ -38,6 +39,14 @@ def _file_turn(path: Path) -> threading.RLock:
     key = os.path.realpath(path)
     with _TURNS_GUARD:
         return _TURNS.setdefault(key, threading.RLock())
+
+
+def fetch_row(con: duckdb.DuckDBPyConnection, sql: str, params: Iterable = ()) -> tuple[Any, ...]:
+    """The one row a query always returns (a count, an aggregate, a max); none would be a bug, not bad input."""
+    row = con.execute(sql, list(params)).fetchone()
+    if row is None:
+        raise RuntimeError(f"no row from a query that always returns one: {' '.join(sql.split())}")
+    return row
 
 
 def _is_lock_error(err: Exception) -> bool:

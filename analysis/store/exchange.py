@@ -13,7 +13,7 @@ from pathlib import Path
 
 import duckdb
 
-from analysis.store.connection import StoreConnection
+from analysis.store.connection import StoreConnection, fetch_row
 
 # The tables export and import-cache move, each with its primary key, in merge order (a checkpoint before
 # its results). Table and column names in the exchange SQL come only from here and from the schema.
@@ -75,7 +75,7 @@ class ExchangeMixin(StoreConnection):
             for table in EXCHANGE_TABLES:
                 query, params = self._exchange_select(table, runs)
                 con.execute(f"COPY ({query}) TO ? (FORMAT parquet)", [*params, str(folder / f"{table}.parquet")])
-                (counts[table],) = con.execute(f"SELECT count(*) FROM ({query})", params).fetchone()
+                (counts[table],) = fetch_row(con, f"SELECT count(*) FROM ({query})", params)
         return counts
 
     def import_tables(self, files: dict[str, Path], rows: dict[str, int]) -> list[TableMerge]:
@@ -119,7 +119,7 @@ class ExchangeMixin(StoreConnection):
         got = [r[0] for r in con.execute(f"DESCRIBE incoming_{table}").fetchall()]
         if got != want:
             raise ValueError(f"{path}: columns {got} do not match the cache's {table} table {want}; export again")
-        (n,) = con.execute(f"SELECT count(*) FROM incoming_{table}").fetchone()
+        (n,) = fetch_row(con, f"SELECT count(*) FROM incoming_{table}")
         if n != expected_rows:
             raise ValueError(f"{path}: {n} rows, the manifest says {expected_rows}; export again")
 
@@ -157,12 +157,12 @@ class ExchangeMixin(StoreConnection):
         staged = f"incoming_{table}"
         on = " AND ".join(f"t.{k} = i.{k}" for k in EXCHANGE_TABLES[table])
         sql = f"SELECT count(*) FROM {staged} i WHERE EXISTS (SELECT 1 FROM {table} t WHERE {on})"
-        (present,) = con.execute(sql).fetchone()
+        (present,) = fetch_row(con, sql)
         # Identical means equal in every column but the timestamps of when each cache wrote the row.
         columns = ", ".join(r[0] for r in con.execute(f"DESCRIBE {table}").fetchall() if r[0] not in _STAMPS)
         sql = f"SELECT count(*) FROM (SELECT {columns} FROM {staged} INTERSECT SELECT {columns} FROM {table})"
-        (identical,) = con.execute(sql).fetchone()
-        (before,) = con.execute(f"SELECT count(*) FROM {table}").fetchone()
+        (identical,) = fetch_row(con, sql)
+        (before,) = fetch_row(con, f"SELECT count(*) FROM {table}")
         con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM {staged} ON CONFLICT DO NOTHING")
-        (after,) = con.execute(f"SELECT count(*) FROM {table}").fetchone()
+        (after,) = fetch_row(con, f"SELECT count(*) FROM {table}")
         return TableMerge(table, after - before, identical, present - identical)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import duckdb
 import pandas as pd
 
-from analysis.store.connection import StoreConnection
+from analysis.store.connection import StoreConnection, fetch_row
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class JobsMixin(StoreConnection):
     def create_job(self, run: str, spec: dict, units: list[tuple[str, int]]) -> int:
         """Queue a job with its units (name, number of items); returns the job id."""
         with self._write() as con:
-            (job_id,) = con.execute("SELECT coalesce(max(id), 0) + 1 FROM jobs").fetchone()
+            (job_id,) = fetch_row(con, "SELECT coalesce(max(id), 0) + 1 FROM jobs")
             con.execute(
                 "INSERT INTO jobs (id, run, spec) VALUES (?, ?, ?)",
                 [job_id, run, json.dumps(spec, sort_keys=True, default=str)],
