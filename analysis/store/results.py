@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import duckdb
 import pandas as pd
 
 from analysis.runs.base import Checkpoint, Run
@@ -84,17 +86,104 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def _add_imported_checkpoints(
+    con: duckdb.DuckDBPyConnection, runs: Sequence[Run], checkpoints: Sequence[tuple[str, Checkpoint]]
+) -> None:
+    """Create the runs and (run, checkpoint) pairs that do not exist yet; leave existing ones as they are."""
+    for run in runs:
+        con.execute(
+            "INSERT INTO runs (name, source, config) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING",
+            [run.name, run.source, json.dumps(run.config, default=str)],
+        )
+    for run_name, ckpt in checkpoints:
+        con.execute(
+            """INSERT INTO checkpoints (run, step, tokens, path, fingerprint) VALUES (?, ?, ?, ?, ?)
+               ON CONFLICT (run, step) DO NOTHING""",
+            [run_name, ckpt.step, ckpt.tokens, ckpt.path, ckpt.fingerprint],
+        )
+
+
+def _refuse_unregistered_weights(con: duckdb.DuckDBPyConnection, rows: Sequence[ResultRow]) -> None:
+    """Refuse a row whose checkpoint is not registered, or was registered with other weights since."""
+    current = {
+        (run, step): fp
+        for run, step, fp in con.execute(
+            "SELECT run, step, fingerprint FROM checkpoints WHERE run IN (SELECT unnest(?))",
+            [sorted({r.run for r in rows})],
+        ).fetchall()
+    }
+    for row in rows:
+        fp = current.get((row.run, row.step))
+        if fp is None:
+            raise ValueError(f"run {row.run!r} has no checkpoint at step {row.step}; register it with add-run")
+        if fp != row.fingerprint:
+            raise ValueError(
+                f"run {row.run!r} step {row.step}: the checkpoint changed since it was evaluated; "
+                "re-run add-run and evaluate again"
+            )
+
+
+def _insert_results(con: duckdb.DuckDBPyConnection, rows: Sequence[ResultRow]) -> None:
+    """Insert or replace result rows in one statement (row-by-row INSERTs cost ~6 ms each: bench/store_write.py)."""
+    frame = pd.DataFrame(
+        {
+            "run": [r.run for r in rows],
+            "step": [r.step for r in rows],
+            "metric": [r.metric for r in rows],
+            "params_hash": [r.params_hash for r in rows],
+            "fingerprint": [r.fingerprint for r in rows],
+            "value": pd.array([_finite_or_none(r.value) for r in rows], dtype="Float64"),
+            "stderr": pd.array([_finite_or_none(r.stderr) for r in rows], dtype="Float64"),
+            "n": pd.array([r.n for r in rows], dtype="Int64"),
+            "params": [json.dumps(r.params, sort_keys=True, default=str) for r in rows],
+            "code_version": [r.code_version for r in rows],
+            "lib_versions": [json.dumps(r.lib_versions, sort_keys=True) for r in rows],
+            "converged": pd.array([r.converged for r in rows], dtype="boolean"),
+            "higher_is_better": pd.array([r.higher_is_better for r in rows], dtype="boolean"),
+        }
+    )
+    # A key given twice in one unit: the later row wins, as it would written one at a time.
+    frame = frame.drop_duplicates(["run", "step", "metric", "params_hash"], keep="last")
+    con.register("incoming_results", frame)
+    con.execute(
+        """INSERT OR REPLACE INTO results (run, step, metric, params_hash, fingerprint, value, stderr, n,
+           params, code_version, lib_versions, converged, higher_is_better, created_at)
+           SELECT run, step, metric, params_hash, fingerprint, value, stderr, n,
+                  params, code_version, lib_versions, converged, higher_is_better, now()
+           FROM incoming_results"""
+    )
+    con.unregister("incoming_results")
+
+
+def _insert_samples(con: duckdb.DuckDBPyConnection, samples: Sequence[SampleRow]) -> None:
+    """Insert or replace per-sample records in one statement."""
+    frame = pd.DataFrame(
+        {
+            "run": [s.run for s in samples],
+            "step": [s.step for s in samples],
+            "metric": [s.metric for s in samples],
+            "params_hash": [s.params_hash for s in samples],
+            "sample_id": [s.sample_id for s in samples],
+            "value": [_finite_or_none(s.value) for s in samples],
+            "record": [json.dumps(s.record, default=str) for s in samples],
+        }
+    )
+    con.register("incoming_samples", frame)
+    con.execute("INSERT OR REPLACE INTO sample_results SELECT * FROM incoming_samples")
+    con.unregister("incoming_samples")
+
+
 class ResultsMixin(StoreConnection):
     """The results' part of Store: writing a unit's results and samples, and every read of them."""
 
     def write_results(
         self,
-        rows: list[ResultRow],
-        samples: list[SampleRow] = (),
+        rows: Sequence[ResultRow],
+        samples: Sequence[SampleRow] = (),
         *,
         unit: UnitUpdate | None = None,
-        new_checkpoints: list[tuple[str, Checkpoint]] = (),
-        new_runs: list[Run] = (),
+        new_checkpoints: Sequence[tuple[str, Checkpoint]] = (),
+        new_runs: Sequence[Run] = (),
     ) -> int:
         """Write a unit's results (typically one checkpoint's) atomically; returns rows written.
 
@@ -112,78 +201,12 @@ class ResultsMixin(StoreConnection):
         with self._write() as con:
             if unit is not None:
                 update_unit(con, unit)
-            for run in new_runs:
-                con.execute(
-                    "INSERT INTO runs (name, source, config) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING",
-                    [run.name, run.source, json.dumps(run.config, default=str)],
-                )
-            for run, ckpt in new_checkpoints:
-                con.execute(
-                    """INSERT INTO checkpoints (run, step, tokens, path, fingerprint) VALUES (?, ?, ?, ?, ?)
-                       ON CONFLICT (run, step) DO NOTHING""",
-                    [run, ckpt.step, ckpt.tokens, ckpt.path, ckpt.fingerprint],
-                )
-            current = {
-                (run, step): fp
-                for run, step, fp in con.execute(
-                    "SELECT run, step, fingerprint FROM checkpoints WHERE run IN (SELECT unnest(?))",
-                    [sorted({r.run for r in rows} | {s.run for s in samples})],
-                ).fetchall()
-            }
-            for row in rows:
-                fp = current.get((row.run, row.step))
-                if fp is None:
-                    raise ValueError(f"run {row.run!r} has no checkpoint at step {row.step}; register it with add-run")
-                if fp != row.fingerprint:
-                    raise ValueError(
-                        f"run {row.run!r} step {row.step}: the checkpoint changed since it was evaluated; "
-                        "re-run add-run and evaluate again"
-                    )
+            _add_imported_checkpoints(con, new_runs, new_checkpoints)
+            _refuse_unregistered_weights(con, rows)
             if rows:
-                # One statement for the whole unit: row-by-row INSERTs cost ~6 ms each (bench/store_write.py).
-                frame = pd.DataFrame(
-                    {
-                        "run": [r.run for r in rows],
-                        "step": [r.step for r in rows],
-                        "metric": [r.metric for r in rows],
-                        "params_hash": [r.params_hash for r in rows],
-                        "fingerprint": [r.fingerprint for r in rows],
-                        "value": pd.array([_finite_or_none(r.value) for r in rows], dtype="Float64"),
-                        "stderr": pd.array([_finite_or_none(r.stderr) for r in rows], dtype="Float64"),
-                        "n": pd.array([r.n for r in rows], dtype="Int64"),
-                        "params": [json.dumps(r.params, sort_keys=True, default=str) for r in rows],
-                        "code_version": [r.code_version for r in rows],
-                        "lib_versions": [json.dumps(r.lib_versions, sort_keys=True) for r in rows],
-                        "converged": pd.array([r.converged for r in rows], dtype="boolean"),
-                        "higher_is_better": pd.array([r.higher_is_better for r in rows], dtype="boolean"),
-                    }
-                )
-                # A key given twice in one unit: the later row wins, as it would written one at a time.
-                frame = frame.drop_duplicates(["run", "step", "metric", "params_hash"], keep="last")
-                con.register("incoming_results", frame)
-                con.execute(
-                    """INSERT OR REPLACE INTO results (run, step, metric, params_hash, fingerprint, value, stderr, n,
-                       params, code_version, lib_versions, converged, higher_is_better, created_at)
-                       SELECT run, step, metric, params_hash, fingerprint, value, stderr, n,
-                              params, code_version, lib_versions, converged, higher_is_better, now()
-                       FROM incoming_results"""
-                )
-                con.unregister("incoming_results")
+                _insert_results(con, rows)
             if samples:
-                frame = pd.DataFrame(
-                    {
-                        "run": [s.run for s in samples],
-                        "step": [s.step for s in samples],
-                        "metric": [s.metric for s in samples],
-                        "params_hash": [s.params_hash for s in samples],
-                        "sample_id": [s.sample_id for s in samples],
-                        "value": [_finite_or_none(s.value) for s in samples],
-                        "record": [json.dumps(s.record, default=str) for s in samples],
-                    }
-                )
-                con.register("incoming_samples", frame)
-                con.execute("INSERT OR REPLACE INTO sample_results SELECT * FROM incoming_samples")
-                con.unregister("incoming_samples")
+                _insert_samples(con, samples)
         return len(rows) + len(samples)
 
     def cached(self, run: str, step: int, metric: str, params: dict, fingerprint: str) -> ResultRow | None:

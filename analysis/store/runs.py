@@ -10,10 +10,11 @@ import json
 import math
 from dataclasses import dataclass
 
+import duckdb
 import pandas as pd
 
 from analysis.runs.base import NO_WEIGHTS_PREFIX, Run
-from analysis.store.connection import StoreConnection
+from analysis.store.connection import StoreConnection, fetch_row
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,51 @@ class RegisterReport:
     new_checkpoints: int
     changed_checkpoints: int  # fingerprint differed: their cached results were dropped
     log_rows: int
+
+
+def _upsert_checkpoints(con: duckdb.DuckDBPyConnection, run: Run) -> tuple[int, int]:
+    """Insert or update ``run``'s checkpoints; returns how many were new and how many changed weights."""
+    known = dict(con.execute("SELECT step, fingerprint FROM checkpoints WHERE run = ?", [run.name]).fetchall())
+    new = changed = 0
+    for ckpt in run.checkpoints:
+        old = known.get(ckpt.step)
+        if old is not None and ckpt.fingerprint.startswith(NO_WEIGHTS_PREFIX):
+            continue
+        if old is None:
+            new += 1
+        elif old != ckpt.fingerprint:
+            changed += 1
+            for table in ("results", "sample_results"):
+                con.execute(f"DELETE FROM {table} WHERE run = ? AND step = ?", [run.name, ckpt.step])
+        con.execute(
+            """INSERT OR REPLACE INTO checkpoints (run, step, tokens, path, fingerprint, revision)
+               VALUES (?, ?, ?, ?, ?, ?)""",
+            [run.name, ckpt.step, ckpt.tokens, ckpt.path, ckpt.fingerprint, ckpt.revision],
+        )
+    return new, changed
+
+
+def _replace_log(con: duckdb.DuckDBPyConnection, run: Run) -> int:
+    """Replace ``run``'s logged series by ``run.log`` (finite values, a repeated step's last); returns rows written."""
+    con.execute("DELETE FROM log_series WHERE run = ?", [run.name])
+    log = run.log
+    if not len(log):
+        return 0
+    frame = pd.DataFrame(
+        {
+            "run": run.name,
+            "step": log["step"].astype("int64"),
+            "tokens": log["tokens"].astype("Int64") if "tokens" in log else pd.NA,
+            "metric": log["metric"].astype(str),
+            "value": log["value"].astype("float64"),
+        }
+    )
+    frame = frame[frame["value"].map(math.isfinite)]
+    frame = frame.drop_duplicates(["step", "metric"], keep="last")
+    con.register("incoming_log", frame)
+    con.execute("INSERT INTO log_series SELECT run, step, tokens, metric, value FROM incoming_log")
+    con.unregister("incoming_log")
+    return len(frame)
 
 
 class RunsMixin(StoreConnection):
@@ -45,43 +91,8 @@ class RunsMixin(StoreConnection):
                    trust_remote_code = excluded.trust_remote_code, updated_at = now()""",
                 [run.name, run.source, json.dumps(run.config, default=str), trust_remote_code],
             )
-            known = dict(con.execute("SELECT step, fingerprint FROM checkpoints WHERE run = ?", [run.name]).fetchall())
-            new = changed = 0
-            for ckpt in run.checkpoints:
-                old = known.get(ckpt.step)
-                if old is not None and ckpt.fingerprint.startswith(NO_WEIGHTS_PREFIX):
-                    continue
-                if old is None:
-                    new += 1
-                elif old != ckpt.fingerprint:
-                    changed += 1
-                    for table in ("results", "sample_results"):
-                        con.execute(f"DELETE FROM {table} WHERE run = ? AND step = ?", [run.name, ckpt.step])
-                con.execute(
-                    """INSERT OR REPLACE INTO checkpoints (run, step, tokens, path, fingerprint, revision)
-                       VALUES (?, ?, ?, ?, ?, ?)""",
-                    [run.name, ckpt.step, ckpt.tokens, ckpt.path, ckpt.fingerprint, ckpt.revision],
-                )
-            con.execute("DELETE FROM log_series WHERE run = ?", [run.name])
-            log = run.log
-            if len(log):
-                frame = pd.DataFrame(
-                    {
-                        "run": run.name,
-                        "step": log["step"].astype("int64"),
-                        "tokens": log["tokens"].astype("Int64") if "tokens" in log else pd.NA,
-                        "metric": log["metric"].astype(str),
-                        "value": log["value"].astype("float64"),
-                    }
-                )
-                frame = frame[frame["value"].map(math.isfinite)]
-                frame = frame.drop_duplicates(["step", "metric"], keep="last")
-                con.register("incoming_log", frame)
-                con.execute("INSERT INTO log_series SELECT run, step, tokens, metric, value FROM incoming_log")
-                con.unregister("incoming_log")
-                n_log = len(frame)
-            else:
-                n_log = 0
+            new, changed = _upsert_checkpoints(con, run)
+            n_log = _replace_log(con, run)
         return RegisterReport(run.name, len(run.checkpoints), new, changed, n_log)
 
     def delete_run(self, name: str) -> None:
@@ -105,9 +116,9 @@ class RunsMixin(StoreConnection):
                     " WHERE name = ? AND starts_with(source, ?)",
                     [new_root, old_root, name, old_root],
                 )
-                (n,) = con.execute(
-                    "SELECT count(*) FROM checkpoints WHERE run = ? AND starts_with(path, ?)", [name, old_root]
-                ).fetchone()
+                (n,) = fetch_row(
+                    con, "SELECT count(*) FROM checkpoints WHERE run = ? AND starts_with(path, ?)", [name, old_root]
+                )
                 con.execute(
                     "UPDATE checkpoints SET path = ? || substr(path, length(?) + 1)"
                     " WHERE run = ? AND starts_with(path, ?)",
