@@ -203,7 +203,7 @@ DEMO_EVAL = {
 
 # The fine-tune probe on the demo runs (see README, The fine-tune probe): full fine-tuning on modular
 # subtraction, which neither run saw, scored by the answer's perplexity (accuracy stays near 0), on
-# ``FINETUNE_CHECKPOINTS`` checkpoints spread over the run. 9-20 s a checkpoint on a laptop CPU.
+# ``FINETUNE_CHECKPOINTS`` checkpoints spread over the run (20-100 s each on 2 shared cores).
 DEMO_FINETUNE = {
     "metrics": ("finetune",),
     "metric_params": {
@@ -216,7 +216,7 @@ DEMO_FINETUNE = {
         }
     },
 }
-FINETUNE_CHECKPOINTS = 12
+FINETUNE_CHECKPOINTS = 6
 
 
 def finetune_steps(cfg: DemoConfig, n: int = FINETUNE_CHECKPOINTS) -> tuple[int, ...]:
