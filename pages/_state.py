@@ -455,13 +455,16 @@ def _aligned(db: str, gen: int, runs: tuple[str, ...], loss: str, score: str, x:
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def _windows(db: str, gen: int, runs: tuple[str, ...], loss: str, score: str, tol: float, a: float, x: str, c: Chosen):
+def _windows(
+    db: str, gen: int, runs: tuple[str, ...], loss: str, score: str, tol: float, tol_of: str, a: float, x: str,
+    c: Chosen,
+):  # fmt: skip
     from analysis import divergence as dv
     from analysis.samples import score_items
 
     frame = _selected(db, gen, runs, c)
     items = score_items(Store(db, lock_timeout=10.0), list(runs), score, frame)  # paired test where items exist
-    return dv.divergence_windows(frame, loss, score, loss_tol=tol, alpha=a, x=x, samples=items)
+    return dv.divergence_windows(frame, loss, score, loss_tol=tol, tol_of=tol_of, alpha=a, x=x, samples=items)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -479,13 +482,15 @@ def divergence(
     alpha: float,
     x: str,
     chosen: Mapping[str, str] | None = None,
+    tol_of: str = "value",
 ):
     """(windows, aligned checkpoints) of ``loss`` against ``score`` (``chosen`` settings); errors stop the page.
 
-    ``alpha`` is the chance that a run with no real move gets any window (``divergence.divergence_windows``).
+    ``alpha`` is the chance that a run with no real move gets any window (``divergence.divergence_windows``);
+    ``tol`` and ``tol_of`` say when the loss counts as flat (``divergence.flat_tolerance``).
     """
     db, runs, c = str(db_path()), tuple(sorted(runs)), _chosen(chosen)
-    windows = guarded(lambda: _windows(db, generation(), runs, loss, score, tol, alpha, x, c))
+    windows = guarded(lambda: _windows(db, generation(), runs, loss, score, tol, tol_of, alpha, x, c))
     return windows, guarded(lambda: _aligned(db, generation(), runs, loss, score, x, c))
 
 
@@ -502,18 +507,33 @@ def correlations(
     return guarded(lambda: _correlations(db, generation(), tuple(sorted(runs)), loss, score, x, window, c))
 
 
-def metric_picker(where, label: str, options: list[str], preferred: list[str], key: str) -> str | None:
-    """A selectbox (in container ``where``) bound to the URL; defaults to the first preferred option present."""
+def metric_picker(where, label: str, options: list[str], preferred: list[str], key: str) -> str:
+    """A selectbox (in container ``where``) bound to the URL; defaults to the first preferred option present.
+
+    The page checks first that there is something to pick (``optional_metric_picker`` where there may not be).
+    """
     if not options:
-        return None
+        raise ValueError(f"{label}: no metric to pick from")
     default = next((m for m in preferred if m in options), options[0])
     return where.selectbox(label, options, index=options.index(default), key=key, bind="query-params")
+
+
+def accuracy_first(scores: list[str]) -> list[str]:
+    """Downstream scores with accuracies first (``task/acc,...``, then logged ``.../accuracy``): the default a
+    page opens on, since an accuracy is what a reader of the chart expects to see rise."""
+    return [m for m in scores if "/acc," in m] + [m for m in scores if m.endswith("/accuracy")] + scores
+
+
+def optional_metric_picker(where, label: str, options: list[str], preferred: list[str], key: str) -> str | None:
+    """``metric_picker``, or None (and no widget) when there is nothing to pick."""
+    return metric_picker(where, label, options, preferred, key) if options else None
 
 
 def signal_view(title: str, family: tuple[str, ...], what: str) -> None:
     """A page of internal signals (one metric family) over training and against a downstream score."""
     from analysis import divergence as dv
     from analysis.charts import curves_figure, metric_vs_figure
+    from analysis.divergence.defaults import separating_signal
 
     sel = selection()
     st.title(title)
@@ -529,9 +549,16 @@ def signal_view(title: str, family: tuple[str, ...], what: str) -> None:
         st.page_link("pages/evaluate.py", label="Open the Evaluate page", icon=":material/play_arrow:")
         return
     c1, c2, c3 = st.columns([3, 3, 2])
-    signal = metric_picker(c1, "Signal", signals, signals, "signal")
     scores = dv.downstream_metrics(names)
-    score = metric_picker(c2, "Downstream", scores, scores, "score")
+    score = optional_metric_picker(c2, "Downstream", scores, accuracy_first(scores), "score")
+    best, verdict = None, ""
+    if score:  # open on the signal that separates the runs the way the score does, if one does
+        losses = dv.loss_metrics(names)
+        ranking = predictor_ranking(sel.runs, score, losses[0] if losses else None, sel.x)
+        best, verdict = separating_signal(ranking, signals, md_text(score), what)
+    signal = metric_picker(c1, "Signal", signals, [best, *signals] if best else signals, "signal")
+    if verdict:
+        (st.caption if best else st.info)(verdict)
     log_x = c3.toggle("Log x", value=True, key="logx", bind="query-params")
     log_y = c3.toggle("Log y", value=False, key="logy", bind="query-params")
     frame = long_table(sel.runs, setting_picker(sel.runs, [signal, score]))

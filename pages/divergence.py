@@ -9,6 +9,8 @@ from analysis import schedule
 from analysis.charts import X_LABELS, loss_downstream_figure, ranking_heatmap, trajectory_figure
 from pages import _state
 
+FLAT_OF = {"range": "the run's loss range", "value": "the loss's value"}
+
 sel = _state.selection()
 st.title("Divergence")
 _state.require_runs(sel)
@@ -25,9 +27,14 @@ if not losses or not scores:
 
 c1, c2, c3, c4, c5 = st.columns([3, 3, 2, 2, 2])
 loss = _state.metric_picker(c1, "Loss", losses, losses, "loss")
-score = _state.metric_picker(c2, "Downstream", scores, scores, "score")
+score = _state.metric_picker(c2, "Downstream", scores, _state.accuracy_first(scores), "score")
 smoothing = c3.slider("Smoothing", 0.0, 0.99, 0.0, 0.01, key="smooth", bind="query-params")
-tol = c4.number_input("Flat loss within (relative)", 0.0, 1.0, 0.02, 0.01, key="tol", bind="query-params")
+tol = c4.number_input("Flat loss within", 0.0, 1.0, 0.02, 0.01, key="tol", bind="query-params")
+tol_of = c4.selectbox(
+    "of", list(FLAT_OF), format_func=FLAT_OF.get, key="flat_of", bind="query-params",
+    help="Flat means the loss moves less than this share of its whole range over the run (what looks flat on "
+    "the chart, also for a training loss that fits to near zero), or of its own value where a span starts.",
+)  # fmt: skip
 alpha = c5.number_input(
     "False-alarm rate (α)", 0.001, 0.5, 0.05, 0.01, key="alpha", bind="query-params", format="%.3f",
     help="The chance that a run with no real move gets any window at all, whatever its number of checkpoints.",
@@ -36,7 +43,7 @@ log_x = c3.toggle("Log x", value=True, key="logx", bind="query-params")
 chosen = _state.setting_picker(sel.runs, [loss, score])  # one setting per metric: never an average of several
 frame = _state.long_table(sel.runs, chosen)
 
-windows, aligned = _state.divergence(sel.runs, loss, score, tol, alpha, sel.x, chosen)
+windows, aligned = _state.divergence(sel.runs, loss, score, tol, alpha, sel.x, chosen, tol_of)
 phases = schedule.run_phases(frame, x=sel.x)  # warmup / decay of each run that logs its learning rate
 
 fig = loss_downstream_figure(
@@ -48,7 +55,7 @@ st.plotly_chart(fig, width="stretch", key="divergence")
 left, right = st.columns(2)
 with left:
     st.subheader("Windows")
-    st.caption(dv.windows_caption(windows, _state.md_text(score), tol, alpha))
+    st.caption(dv.windows_caption(windows, _state.md_text(score), tol, alpha, tol_of))
     if len(windows):
         label = X_LABELS.get(sel.x, sel.x)
         st.markdown("\n".join(f"- {_state.md_text(t)}" for t in dv.window_sentences(windows, score, label)))

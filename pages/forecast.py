@@ -27,7 +27,7 @@ run = c1.selectbox("Run", list(sel.runs), key="fc_run", bind="query-params")
 score = _state.metric_picker(c2, "Score", scores, scores, "score")
 method = c3.selectbox("Form", list(fc.METHODS), key="method", bind="query-params")
 through = losses + [m for m in dv.signal_metrics(names, score) if m not in losses]  # a loss, or a proxy
-via = _state.metric_picker(c4, "Through (two-step)", through, losses, "via") if method == "two-step" else None
+via = _state.optional_metric_picker(c4, "Through (two-step)", through, losses, "via") if method == "two-step" else None
 if method == "two-step" and via is None:
     st.warning("The two-step form needs a loss or a proxy (a held-out loss, a perplexity, p_correct, ...).")
     st.stop()

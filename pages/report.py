@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 
@@ -20,8 +21,8 @@ frame = _state.long_table(sel.runs)
 names = _state.metric_names(frame)
 losses, scores = dv.loss_metrics(names), dv.downstream_metrics(names)
 c1, c2 = st.columns(2)
-loss = _state.metric_picker(c1, "Loss", losses, losses, "loss")
-score = _state.metric_picker(c2, "Downstream", scores, scores, "score")
+loss = _state.optional_metric_picker(c1, "Loss", losses, losses, "loss")
+score = _state.optional_metric_picker(c2, "Downstream", scores, scores, "score")
 chosen = _state.setting_picker(sel.runs, [loss, score])
 full = st.toggle(
     "Every table in full (--full)", key="full", bind="query-params",
@@ -67,7 +68,7 @@ for column, (fmt, label, suffix, mime, icon, tip) in zip(st.columns(len(DOWNLOAD
     if fmt == "pdf" and not browser:
         continue
     column.download_button(
-        label, lambda fmt=fmt: rp.export_bytes(report, fmt), f"{base}.{suffix}", mime, key=f"dl_{fmt}",
+        label, functools.partial(rp.export_bytes, report, fmt), f"{base}.{suffix}", mime, key=f"dl_{fmt}",
         on_click="ignore", icon=icon, help=tip,
     )  # fmt: skip
 if not browser:

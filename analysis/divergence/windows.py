@@ -233,10 +233,14 @@ def window_sentences(windows: pd.DataFrame, score: str, x_label: str = "step") -
     return out
 
 
-def windows_caption(windows: pd.DataFrame, score: str, tol: float, alpha: float) -> str:
+_TOL_OF_WORDS = {"value": "of its value", "range": "of its range over the run", "absolute": "(absolute)"}
+
+
+def windows_caption(windows: pd.DataFrame, score: str, tol: float, alpha: float, tol_of: str = "value") -> str:
     """One sentence that says what the windows table claims and at which error rate."""
+    within = f"{tol:g} {_TOL_OF_WORDS[tol_of]}" if tol_of == "absolute" else f"{tol:.0%} {_TOL_OF_WORDS[tol_of]}"
     rule = (
-        f"Grokking: the loss stays flat within {tol:.0%} while {score} improves; inverse: the loss improves while "
+        f"Grokking: the loss stays flat within {within} while {score} improves; inverse: the loss improves while "
         f"{score} gets worse. Every span of checkpoints is tested, and a run with no real move gets any window "
         f"at all with probability {alpha:g} (p_adjusted is family-wise over the run's n_spans spans; "
         f"change_lo..change_hi is a {1 - 2 * alpha:.0%} simultaneous interval)."
