@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 from scipy import stats
 from scipy.optimize import OptimizeWarning, curve_fit
@@ -178,12 +179,12 @@ def _residual_variance(fit: Fit) -> float:
 
 
 def forecast_series(
-    x: Sequence[float],
-    y: Sequence[float],
-    at: Sequence[float],
+    x: npt.ArrayLike,
+    y: npt.ArrayLike,
+    at: npt.ArrayLike,
     *,
     method: str = "power",
-    via: Sequence[float] | None = None,
+    via: npt.ArrayLike | None = None,
     level: float = 0.9,
     higher_is_better: bool = True,
     curve_points: int = 60,
@@ -198,37 +199,39 @@ def forecast_series(
         raise ValueError(f"forecast method {method!r}: choose one of {', '.join(METHODS)}")
     if not 0 < level < 1:
         raise ValueError(f"level={level} must be between 0 and 1")
-    x, y, at = (np.asarray(v, dtype=float) for v in (x, y, at))
+    # Arrays under names of their own: the arguments stay the sequences the caller passed.
+    xs, ys, ats = (np.asarray(v, dtype=float) for v in (x, y, at))
     sign = 1.0 if higher_is_better else -1.0
-    y = sign * y
+    ys = sign * ys
+    loss: np.ndarray | None = None
     if method == "two-step":
         if via is None:
             raise ValueError("the two-step forecast needs the loss (or a proxy) at the same checkpoints")
-        via = np.asarray(via, dtype=float)
-    keep = (x > 0) & np.isfinite(y) & (np.isfinite(via) if via is not None else True)
-    x, y = x[keep], y[keep]
-    via = via[keep] if via is not None else None
+        loss = np.asarray(via, dtype=float)
+    keep = (xs > 0) & np.isfinite(ys) & (np.isfinite(loss) if loss is not None else True)
+    xs, ys = xs[keep], ys[keep]
+    loss = loss[keep] if loss is not None else None
     p = _N_PARAMS[method]
-    if len(x) < p + 2:
+    if len(xs) < p + 2:
         raise ValueError(
-            f"{len(x)} checkpoints with x > 0 to fit the {method} form ({p} parameters): fit on at least {p + 2}"
+            f"{len(xs)} checkpoints with x > 0 to fit the {method} form ({p} parameters): fit on at least {p + 2}"
         )
-    fits = _fits(method, x, y, via)
+    fits = _fits(method, xs, ys, loss)
     converged = all(f.converged for f in fits)
     identifiable = all(f.identifiable for f in fits)
-    grid = np.geomspace(x.min(), max(x.max(), float(np.max(at)) if len(at) else x.max()), curve_points)
-    targets = np.concatenate([at, grid])
+    grid = np.geomspace(xs.min(), max(xs.max(), float(np.max(ats)) if len(ats) else xs.max()), curve_points)
+    targets = np.concatenate([ats, grid])
     if not converged:
         nan = np.full(len(targets), np.nan)
-        return _forecast(method, at, nan, nan, nan, level, len(x), False, identifiable, grid)
+        return _forecast(method, ats, nan, nan, nan, level, len(xs), False, identifiable, grid)
     point, variance = _prediction_variance(fits, targets)
-    dof = min(len(x) - len(f.params) for f in fits)
+    dof = min(len(xs) - len(f.params) for f in fits)
     half = float(stats.t.ppf(0.5 + level / 2, max(dof, 1))) * np.sqrt(variance)
     lo, hi = sign * (point - half), sign * (point + half)
     lo, hi, point = np.minimum(lo, hi), np.maximum(lo, hi), sign * point
-    if ((sign * y >= 0) & (sign * y <= 1)).all():  # a share (accuracy, exact match) stays a share
+    if ((sign * ys >= 0) & (sign * ys <= 1)).all():  # a share (accuracy, exact match) stays a share
         lo, hi, point = np.clip(lo, 0, 1), np.clip(hi, 0, 1), np.clip(point, 0, 1)
-    return _forecast(method, at, point, lo, hi, level, len(x), True, identifiable, grid)
+    return _forecast(method, ats, point, lo, hi, level, len(xs), True, identifiable, grid)
 
 
 def _fits(method: str, x: np.ndarray, y: np.ndarray, via: np.ndarray | None) -> list[Fit]:
@@ -236,6 +239,8 @@ def _fits(method: str, x: np.ndarray, y: np.ndarray, via: np.ndarray | None) -> 
         return [fit_power(x, y)]
     if method == "log":
         return [fit_log(x, y)]
+    if via is None:
+        raise ValueError("the two-step forecast needs the loss (or a proxy) at the same checkpoints")
     return [fit_loss_power(x, via), fit_sigmoid(via, y)]
 
 
@@ -329,8 +334,8 @@ def forecast(
     if at is None:
         later = series.loc[series["x"] > fit_until, "x"].tolist()
         at = sorted(set(later) | {last})
-    at = np.asarray(list(at), dtype=float)
-    via_values = None
+    targets = np.asarray(list(at), dtype=float)
+    via_values: np.ndarray | None = None
     if method == "two-step":
         if via is None:
             raise ValueError("the two-step forecast needs a loss or proxy metric (via)")
@@ -346,7 +351,7 @@ def forecast(
         if orientation(via, frame) > 0:  # a higher-is-better proxy: fit its falling mirror image
             via_values = -via_values
     result = forecast_series(
-        train["x"], train["value"], at, method=method, via=via_values, level=level,
+        train["x"], train["value"], targets, method=method, via=via_values, level=level,
         higher_is_better=orientation(score, frame) > 0,
     )  # fmt: skip
     measured = series.set_index("x")["value"]
@@ -355,12 +360,12 @@ def forecast(
             "run": run,
             "score": score,
             "method": method if via is None else f"{method} via {via}",
-            "x": at,
+            "x": targets,
             "predicted": result.predicted,
             "lo": result.lo,
             "hi": result.hi,
             "level": level,
-            "measured": [float(measured.get(a, np.nan)) for a in at],
+            "measured": [float(measured.get(a, np.nan)) for a in targets],
             "n_fit": result.n_fit,
             "fit_until": fit_until,
             "converged": result.converged,

@@ -111,9 +111,8 @@ def _summary(series: pd.DataFrame, metric: str, frame: pd.DataFrame) -> dict:
         key = (not math.isnan(values[4]), values[4] if not math.isnan(values[4]) else abs(values[2]))
         if not math.isnan(values[2]) and (best is None or key > best[0]):
             best = (key, values)
-    best = best[1] if best else None
     keys = ("first", "last", "change", "change_stderr", "moved")
-    return dict(zip(keys, best or (math.nan,) * 5, strict=True))
+    return dict(zip(keys, best[1] if best else (math.nan,) * 5, strict=True))
 
 
 def _mean_of(rows: pd.DataFrame, members: list[str]) -> pd.DataFrame:

@@ -17,6 +17,7 @@ import math
 import numbers
 import os
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,16 +279,21 @@ def _printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
+def _dict_or_empty(value: Any) -> dict[str, Any]:
+    """``value`` when it is an object, else an empty one (published files leave sections out, or null them)."""
+    return value if isinstance(value, dict) else {}
+
+
 def rows_from_results(results: dict[str, Any], *, source: str, n_shot_default: int | None = None):
     """Turn an lm-eval results dict (either schema) into EvalRows; return ``(rows, problems)``.
 
     Values that are not finite numbers are skipped with a note in ``problems``; a stderr of
     "N/A" (or missing, or not a number) becomes None.
     """
-    n_shots = results.get("n-shot") if isinstance(results.get("n-shot"), dict) else {}
-    versions = results.get("versions") if isinstance(results.get("versions"), dict) else {}
-    n_samples = results.get("n-samples") if isinstance(results.get("n-samples"), dict) else {}
-    better = results.get("higher_is_better") if isinstance(results.get("higher_is_better"), dict) else {}
+    n_shots = _dict_or_empty(results.get("n-shot"))
+    versions = _dict_or_empty(results.get("versions"))
+    n_samples = _dict_or_empty(results.get("n-samples"))
+    better = _dict_or_empty(results.get("higher_is_better"))
     rows: list[EvalRow] = []
     problems: list[str] = []
     for task, metrics in results["results"].items():
@@ -300,7 +306,7 @@ def rows_from_results(results: dict[str, Any], *, source: str, n_shot_default: i
         if n is None:
             n = _int_or_none(metrics.get("sample_len"))
         shot = _int_or_none(n_shots.get(task)) if task in n_shots else n_shot_default
-        task_better = better.get(task) if isinstance(better.get(task), dict) else {}
+        task_better = _dict_or_empty(better.get(task))
         for key, raw in metrics.items():
             metric, filt = _split_metric(key)
             if key in _META_KEYS or metric.endswith("_stderr"):
@@ -431,14 +437,15 @@ def parse_results_file(path: str | Path, step: int | None = None) -> ImportedEva
         raise ValueError(
             f"{path}: no 'results' object; an lm-eval results file has {{\"results\": {{task: {{metric: value}}}}}}"
         )
-    config = data.get("config") if isinstance(data.get("config"), dict) else {}
+    config = _dict_or_empty(data.get("config"))
     model_args = config.get("model_args")
     found: tuple[int, str] | None = None
     rev = _revision(model_args)
-    if rev is not None and step_from_text(rev) is not None:
-        found = (step_from_text(rev), "model_args revision")
-    elif isinstance(config.get("model_revision"), str) and step_from_text(config["model_revision"]) is not None:
-        found = (step_from_text(config["model_revision"]), "model_revision")
+    model_revision = config.get("model_revision")
+    if rev is not None and (at := step_from_text(rev)) is not None:
+        found = (at, "model_args revision")
+    elif isinstance(model_revision, str) and (at := step_from_text(model_revision)) is not None:
+        found = (at, "model_revision")
     else:
         # The file name first, then its folders from the nearest up.
         for part in [path.stem, *reversed(path.resolve().parent.parts)]:
@@ -460,7 +467,7 @@ def parse_results_file(path: str | Path, step: int | None = None) -> ImportedEva
         raise ValueError(f"{path}: no numeric metric values under 'results'; nothing to import")
     if isinstance(model_args, dict):
         model_args = ",".join(f"{k}={v}" for k, v in model_args.items())
-    groups = data.get("groups") if isinstance(data.get("groups"), dict) else {}
+    groups = _dict_or_empty(data.get("groups"))
     derived, notes = group_means(rows, present=set(groups))
     continuous, sample_notes = continuous_from_sample_files(path, data, rows)
     rows += continuous
@@ -493,7 +500,7 @@ def continuous_from_sample_files(
     if not (name.startswith("results_") and name.endswith(".json")):
         return [], []
     stamp = name[len("results_") : -len(".json")]
-    configs = data.get("configs") if isinstance(data.get("configs"), dict) else {}
+    configs = _dict_or_empty(data.get("configs"))
     shots = {r.task: (r.n_shot, r.task_version) for r in rows}
     out, notes = [], []
     for task in sorted(t for t in shots if isinstance(configs.get(t), dict)):
@@ -582,7 +589,7 @@ MMLU_SUBJECTS = frozenset(
 GROUPS = {"mmlu": (("hendrycksTest-", MMLU_SUBJECTS), ("mmlu_", MMLU_SUBJECTS))}
 
 
-def group_means(rows: list[EvalRow], present: set[str] = frozenset()) -> tuple[list[DerivedRow], list[str]]:
+def group_means(rows: list[EvalRow], present: Collection[str] = frozenset()) -> tuple[list[DerivedRow], list[str]]:
     """Group scores a result file lacks, from its subtasks: ``(derived rows, one-line notes)``.
 
     For each known group (MMLU: ``hendrycksTest-<subject>`` in 0.3 files, ``mmlu_<subject>`` in 0.4)
@@ -621,15 +628,15 @@ def group_means(rows: list[EvalRow], present: set[str] = frozenset()) -> tuple[l
                 continue
             parts = [per_task[t] for t in tasks]
             k = len(parts)
-            errs = [r.stderr for r in parts]
-            sizes = [r.n for r in parts]
+            errs = [r.stderr for r in parts if r.stderr is not None]
+            sizes = [r.n for r in parts if r.n is not None]
             better = {r.higher_is_better for r in parts}
             row = EvalRow(
                 task=group,
                 metric=metric,
                 value=sum(r.value for r in parts) / k,
-                stderr=None if None in errs else math.sqrt(sum(e * e for e in errs)) / k,
-                n=None if None in sizes else sum(sizes),
+                stderr=math.sqrt(sum(e * e for e in errs)) / k if len(errs) == k else None,
+                n=sum(sizes) if len(sizes) == k else None,
                 n_shot=parts[0].n_shot,
                 task_version=None,
                 higher_is_better=better.pop() if len(better) == 1 else None,

@@ -26,12 +26,15 @@ go to ``HFLM``'s path unchanged.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM, eval_logger
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 BACKEND_NAME = "cdd-onepass"
 POLICIES = ("auto", "always")
@@ -52,7 +55,7 @@ _CONT_ROWS_PER_CONTEXT = 4
 Request = tuple[tuple[str, str], list[int], list[int]]  # (context, continuation) strings, their token ids
 
 
-def head_weight(model: torch.nn.Module) -> float:
+def head_weight(model: PreTrainedModel) -> float:
     """The output layer's cost per position over the rest of the model's cost per token.
 
     Both from parameter counts (a matmul costs 2 FLOPs per weight per row): vocabulary x width
@@ -60,12 +63,20 @@ def head_weight(model: torch.nn.Module) -> float:
     models the body counts every expert, not the active ones: the weight comes out low, which
     only makes ``auto`` keep more tasks on HFLM's path.
     """
-    embedding = model.get_input_embeddings().weight
+    embedding = _weight(model.get_input_embeddings())
     head = model.get_output_embeddings()
-    output = head.weight if head is not None else embedding
+    output = _weight(head) if head is not None else embedding
     total = sum(p.numel() for p in model.parameters())  # tied weights are counted once
     body = total - embedding.numel() - (0 if output is embedding else output.numel())
     return output.numel() / max(body, 1)
+
+
+def _weight(layer: torch.nn.Module) -> torch.Tensor:
+    """An embedding or output layer's weight matrix (a Module attribute types as tensor or submodule)."""
+    weight = layer.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(layer).__name__}.weight is not a tensor; cannot size the output layer")
+    return weight
 
 
 def work_saving(requests: list[Request], head: float = 0.0) -> float:

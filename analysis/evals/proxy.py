@@ -160,15 +160,15 @@ def proxy_metrics(
     try:
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start : start + batch_size]
-            ids, mask = right_pad([c[0] for c in chunk])
-            logits = model(input_ids=ids.to(where), attention_mask=mask.to(where)).logits  # (B, T, V)
+            padded, mask = right_pad([c[0] for c in chunk])
+            logits = model(input_ids=padded.to(where), attention_mask=mask.to(where)).logits  # (B, T, V)
             rows, cols = [], []
             for b, (seq, n_prompt) in enumerate(chunk):
                 for pos in range(n_prompt, len(seq)):
                     rows.append(b)
                     cols.append(pos - 1)  # logits at pos - 1 predict the token at pos
             picked = logits[torch.tensor(rows), torch.tensor(cols)]  # (N, V)
-            targets = ids[torch.tensor(rows), torch.tensor(cols) + 1].to(picked.device)
+            targets = padded[torch.tensor(rows), torch.tensor(cols) + 1].to(picked.device)
             stats = {k: v.detach().cpu().tolist() for k, v in token_statistics(picked, targets).items()}
             offset = 0
             for b, (seq, n_prompt) in enumerate(chunk):

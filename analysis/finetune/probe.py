@@ -57,7 +57,9 @@ class Score:
     higher_is_better: bool | None
 
 
-def score_task(model, tokenizer, spec: str, *, metric: str | None, limit: int | None, batch_size: int, seed: int):
+def score_task(
+    model, tokenizer, spec: str, *, metric: str | None, limit: int | None, batch_size: int, seed: int
+) -> Score:
     """The task's score (``metric``, or its first) on ``model`` through lm-eval, with per-document values."""
     from analysis.evals.lmeval import run_lm_eval
 
@@ -130,10 +132,14 @@ def run_probe(
     """
     task = load_task(cfg.task)
     examples = encode_examples(task.train, tokenizer, cfg.max_length)
-    scoring = {"limit": cfg.limit, "batch_size": batch_size, "seed": eval_seed}
-    pre = score_task(model, tokenizer, task.eval_spec, metric=cfg.score, **scoring)
+
+    def score(m, spec: str, metric: str | None) -> Score:
+        """One task's score on ``m`` with the settings every score of the probe shares."""
+        return score_task(m, tokenizer, spec, metric=metric, limit=cfg.limit, batch_size=batch_size, seed=eval_seed)
+
+    pre = score(model, task.eval_spec, cfg.score)
     others = [eval_spec(t) for t in cfg.other_tasks]
-    others_pre = [score_task(model, tokenizer, t, metric=None, **scoring) for t in others]
+    others_pre = [score(model, t, None) for t in others]
     loss_pre = _heldout(model, probe, batch_size)
     post: list[Score] = []
     others_post: list[list[Score]] = []
@@ -147,9 +153,9 @@ def run_probe(
 
         tuned = fine_tune(model, examples, cfg, seed=cfg.seed + k, pad_id=pad_id, progress=seed_progress)
         try:
-            post.append(score_task(tuned.model, tokenizer, task.eval_spec, metric=pre.metric, **scoring))
+            post.append(score(tuned.model, task.eval_spec, pre.metric))
             pairs = zip(others, others_pre, strict=True)
-            others_post.append([score_task(tuned.model, tokenizer, t, metric=o.metric, **scoring) for t, o in pairs])
+            others_post.append([score(tuned.model, t, o.metric) for t, o in pairs])
             loss_post.append(_heldout(tuned.model, probe, batch_size))
             final_losses.append(tuned.final_loss)
             if keep is not None and k == cfg.seeds - 1:
@@ -202,6 +208,10 @@ def _rows(name, pre, post, others_pre, others_post, loss_pre, loss_post, final_l
 
 def save_copy(model: torch.nn.Module, tokenizer, folder: Path, cfg: FinetuneConfig) -> Path:
     """Save a fine-tuned copy (safetensors, tokenizer, ``finetune.json`` with its settings) into ``folder``."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"cannot save a {type(model).__name__} as a checkpoint: keep needs a transformers model")
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -11,12 +11,16 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from analysis.finetune.config import FinetuneConfig
 from analysis.finetune.data import Example
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 @dataclass
@@ -74,11 +78,16 @@ def target_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch
     )
 
 
-def _lora(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
+def _lora(model: torch.nn.Module, cfg: FinetuneConfig) -> PeftModel:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none", target_modules=cfg.targets
+        r=cfg.lora_r,
+        # peft annotates lora_alpha as int, but only divides by it (scaling = alpha / r): a float works the same.
+        lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=cfg.targets,
     )
     try:
         return get_peft_model(model, config)
@@ -110,10 +119,12 @@ def fine_tune(
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     work = copy.deepcopy(model).to(torch.float32)  # fp32 master weights, whatever the checkpoint's dtype
+    lora: PeftModel | None = None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         if cfg.method == "lora":
-            work = _lora(work, cfg)
+            lora = _lora(work, cfg)
+            work = lora
         else:
             for param in work.parameters():
                 param.requires_grad_(True)
@@ -151,8 +162,8 @@ def fine_tune(
         losses.append(float(loss.detach()))
         if progress is not None:
             progress(step, cfg.steps)
-    if cfg.method == "lora":
-        work = work.merge_and_unload()
+    if lora is not None:
+        work = lora.merge_and_unload()
     if not all(torch.isfinite(p).all() for p in work.parameters()):
         raise ValueError(
             f"fine-tuning diverged: non-finite weights after {cfg.steps} steps; lower finetune.lr (now {cfg.lr:g})"

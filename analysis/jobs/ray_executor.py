@@ -107,7 +107,8 @@ class _Unit:
         self.waiting -= 1
         if error is None and got is not None and got.error is not None:
             error = got.error
-        if error is not None:
+        if error is not None or got is None:
+            error = error or "the Ray task returned no output"
             self.errors.append(error)
             self.out.problems += [f"{item.label}: {error}" for item in items]
             self.out.incomplete = True

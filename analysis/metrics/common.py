@@ -250,13 +250,12 @@ def batch_clustered_mean(values: Sequence[Sequence[float]], counts: Sequence[int
     weights = [c / total for c in counts]  # N_b / N
     means = [math.fsum(xs) / len(xs) for xs in values]
     value = math.fsum(w * m for w, m in zip(weights, means, strict=True))
-    probe_var: float | None = 0.0
-    for xs, w, m in zip(values, weights, means, strict=True):
-        if len(xs) < 2:
-            probe_var = None
-            break
-        probe_var += w * w * math.fsum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)
-    probes_only = None if probe_var is None else math.sqrt(probe_var)
+    probes_only: float | None = None  # undefined when any batch has a single value
+    if all(len(xs) >= 2 for xs in values):
+        probe_var = 0.0
+        for xs, w, m in zip(values, weights, means, strict=True):
+            probe_var += w * w * math.fsum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)
+        probes_only = math.sqrt(probe_var)
     if n_batches >= 2:
         z = [n_batches * w * (m - value) for w, m in zip(weights, means, strict=True)]
         stderr: float | None = math.sqrt(math.fsum(x * x for x in z) / (n_batches * (n_batches - 1)))

@@ -260,7 +260,8 @@ def compute_from_profile(name: str, profile: pathways.RoutingProfile, config: An
 def _register_builtins() -> None:
     # Versions: 2 for the probe-based estimates (stderr over batch means, each batch with
     # its own noise draws) and the eigenvalue (converged by residual, not relative change).
-    flat = [
+    # Annotated: the metric functions differ in their config argument, so the inferred join is a bare function.
+    flat: list[tuple[str, str, type, MetricFn, str, str]] = [
         (
             "hessian_trace",
             "2",
@@ -305,7 +306,7 @@ def _register_builtins() -> None:
     ]
     for name, version, cls, fn, text, unit in flat:
         register(MetricSpec(name, version, "flatness", False, False, cls, fn, text, progress_unit=unit))
-    moe = [
+    moe: list[tuple[str, type, MetricFn, bool | None, str]] = [
         (
             "pathway_distance",
             pathways.PathwayDistanceConfig,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 import pandas as pd
 
@@ -79,6 +80,10 @@ class ReportContext:
         table = table.assign(shown=[pair in shown for pair in pairs])
         return table[["metric", "setting", "n_checkpoints", "runs", "shown", "params_hash"]].reset_index(drop=True)
 
+    @overload
+    def named(self, metric: str) -> str: ...
+    @overload
+    def named(self, metric: None) -> None: ...
     def named(self, metric: str | None) -> str | None:
         """``metric`` with its setting beside it (``arc_easy/acc,none (5-shot)``) when several are cached."""
         rows = self.several()

@@ -124,7 +124,7 @@ def hub_checkpoints(
             fingerprint=f"{repo_id}@{commit or ref}",
             revision=ref,
         )
-        kept = best.get(step)
-        if kept is None or (tokens or 0) > (kept.tokens or 0):
+        earlier = best.get(step)
+        if earlier is None or (tokens or 0) > (earlier.tokens or 0):
             best[step] = checkpoint
     return [best[step] for step in sorted(best)]

@@ -281,7 +281,8 @@ def _make_checkpoint(path: Path, step: int, tokens: int | None, problems: list[s
 
 def _candidates(root: Path, problems: list[str]) -> list[tuple[int, int | None, Path]]:
     """Step-named folders and step-named weights files directly inside ``root``."""
-    found, orphans = [], []
+    found: list[tuple[int, int | None, Path]] = []
+    orphans: list[tuple[int, int | None, Path]] = []
     shared_config = (root / "config.json").is_file()
     for child in sorted(root.iterdir()):
         if child.name.startswith("."):

@@ -191,7 +191,8 @@ def _read_csv(path: Path, sep: str) -> LogResult:
     steps = pd.to_numeric(table[step_key].str.strip(), errors="coerce")
     tokens_key = next((key for key in keys if is_tokens_key(key)), None)
     tokens = pd.to_numeric(table[tokens_key], errors="coerce") if tokens_key else pd.Series(np.nan, index=table.index)
-    parts, problems = [], []
+    parts: list[pd.DataFrame] = []
+    problems: list[str] = []
     for key, name in _metric_names(keys, path, problems).items():
         cells = table[key].str.strip()
         present = cells != ""
@@ -401,7 +402,7 @@ def _skip_dir(folder: Path, checkpoint_dirs: set[Path]) -> bool:
 
 def _events_files(root: Path, checkpoint_dirs: set[Path], max_depth: int = 4) -> list[Path]:
     """TensorBoard event files under ``root``, not looking inside checkpoint folders."""
-    found = []
+    found: list[Path] = []
     for current, dirs, files in os.walk(root):
         here = Path(current)
         depth = len(here.relative_to(root).parts)

@@ -6,6 +6,7 @@ All three are forward passes over data, so Ray computes them in one task per che
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from analysis.jobs.kinds.base import ItemProgress, Output, UnitContext, WorkKind, register
 from analysis.jobs.spec import (
@@ -69,7 +70,7 @@ class LmEvalKind(WorkKind):
             version = f"{r.task_version or ''};n_shot={r.n_shot}"
             rows.append(ctx.row(item, f"{r.task}/{r.metric}", r.value, r.stderr, r.n, version, r.higher_is_better))
         for s in out.samples:
-            record = {"target": s.target, "prompt": s.prompt, "response": s.response}
+            record: dict[str, Any] = {"target": s.target, "prompt": s.prompt, "response": s.response}
             if s.choices is not None:
                 record["choices"] = list(s.choices)
                 record["loglikelihoods"] = list(s.loglikelihoods or ())

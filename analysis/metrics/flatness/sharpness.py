@@ -116,9 +116,9 @@ def _noise_sharpness(
         try:
             for batch in batches:
                 batch = to_device(batch, device)
-                base, count = loss_fn(work, batch)
-                base = float(base)
-                diffs = []
+                base_loss, count = loss_fn(work, batch)
+                base = float(base_loss)
+                diffs: list[float] = []
                 for _ in range(config.n_samples):
                     for p, w in zip(params, saved, strict=True):
                         p.copy_(w + noise(w, gen))

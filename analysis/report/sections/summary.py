@@ -39,7 +39,7 @@ def _windows_finding(ctx: ReportContext) -> list[Finding]:
     """The divergence windows found (the three strongest named), or that none is significant."""
     o = ctx.options
     windows = ctx.tables.get("windows")
-    if windows is None:
+    if windows is None or o.downstream_metric is None:  # the windows table exists only with both metrics
         return []
     nl, ns = ctx.named(o.loss_metric), ctx.named(o.downstream_metric)
     if not len(windows):
