@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, TypedDict
 
 import pandas as pd
 import streamlit as st
@@ -41,8 +42,18 @@ PAGES = [
     ("pages/evaluate.py", "Evaluate", ":material/play_arrow:", "evaluate"),
     ("pages/jobs.py", "Jobs", ":material/pending:", "jobs"),
 ]
+
+
+class PageConfig(TypedDict):
+    """The arguments of ``st.set_page_config`` that every entry point passes."""
+
+    page_title: str
+    page_icon: str
+    layout: Literal["centered", "wide"]
+
+
 # An emoji favicon is drawn in the page (a data: URL); a :material/...: one is fetched from fonts.gstatic.com.
-PAGE_CONFIG = {"page_title": "Checkpoint divergence", "page_icon": "📉", "layout": "wide"}
+PAGE_CONFIG: PageConfig = {"page_title": "Checkpoint divergence", "page_icon": "📉", "layout": "wide"}
 
 
 def db_path() -> Path:
@@ -177,7 +188,7 @@ def sidebar() -> None:
     """Draw the shared sidebar and remember the selection for the pages."""
     table = runs_table()
     names = list(table["name"]) if len(table) else []
-    default = names[:4]
+    default: list[str] | None = names[:4]
     if (pending := st.session_state.pop(_SELECT_NEXT, None)) in names:
         st.session_state["runs"] = list(dict.fromkeys([*st.session_state.get("runs", default), pending]))
         default = None  # the value comes from the session state: a default as well would be ignored

@@ -9,6 +9,7 @@ caption the views print for the windows found.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -187,7 +188,7 @@ def divergence_windows(
     points = align(frame, loss_metric, downstream_metric, x=x, n_params=n_params, log_interp=log_interp)
     loss_sign = orientation(loss_metric, frame)
     score_sign = orientation(downstream_metric, frame)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for run, group in points.groupby("run", sort=True):
         group = finite_pairs(group).sort_values("x")
         if len(group) < min_points:
