@@ -14,6 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from analysis.charts.curves import curves_figure
+from analysis.charts.pairs import STEP_SCALE, _aligned_label, _pairs_figure
 from analysis.charts.series import _band, _metric_rows, ema
 from analysis.charts.style import (
     PALETTE,
@@ -34,7 +35,6 @@ from analysis.charts.style import (
 KIND_COLORS = {"grokking": "#009E73", "inverse": "#D55E00"}
 # ColorBrewer's RdBu: diverging and colour-blind safe; negative correlations red, positive blue.
 DIVERGING_SCALE = "RdBu"
-STEP_SCALE = "Viridis"
 
 
 # Learning-rate phases: greys, lighter than any window, so a window drawn over a decay stays readable. The legend
@@ -195,76 +195,6 @@ def loss_downstream_figure(
     fig.update_xaxes(title_text="", row=1, col=1)
     fig.update_yaxes(title_text=axis_label(loss_metric, style), row=1, col=1)
     fig.update_yaxes(title_text=axis_label(downstream_metric, style), row=2, col=1)
-    return fig
-
-
-def _aligned_label(aligned: pd.DataFrame, column: str, fallback: str) -> str:
-    if column in aligned and len(aligned) and aligned[column].nunique() == 1:
-        return str(aligned[column].iloc[0])
-    return fallback
-
-
-def _pairs_figure(
-    aligned: pd.DataFrame,
-    *,
-    colors: dict[str, str] | None,
-    style: ChartStyle,
-    color_by_step: bool,
-    x_title: str,
-    y_title: str,
-    title: str,
-) -> go.Figure:
-    """Right vs left of an aligned frame, one line per run; markers coloured by step or by run."""
-    data = aligned.copy()
-    for column in ("left", "right", "right_stderr", "step"):
-        data[column] = pd.to_numeric(data[column], errors="coerce")
-    data = data.dropna(subset=["left", "right"])
-    if data.empty:
-        return empty_figure(f"no checkpoints with both {x_title} and {y_title}", style)
-    colors = colors or run_colors(data["run"])
-    steps = data["step"].to_numpy(dtype=float)
-    # Checkpoints are usually log-spaced: a log colour scale keeps the early ones distinguishable.
-    log_steps = bool(np.isfinite(steps).all() and (steps > 0).all() and steps.max() / steps.min() > 100)
-    fig = go.Figure()
-    for run, group in data.groupby("run", sort=True):
-        run = str(run)
-        group = group.sort_values("x" if "x" in group else "step")
-        color = colors.get(run, PALETTE[0])
-        marker: dict = {"size": 9 if color_by_step else 8, "color": color, "line": {"color": color, "width": 1.5}}
-        if color_by_step:
-            step = group["step"].to_numpy(dtype=float)
-            marker["color"] = np.log10(step) if log_steps else step
-            marker["coloraxis"] = "coloraxis"
-        err = group["right_stderr"].to_numpy(dtype=float)
-        fig.add_trace(
-            go.Scatter(
-                x=group["left"].to_numpy(dtype=float),
-                y=group["right"].to_numpy(dtype=float),
-                mode="lines+markers" if len(group) > 1 else "markers",
-                line={"color": color, "width": style.line_width},
-                marker=marker,
-                error_y={
-                    "type": "data",
-                    "array": np.nan_to_num(err),
-                    "visible": bool(np.isfinite(err).any()),
-                    "color": color,
-                    "thickness": 1,
-                },
-                customdata=group["step"].to_numpy(dtype=float),
-                name=run,
-                legendgroup=run,
-                hovertemplate=f"{run}<br>step %{{customdata:,.0f}}<br>{x_title} %{{x:.4g}}<br>"
-                f"{y_title} %{{y:.4g}}<extra></extra>",
-            )
-        )
-    _layout(fig, style, title=title, x_title=x_title, y_title=y_title, log_x=False, log_y=False)
-    fig.update_layout(hovermode="closest")
-    if color_by_step:
-        colorbar: dict = {"title": {"text": "step"}}
-        if log_steps:
-            ticks = np.arange(np.floor(np.log10(steps.min())), np.ceil(np.log10(steps.max())) + 1)
-            colorbar |= {"tickvals": ticks, "ticktext": [f"{10**t:,.0f}" for t in ticks]}
-        fig.update_layout(coloraxis={"colorscale": STEP_SCALE, "colorbar": colorbar})
     return fig
 
 
