@@ -376,7 +376,8 @@ def test_divergence_page_picks_one_setting_of_a_score_and_switching_redraws(sett
     assert not at.exception and not at.error
     assert score_curve(at, "grok") == pytest.approx(FIVE_SHOT, abs=1e-12)
     assert score_curve(at, "stuck") == pytest.approx({s: v - 0.05 for s, v in FIVE_SHOT.items()}, abs=1e-12)
-    assert set(at.dataframe[1].value["n"]) == {4}  # the correlations use the 4 checkpoints of that setting
+    corr = next(d.value for d in at.dataframe if "change_spearman" in d.value.columns)
+    assert set(corr["n"]) == {4}  # the correlations use the 4 checkpoints of that setting
 
     # The URL keeps the choice: a shared link opens on the 5-shot curve.
     shared = open_app(settings_db, monkeypatch, page=None, **{SETTING_KEY: "5-shot"})
