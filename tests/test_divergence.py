@@ -554,6 +554,10 @@ def test_each_window_reads_as_one_sentence_with_its_interval_and_p_value():
     assert f"{w['change_lo']:+.3g} to {w['change_hi']:+.3g}" in sentence and "adjusted p = " in sentence
 
 
+def test_the_training_loss_is_offered_first_then_the_logged_evaluation_loss():
+    assert dv.loss_metrics(["eval/loss", "heldout/heldout_loss", "train/loss"])[:2] == ["train/loss", "eval/loss"]
+
+
 def test_lm_eval_perplexities_serve_as_the_loss_after_logged_and_held_out_losses():
     names = ["lambada_openai/ppl,none", "piqa/acc,none", "wikitext/word_perplexity,none", "train/loss",
              "heldout/heldout_loss", "wikitext/bits_per_byte,none", "lambada_openai/perplexity,none",

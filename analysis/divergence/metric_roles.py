@@ -32,7 +32,9 @@ def signal_metrics(metrics: Sequence[str], downstream_metric: str) -> list[str]:
     return out
 
 
-_LOSS_PREFERENCE = ("eval/loss", "train/loss")
+# The training loss first: "does the pretraining loss still tell the truth?" is asked of the loss the run
+# optimises; a logged evaluation loss next.
+_LOSS_PREFERENCE = ("train/loss", "eval/loss")
 # lm-eval's loss-like metrics (lower is better; ``task/<metric>,<filter>``), in the order offered as a loss after
 # the logged and held-out losses: a run known only from result files (Pythia's sweeps carry lambada_openai
 # perplexity) still has a loss side.
