@@ -413,8 +413,9 @@ def cmd_import_evals(args: argparse.Namespace) -> int:
 
     store = Store(args.db)
     known = set(store.runs().get("name", []))
-    ckpts = store.checkpoints(args.run) if args.run in known else []
-    by_step = dict(zip(ckpts["step"], ckpts["fingerprint"], strict=True)) if len(ckpts) else {}
+    by_step: dict[int, str] = {}  # step -> fingerprint of the run's registered checkpoints
+    if args.run in known and len(ckpts := store.checkpoints(args.run)):
+        by_step = dict(zip(ckpts["step"], ckpts["fingerprint"], strict=True))
     files = sorted(Path(args.path).rglob("*.json")) if Path(args.path).is_dir() else [Path(args.path)]
     if not files:
         raise ValueError(f"{args.path}: no .json result files found; point at an lm-eval output file or folder")

@@ -35,11 +35,15 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from analysis.models import EOS, build_word_tokenizer, tiny_moe_config
+
+if TYPE_CHECKING:
+    from multiprocessing.sharedctypes import Synchronized
 
 MARKER = "COMPLETE"
 # Bump when the split or the training code changes what a config produces: a finished run of an
@@ -174,7 +178,7 @@ DEMO_RUNS: dict[str, DemoConfig] = {
 # open: the bundled tasks, held-out loss, per-sample memorisation rows (the answer token only: the
 # operands are random and unpredictable), and every internal metric. The top eigenvalue uses Lanczos
 # (a few seconds per checkpoint on a CPU instead of most of a minute by power iteration).
-DEMO_EVAL = {
+DEMO_EVAL: dict[str, Any] = {
     "tasks": ("modarith_mc", "modarith_em"),
     "metrics": (
         "heldout_loss",
@@ -204,7 +208,7 @@ DEMO_EVAL = {
 # The fine-tune probe on the demo runs (see README, The fine-tune probe): full fine-tuning on modular
 # subtraction, which neither run saw, scored by the answer's perplexity (accuracy stays near 0), on
 # ``FINETUNE_CHECKPOINTS`` checkpoints spread over the run (20-100 s each on 2 shared cores).
-DEMO_FINETUNE = {
+DEMO_FINETUNE: dict[str, Any] = {
     "metrics": ("finetune",),
     "metric_params": {
         "finetune": {
@@ -629,15 +633,15 @@ def build_demo(
         ctx = mp.get_context("spawn")  # a clean interpreter: no inherited torch thread pools
         threads = max(1, cores // workers)
         pending = list(todo)
-        running: list[tuple[mp.process.BaseProcess, object, str]] = []
+        running: list[tuple[mp.process.BaseProcess, Synchronized[int], str]] = []
         finished = 0
         while pending or running:
             while pending and len(running) < workers:
                 name, cfg = pending.pop(0)
                 counter = ctx.Value("i", 0)
-                proc = ctx.Process(target=_train_in_child, args=(cfg, str(Path(root) / name), counter, threads))
-                proc.start()
-                running.append((proc, counter, name))
+                child = ctx.Process(target=_train_in_child, args=(cfg, str(Path(root) / name), counter, threads))
+                child.start()
+                running.append((child, counter, name))
             for proc, counter, name in list(running):
                 if not proc.is_alive():
                     proc.join()

@@ -8,6 +8,7 @@ Loading never executes code from a checkpoint: weights come from safetensors, or
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -313,6 +314,17 @@ def pad_token_id(model: torch.nn.Module) -> int:
     return 0
 
 
+class _HeldRecords(logging.Handler):
+    """Keeps the records it is given instead of printing them (to report or replay them later)."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def _mismatch(records: list) -> str | None:
     """The first size-mismatch row of a transformers load report, as "name: checkpoint [..] vs config [..]"."""
     import re
@@ -346,8 +358,6 @@ def load_model(
     for a folder without tokenizer files) only when something asks for it; otherwise a
     folder without tokenizer files is an error here.
     """
-    import logging
-
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -377,9 +387,8 @@ def load_model(
     # transformers' own loading bar and load report would land on stderr between our lines:
     # hold the report back, name its first mismatch in the error, and replay it on success.
     hf_logging.disable_progress_bar()
-    held: list[logging.LogRecord] = []
-    catcher = logging.Handler(logging.WARNING)
-    catcher.emit = held.append  # type: ignore[method-assign]
+    catcher = _HeldRecords(logging.WARNING)
+    held = catcher.records
     hf_logging.disable_default_handler()
     hf_logging.add_handler(catcher)
     try:
@@ -398,6 +407,7 @@ def load_model(
         hf_logging.enable_default_handler()
     for record in held:  # warnings of a load that worked (missing or unexpected weights) still show
         logging.getLogger(record.name).handle(record)
-    model.to(pick_device(device))
+    # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to), which mypy does not bind as a method
+    model.to(pick_device(device))  # type: ignore[arg-type]
     model.eval()
     return model, tokenizer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -16,7 +16,7 @@ def compute_once(
     checkpoint: str | Path,
     data: str | Path,
     *,
-    params: list[str] = (),
+    params: Sequence[str] = (),
     device: str = "auto",
     seed: int = 0,
     max_length: int = 64,
@@ -41,12 +41,12 @@ def compute_once(
     from analysis.jobs.spec import JobSpec
     from analysis.models import compute_dtype_for, dtype_name, load_model, pad_token_id, stored_dtype
 
-    settings = {}
+    settings: dict[str, str] = {}
     for item in params:
-        key, sep, value = item.partition("=")
+        key, sep, text = item.partition("=")
         if not sep:
             raise ValueError(f"--param {item!r}: write KEY=VALUE")
-        settings[key] = value
+        settings[key] = text
     if name == HELDOUT:
         extra = sorted(set(settings) - {"seed"})  # deterministic: a seed is accepted and changes nothing
         if extra:

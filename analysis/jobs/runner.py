@@ -43,11 +43,11 @@ class JobReport:
     units: int = 0
     computed: int = 0  # items computed
     cached: int = 0  # items found in the cache
-    failed: list[str] | None = None
+    failed: list[str] = field(default_factory=list)  # one line per failed checkpoint or item
     cancelled: bool = False
 
     def summary(self) -> str:
-        failed = len(self.failed or [])
+        failed = len(self.failed)
         return (
             f"job {self.job_id}: {self.units} checkpoints, {self.computed} computed, "
             f"{self.cached} already cached, {failed} failed" + (" (cancelled)" if self.cancelled else "")

@@ -6,6 +6,7 @@ The HVP helpers here are shared by the other flatness metrics (:mod:`.eigen`, :m
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -167,8 +168,9 @@ def hessian_trace(
             loss, count = loss_fn(work, to_device(batch, device))
             grads = gradient(loss, params, create_graph=True)
             values.append(
+                # partial binds this batch's gradients now, not the loop variable's last value
                 hutchinson_probes(
-                    lambda v, g=grads: hessian_vector_product(g, params, v), params, config.n_probes, gen, ticker
+                    functools.partial(hessian_vector_product, grads, params), params, config.n_probes, gen, ticker
                 )
             )
             counts.append(count)
