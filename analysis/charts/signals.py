@@ -1,5 +1,5 @@
-"""The signal pages' figure: any metric (a flatness, routing or proxy signal) against a downstream score,
-interpolated at the score's checkpoints, one line per run."""
+"""The signal pages' figure (Geometry, Pathways, Compare): any metric (a flatness, routing or proxy signal)
+against a downstream score, interpolated at the score's checkpoints, one line per run."""
 
 from __future__ import annotations
 
