@@ -31,7 +31,7 @@ score = _state.metric_picker(c2, "Downstream", scores, _state.accuracy_first(sco
 smoothing = c3.slider("Smoothing", 0.0, 0.99, 0.0, 0.01, key="smooth", bind="query-params")
 tol = c4.number_input("Flat loss within", 0.0, 1.0, 0.02, 0.01, key="tol", bind="query-params")
 tol_of = c4.selectbox(
-    "of", list(FLAT_OF), format_func=FLAT_OF.get, key="flat_of", bind="query-params",
+    "of", list(FLAT_OF), format_func=FLAT_OF.__getitem__, key="flat_of", bind="query-params",
     help="Flat means the loss moves less than this share of its whole range over the run (what looks flat on "
     "the chart, also for a training loss that fits to near zero), or of its own value where a span starts.",
 )  # fmt: skip
