@@ -9,7 +9,7 @@ DB     ?= data/cache.duckdb
 PORT   ?= 8501
 HOST   ?= 127.0.0.1
 
-.PHONY: run test test-fast setup demo demo-train demo-rebuild system-deps lint bench clean
+.PHONY: run test test-fast setup demo demo-train demo-rebuild system-deps lint typecheck bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -58,12 +58,16 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: setup system-deps lint
+# mypy on app.py, analysis/ and pages/, at the strictness set in pyproject.toml's [tool.mypy].
+typecheck: setup
+	$(BIN)/python -m mypy
+
+test: setup system-deps lint typecheck
 	$(BIN)/pytest
 
 # The quick tier while working: unit and AppTest tests, about 100 s of CPU time. Browser, Ray,
 # lm-eval-on-a-checkpoint, training and simulation tests are marked slow; `make test` runs them all.
-test-fast: setup lint
+test-fast: setup lint typecheck
 	$(BIN)/pytest -m "not slow"
 
 bench: setup
