@@ -49,7 +49,7 @@ MARKER = "COMPLETE"
 # Bump when the split or the training code changes what a config produces: a finished run of an
 # older version then no longer counts as complete and is rebuilt. Markers without one are version 1.
 DEMO_VERSION = 1
-TASK_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks" / "modarith"
+TASK_DIR = Path(__file__).resolve().parents[2] / "data" / "tasks" / "modarith"
 OPS: dict[str, Callable[[int, int, int], int]] = {
     "+": lambda a, b, p: (a + b) % p,
     "-": lambda a, b, p: (a - b) % p,
