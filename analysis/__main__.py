@@ -116,7 +116,7 @@ def _add_statistics_commands(sub: _Commands, common: argparse.ArgumentParser) ->
     stats = argparse.ArgumentParser(add_help=False)
     stats.add_argument("--run", action="append", required=True, help="run name (repeat for several)")
     stats.add_argument("--score", required=True, help="downstream metric, e.g. arc_easy/acc,none")
-    stats.add_argument("--loss", help="loss metric (default: eval/loss, then train/loss, then a held-out loss)")
+    stats.add_argument("--loss", help="loss metric (default: train/loss, then eval/loss, then a held-out loss)")
     stats.add_argument("--x", choices=["step", "tokens"], default="step", help="x-axis to align on (default step)")
     stats.add_argument("--alpha", type=float, default=0.05, help="family-wise false-positive rate (default 0.05)")
     stats.add_argument("--setting", action="append", help="METRIC=SETTING to pick a setting (default: most points)")
@@ -124,6 +124,11 @@ def _add_statistics_commands(sub: _Commands, common: argparse.ArgumentParser) ->
 
     p = sub.add_parser("windows", parents=[common, stats], help="divergence windows with adjusted p-values")
     p.add_argument("--tol", type=float, default=0.02, help="loss counts as flat within this fraction (default 0.02)")
+    p.add_argument(
+        "--flat-of", choices=["range", "value", "absolute"], default="range",
+        help="--tol is a fraction of the run's loss range (default, as the Divergence page), of the loss's value, "
+        "or an absolute amount",
+    )  # fmt: skip
     p.add_argument("--n-sim", type=int, default=2000, help="simulated null runs per run (default 2000)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_windows)
@@ -222,7 +227,7 @@ def _add_report_command(sub: _Commands, common: argparse.ArgumentParser) -> None
     )
     p.add_argument("--out", required=True, help="output file: .html, .pdf, .md, .zip, .csv or .parquet")
     p.add_argument("--format", choices=["html", "pdf", "md", "zip", "csv", "parquet"], help="default: from --out")
-    p.add_argument("--loss", help="loss metric (default: as the Divergence page, eval/loss then train/loss)")
+    p.add_argument("--loss", help="loss metric (default: as the Divergence page, train/loss then eval/loss)")
     p.add_argument("--downstream", help="downstream metric (default: the first lm-eval score)")
     p.add_argument("--x", choices=["step", "tokens"], default="step", help="x-axis (default step)")
     p.add_argument(

@@ -53,7 +53,7 @@ def provenance(build_seconds: float, threads: int) -> dict:
     """How the shipped results were made: enough to rebuild them and to know what might differ."""
     import importlib.metadata as md
 
-    from analysis.demo import DEMO_EVAL, DEMO_FINETUNE, DEMO_RUNS, DEMO_VERSION
+    from analysis.demo import DEMO_EVAL, DEMO_RUNS, DEMO_VERSION
 
     def version(name: str) -> str:
         try:
@@ -67,7 +67,7 @@ def provenance(build_seconds: float, threads: int) -> dict:
         "code_version": code_version(),
         "demo_version": DEMO_VERSION,
         "runs": {name: asdict(cfg) for name, cfg in DEMO_RUNS.items()},  # seeds included
-        "evaluation": {**DEMO_EVAL, "finetune": DEMO_FINETUNE},
+        "evaluation": dict(DEMO_EVAL),
         "libraries": {n: version(n) for n in ("torch", "transformers", "lm-eval", "duckdb", "numpy", "scipy")},
         "python": platform.python_version(),
         "machine": {
@@ -180,7 +180,7 @@ def rebuild(root: Path, folder: Path, *, scale: float = 1.0, progress=None, unit
     import tempfile
     import time
 
-    from analysis.demo import DEMO_RUNS, build_demo, demo_eval_spec, demo_finetune_spec
+    from analysis.demo import DEMO_RUNS, build_demo, demo_eval_spec
     from analysis.jobs import run_job, submit
     from analysis.runs.load import load_run
 
@@ -196,11 +196,11 @@ def rebuild(root: Path, folder: Path, *, scale: float = 1.0, progress=None, unit
         for run_dir in folders:
             store.register_run(load_run(run_dir))
         for run_dir in folders:
-            for spec in (demo_eval_spec(run_dir.name), demo_finetune_spec(run_dir.name, scale=scale)):
-                job = submit(store, spec)
-                report = run_job(store, job, progress=unit_progress() if unit_progress else None)
-                if report.failed:
-                    raise RuntimeError(f"demo rebuild: {run_dir.name}: {report.failed[0]}")
+            # The fine-tune probe is not part of it: 2-3 minutes a checkpoint on 2 shared cores (see README).
+            job = submit(store, demo_eval_spec(run_dir.name))
+            report = run_job(store, job, progress=unit_progress() if unit_progress else None)
+            if report.failed:
+                raise RuntimeError(f"demo rebuild: {run_dir.name}: {report.failed[0]}")
         seconds = time.monotonic() - start
         export_demo(store, Path(folder), root, {**provenance(seconds, threads), "scale": scale})
     return seconds

@@ -51,8 +51,8 @@ def cmd_windows(args: argparse.Namespace) -> int:
     loss = args.loss or default_loss(frame)
     items = score_items(Store(args.db), args.run, args.score, frame)  # the paired test where items exist
     windows = divergence_windows(
-        frame, loss, args.score, loss_tol=args.tol, alpha=args.alpha, x=args.x, n_sim=args.n_sim, seed=args.seed,
-        samples=items,
+        frame, loss, args.score, loss_tol=args.tol, tol_of=args.flat_of, alpha=args.alpha, x=args.x,
+        n_sim=args.n_sim, seed=args.seed, samples=items,
     )  # fmt: skip
     print_frame(windows, args.format)
     return 0
