@@ -71,17 +71,22 @@ def _routing_forward(model: nn.Module, batch: Batch) -> tuple[list[torch.Tensor]
     logits = getattr(out, "router_logits", None)
     if not logits:
         raise _not_moe(model)
-    b, t = ids.shape
+    return _router_probs(logits, mask, _model_type(model)), getattr(out, "logits", None)
+
+
+def _router_probs(logits: Sequence[torch.Tensor], mask: torch.Tensor, model_type: str) -> list[torch.Tensor]:
+    """Per MoE layer, the router softmax (B, T, E) float32 from its (B*T, E) logits, zero on padding."""
+    b, t = mask.shape
     weights = []
     for layer_logits in logits:
         if layer_logits.shape[0] != b * t:
             raise ValueError(
-                f"router logits of {_model_type(model)} have {layer_logits.shape[0]} rows for a {b}x{t} batch; "
+                f"router logits of {model_type} have {layer_logits.shape[0]} rows for a {b}x{t} batch; "
                 "expected one row per position (padding included)"
             )
         probs = torch.softmax(layer_logits.float(), dim=-1).view(b, t, -1)  # (B, T, E)
         weights.append(probs * mask[..., None].to(probs.dtype))
-    return weights, getattr(out, "logits", None)
+    return weights
 
 
 def _token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
