@@ -23,20 +23,32 @@ def consistency_cosines(weights: np.ndarray, routers: Sequence[np.ndarray]) -> n
 
     e_l = g_l @ W_l, g (N, L, E) averaged router weights and W_l (E, H) layer l's router
     weight. A zero e_l (possible only with zero router rows) gives cosine 0.
+
+    The embeddings are never formed: with the Gram matrices G_lm = W_l W_m^T (E, E),
+    e_l . e_m = g_l G_lm g_m, so the work per sample is L E^2 instead of L E H (H is the
+    hidden size, in the thousands for real models) and no (N, L, H) array is held. The
+    per-sample products use np.einsum, which does not hand such small products to a
+    multithreaded BLAS.
     """
     weights = np.asarray(weights, dtype=np.float64)
+    if weights.ndim != 3:
+        raise ValueError(f"pathway consistency: weights must be (samples, layers, experts), got shape {weights.shape}")
     if weights.shape[1] != len(routers):
         raise ValueError(f"{weights.shape[1]} MoE layers of weights but {len(routers)} router matrices")
     if len(routers) < 2:
         raise ValueError("pathway consistency needs at least two MoE layers (it compares consecutive layers)")
     if len({w.shape[1] for w in routers}) != 1:
         raise ValueError("router weights of consecutive layers have different hidden sizes; cosine is undefined")
-    emb = np.stack([weights[:, k] @ np.asarray(w, np.float64) for k, w in enumerate(routers)], axis=1)  # (N, L, H)
-    norms = np.linalg.norm(emb, axis=-1)  # (N, L)
-    dots = (emb[:, :-1] * emb[:, 1:]).sum(axis=-1)  # (N, L-1)
-    denom = norms[:, :-1] * norms[:, 1:]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, dots / denom, 0.0)
+    mats = [np.asarray(w, np.float64) for w in routers]
+    cosines = np.empty((weights.shape[0], len(mats) - 1))
+    # |e_l|^2, clipped at 0: rounding can leave a tiny negative where e_l is (numerically) zero.
+    sq = [np.maximum(np.einsum("ne,ef,nf->n", weights[:, k], w @ w.T, weights[:, k]), 0.0) for k, w in enumerate(mats)]
+    for k in range(len(mats) - 1):
+        dots = np.einsum("ne,ef,nf->n", weights[:, k], mats[k] @ mats[k + 1].T, weights[:, k + 1])  # (N,)
+        denom = np.sqrt(sq[k] * sq[k + 1])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cosines[:, k] = np.where(denom > 0, dots / denom, 0.0)
+    return cosines
 
 
 def normalize_by_max(cosines: np.ndarray) -> np.ndarray:
@@ -84,7 +96,7 @@ def group_pathway_consistency(
         value=mean,
         stderr=stderr,
         n=len(idx),
-        per_probe=tuple(float(x) for x in per_sample),
+        per_probe=tuple(per_sample.tolist()),
         params=config_params(RoutingConfig(), seed),
         extra={"per_layer_pair": tuple(float(x) for x in cos.mean(axis=0))},
     )
