@@ -25,7 +25,7 @@ import pandas as pd
 
 from analysis.metrics.pathways.consistency import consistency_cosines, normalize_by_max
 from analysis.metrics.pathways.distance import mean_pairwise_distance
-from analysis.metrics.pathways.extraction import pathway_string, pathways_from_weights
+from analysis.metrics.pathways.extraction import pathway_table, pathway_texts
 from analysis.metrics.pathways.routing import RoutingProfile
 
 if TYPE_CHECKING:  # for the annotation only: importing the store at run time would load duckdb with this module
@@ -58,7 +58,7 @@ def sample_records(profile: RoutingProfile, *, threshold: float = 0.7, answer_to
     if profile.token_nll is None:
         raise ValueError("sample_records needs a routing profile taken with keep_nll=True")
     loss, n_scored = sample_losses(profile.token_nll, answer_tokens)
-    paths = [pathway_string(p) for p in pathways_from_weights(profile.weights, threshold)]
+    paths = pathway_texts(pathway_table(profile.weights, threshold), chars=True)
     raw = norm = [None] * profile.n_samples
     if profile.routers is not None and len(profile.routers) >= 2:
         cos = consistency_cosines(profile.weights, profile.routers)
@@ -217,7 +217,7 @@ def group_trends(
         for name, members in groups.items():
             paths = [p for p in table.pathways[i, members] if p is not None]
             if len(paths) >= 2:
-                pm = mean_pairwise_distance([[ord(c) for c in p] for p in paths], max_pairs=max_pairs, seed=seed)
+                pm = mean_pairwise_distance(paths, max_pairs=max_pairs, seed=seed)  # character form
                 rows.append((int(step), name, "pathway_distance", pm.mean, pm.stderr, len(paths)))
             for metric, values in (
                 ("pathway_consistency", table.consistency[i, members]),

@@ -25,9 +25,11 @@ running the model again.
 One module per concept, all re-exported here:
 
 - :mod:`.routing`: reading the router, :func:`routing_profile` and :class:`RoutingProfile`.
-- :mod:`.extraction`: a sample's pathway from its averaged weights, and its written forms.
+- :mod:`.extraction`: a sample's pathway from its averaged weights, and its written forms (one
+  sample at a time, or every sample at once as a table and strings).
 - :mod:`.edit_distance`: the NumPy Levenshtein kernel the rapidfuzz distances are checked against.
-- :mod:`.distance`: pathway distance (mean pairwise Levenshtein distance).
+- :mod:`.distance`: pathway distance (mean pairwise Levenshtein distance, over distinct pathways
+  weighted by how many samples share each).
 - :mod:`.consistency`: pathway consistency (raw and max-normalised).
 - :mod:`.entropy`: the controls, routing entropy and expert load balance.
 
@@ -51,10 +53,12 @@ from analysis.metrics.pathways.consistency import (
 from analysis.metrics.pathways.distance import (
     PairwiseMean,
     PathwayDistanceConfig,
+    distinct_pairwise_mean,
     group_pathway_distance,
     mean_pairwise_distance,
     pathway_distance,
     pathway_distance_chars,
+    weighted_distance_sums,
 )
 from analysis.metrics.pathways.edit_distance import (
     levenshtein,
@@ -64,7 +68,14 @@ from analysis.metrics.pathways.edit_distance import (
     sequence_codes,
 )
 from analysis.metrics.pathways.entropy import expert_load, group_expert_load, group_routing_entropy, routing_entropy
-from analysis.metrics.pathways.extraction import Pathway, pathway_string, pathway_tokens, pathways_from_weights
+from analysis.metrics.pathways.extraction import (
+    Pathway,
+    pathway_string,
+    pathway_table,
+    pathway_texts,
+    pathway_tokens,
+    pathways_from_weights,
+)
 from analysis.metrics.pathways.routing import (
     RoutingConfig,
     RoutingProfile,
@@ -113,6 +124,7 @@ __all__ = [
     "RoutingProfile",
     "capture_routing",
     "consistency_cosines",
+    "distinct_pairwise_mean",
     "expert_load",
     "group_by_memorisation",
     "group_expert_load",
@@ -131,6 +143,8 @@ __all__ = [
     "pathway_distance",
     "pathway_distance_chars",
     "pathway_string",
+    "pathway_table",
+    "pathway_texts",
     "pathway_tokens",
     "pathways_from_weights",
     "router_weights",
@@ -138,4 +152,5 @@ __all__ = [
     "routing_profile",
     "sample_indices",
     "sequence_codes",
+    "weighted_distance_sums",
 ]
