@@ -27,7 +27,7 @@ class PathwayDistanceConfig:
     """Pathway distances: the cumulative-weight threshold and a bound on distance evaluations."""
 
     threshold: float = 0.7  # keep top experts until their summed weight reaches this
-    # Distinct pairs scored exactly up to this many (5M: about 3,160 distinct pathways, 0.5 s here), a
+    # Distinct pairs scored exactly up to this many (5M: about 3,160 distinct pathways, 0.15 s here), a
     # uniform sample of this many above it; 0 means all pairs.
     max_pairs: int = 5_000_000
 
