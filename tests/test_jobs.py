@@ -153,6 +153,38 @@ def test_a_corrupt_checkpoint_fails_its_unit_and_the_job_goes_on(tmp_path: Path,
     assert len(report.failed) == 1
 
 
+def test_the_same_probe_data_at_another_path_is_a_cache_hit_and_edited_data_is_not(
+    tmp_path: Path, store: Store, run_dir: Path
+) -> None:
+    """The probe set is keyed by its name and content, not its path: caches move between checkouts."""
+    metrics = ("heldout_loss", "memorisation", "hessian_trace")
+    params = {"hessian_trace": {"n_probes": "1"}}
+    job = submit(
+        store,
+        JobSpec(
+            run="tiny", steps=(10,), metrics=metrics, data=str(run_dir.parent / "probe.jsonl"), metric_params=params
+        ),
+    )
+    assert not run_job(store, job).failed
+    rows = len(store.results("tiny"))
+    assert rows > 0 and all(json.loads(p)["data"] == "probe.jsonl" for p in store.results("tiny")["params"])
+
+    moved = tmp_path / "elsewhere" / "probe.jsonl"
+    moved.parent.mkdir()
+    shutil.copy(run_dir.parent / "probe.jsonl", moved)
+    before = LOADS["count"]
+    run_job(
+        store, submit(store, JobSpec(run="tiny", steps=(10,), metrics=metrics, data=str(moved), metric_params=params))
+    )
+    assert LOADS["count"] == before and len(store.results("tiny")) == rows  # nothing loaded, nothing new
+
+    moved.write_text(moved.read_text().replace("+", "-", 1))  # same path, different content
+    run_job(
+        store, submit(store, JobSpec(run="tiny", steps=(10,), metrics=metrics, data=str(moved), metric_params=params))
+    )
+    assert LOADS["count"] == before + 1 and len(store.results("tiny")) == 2 * rows
+
+
 @pytest.mark.parametrize(
     ("kw", "message"),
     [

@@ -144,7 +144,7 @@ def compute_unit(
     model = ctx = None
     try:
         model, tokenizer = _load(path, spec, trust_remote_code, todo)
-        data = next((it.params["data"] for it in todo if "data" in it.params), None)
+        data = next((it.data for it in todo if it.data), None)
         ctx = UnitContext(spec, model, tokenizer, step, fingerprint, path, versions, data)
         if any(get_kind(it.kind).uses_probe for it in todo):
             _ = ctx.batches  # read before any item, so a broken probe file fails the unit with one reason

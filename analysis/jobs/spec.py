@@ -103,6 +103,9 @@ class Item:
     # lm_eval: the task names its results are stored under, when not ``name`` (a YAML path
     # stores under the YAML's task name). Not a parameter: it does not shape the result.
     scopes: tuple[str, ...] = ()
+    # The probe set's absolute path, for items that read it. Not a parameter either: its content
+    # digest is one (``probe_params``), so the same data at another path is the same result.
+    data: str | None = None
 
     @property
     def params_hash(self) -> str:
@@ -154,11 +157,21 @@ def probe_data(spec: JobSpec) -> str:
     return spec.data or str(DEFAULT_PROBES)
 
 
+def probe_path(spec: JobSpec) -> str:
+    """Where a unit reads the probe set: ``probe_data`` made absolute, so a worker in another folder finds it."""
+    return str(Path(probe_data(spec)).resolve())
+
+
 def probe_params(spec: JobSpec) -> dict:
-    """The cache parameters every item that reads the probe set shares: which data, its digest, how much of it."""
+    """The cache parameters every item that reads the probe set shares: which data, its digest, how much of it.
+
+    The data is named by its file or folder name, not its path: the digest says "same data", so
+    results computed in one checkout (the shipped demo results, a colleague's cache) are cache hits
+    in another. The path a unit reads travels beside the parameters (``Item.data``).
+    """
     data = probe_data(spec)
     return {
-        "data": str(Path(data).resolve()),
+        "data": Path(data).resolve().name,
         "data_digest": file_digest(data),
         "max_length": spec.max_length,
         "max_samples": spec.max_samples,

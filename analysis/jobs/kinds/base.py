@@ -77,7 +77,7 @@ class UnitContext:
     fingerprint: str
     checkpoint: str  # the checkpoint's folder: the fine-tune probe refuses to keep copies next to it
     versions: dict[str, str]  # library versions stored beside each value
-    data: str | None = None  # the probe set the unit's items read (their ``data`` parameter)
+    data: str | None = None  # the probe set the unit's items read (their ``Item.data``)
 
     @property
     def run(self) -> str:

@@ -19,6 +19,7 @@ from analysis.jobs.spec import (
     _task_scopes,
     probe_data,
     probe_params,
+    probe_path,
 )
 
 
@@ -91,7 +92,14 @@ class HeldoutKind(WorkKind):
     uses_probe = True
 
     def plan(self, spec: JobSpec, request: str) -> list[Item]:
-        return [Item(self.name, Path(probe_data(spec)).name, {**probe_params(spec), "version": HELDOUT_VERSION})]
+        return [
+            Item(
+                self.name,
+                Path(probe_data(spec)).name,
+                {**probe_params(spec), "version": HELDOUT_VERSION},
+                data=probe_path(spec),
+            )
+        ]
 
     def produces(self, item: Item, metric: str) -> bool:
         return metric.partition("/")[2].startswith("heldout_")  # one row set per domain of the probe data

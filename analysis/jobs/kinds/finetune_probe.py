@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from analysis.finetune import FINETUNE
 from analysis.jobs.kinds.base import ItemProgress, Output, UnitContext, WorkKind, register
-from analysis.jobs.spec import Item, JobSpec, probe_params
+from analysis.jobs.spec import Item, JobSpec, probe_params, probe_path
 
 
 @register
@@ -24,7 +24,7 @@ class FinetuneKind(WorkKind):
         from analysis.finetune.data import task_name
 
         config = parse_config(spec.metric_params.get(request, {}), max_length=spec.max_length)
-        return [Item(self.name, task_name(config.task), item_params(config, probe_params(spec)))]
+        return [Item(self.name, task_name(config.task), item_params(config, probe_params(spec)), data=probe_path(spec))]
 
     def produces(self, item: Item, metric: str) -> bool:
         scope, _, leaf = metric.partition("/")

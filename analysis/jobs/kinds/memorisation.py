@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from analysis.jobs.kinds.base import Batch, ItemProgress, Output, UnitContext, WorkKind, register
-from analysis.jobs.spec import MEMORISATION, Item, JobSpec, probe_params
+from analysis.jobs.spec import MEMORISATION, Item, JobSpec, probe_params, probe_path
 
 DEFAULTS = {"answer_tokens": 0, "threshold": 0.7}  # 0: score every predicted token
 VERSION = "1"
@@ -54,7 +54,7 @@ class MemorisationKind(WorkKind):
 
     def plan(self, spec: JobSpec, request: str) -> list[Item]:
         params = {**probe_params(spec), "version": VERSION, **memorisation_params(spec.metric_params.get(request, {}))}
-        return [Item(self.name, MEMORISATION, params)]
+        return [Item(self.name, MEMORISATION, params, data=probe_path(spec))]
 
     def produces(self, item: Item, metric: str) -> bool:
         return metric.partition("/")[2] == "sample_loss"

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import asdict
 
 from analysis.jobs.kinds.base import ItemProgress, Output, UnitContext, WorkKind, register
-from analysis.jobs.spec import Item, JobSpec, probe_params
+from analysis.jobs.spec import Item, JobSpec, probe_params, probe_path
 
 
 @register
@@ -41,7 +41,7 @@ class RegistryMetricKind(WorkKind):
             "version": metric.version,
             "config": asdict(config),
         }
-        return [Item(self.name, request, params)]
+        return [Item(self.name, request, params, data=probe_path(spec))]
 
     def produces(self, item: Item, metric: str) -> bool:
         return metric == item.name
