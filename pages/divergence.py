@@ -9,7 +9,7 @@ from analysis import schedule
 from analysis.charts import X_LABELS, loss_downstream_figure, ranking_heatmap, trajectory_figure
 from pages import _state
 
-FLAT_OF = {"range": "the run's loss range", "value": "the loss's value"}
+FLAT_OF = {"range": "its range", "value": "its value"}  # short: the column is narrow
 
 sel = _state.selection()
 st.title("Divergence")
