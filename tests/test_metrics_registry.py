@@ -81,6 +81,11 @@ def test_make_config_converts_strings_and_reports_bad_keys():
         make_config("routing_entropy", {"threshold": "0.5"})
     with pytest.raises(ValueError, match="method must be 'power' or 'lanczos'"):
         make_config("hessian_top_eigenvalue", {"method": "arnoldi"})
+    with pytest.raises(ValueError, match=r"parameter 'basis_mb': expected a number, got '1GB'"):
+        make_config("hessian_top_eigenvalue", {"basis_mb": "1GB"})
+    with pytest.raises(ValueError, match=r"hessian_top_eigenvalue: basis_mb must be a number >= 0, got -5\.0"):
+        make_config("hessian_top_eigenvalue", {"basis_mb": "-5"})
+    assert make_config("hessian_top_eigenvalue", {"basis_mb": "0"}).basis_mb == 0.0
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,27 @@ def test_runner_stores_converged_for_iterative_metrics_only():
     assert stored("hessian_trace", {"n_probes": 2}).converged is None
 
 
+def test_eigenvalue_rows_of_former_defaults_are_settings_of_their_own_never_reused():
+    from analysis.jobs.kinds import get_kind
+    from analysis.jobs.spec import JobSpec
+    from analysis.settings import setting_labels
+    from analysis.store import params_hash
+
+    (item,) = get_kind("metric").plan(JobSpec(run="r", metrics=("hessian_top_eigenvalue",)), "hessian_top_eigenvalue")
+    assert item.params["config"]["method"] == "lanczos" and "basis_mb" in item.params["config"]
+    # What earlier versions stored: the former default (power iteration), and the demo's Lanczos settings
+    # from before the basis budget existed (always full reorthogonalisation).
+    before = {"subset": "all", "tol": 0.001}
+    former = {**item.params, "config": {**before, "max_iter": 100, "method": "power"}}
+    demo = {**item.params, "config": {**before, "max_iter": 40, "method": "lanczos"}}
+    for old in (former, demo):
+        assert not item.is_cached({("hessian_top_eigenvalue", params_hash(old))})
+    labels = setting_labels({item.params_hash: item.params, params_hash(former): former, params_hash(demo): demo})
+    assert "method=power" in labels[params_hash(former)] and "method=power" not in labels[item.params_hash]
+    assert "basis_mb unset" in labels[params_hash(demo)] and "basis_mb=1024" in labels[item.params_hash]
+    assert len(set(labels.values())) == 3
+
+
 def test_metric_command_json_prints_the_stderr_scope_interval_and_convergence(tmp_path):
     import json
 
@@ -222,6 +248,10 @@ def test_metric_command_json_prints_the_stderr_scope_interval_and_convergence(tm
     assert one["stderr_covers"] == "probes" and "probe noise only" in one["stderr_note"]
 
     eigen = compute_once("hessian_top_eigenvalue", checkpoint, data, params=["max_iter=2"], device="cpu")
-    assert eigen["converged"] is False and eigen["iterations"] in (2, 4) and eigen["residual"] > 1e-3
-    assert "raise max_iter or use method=lanczos" in eigen["convergence_note"]
+    assert eigen["converged"] is False and eigen["iterations"] == 2 and eigen["residual"] > 1e-3
+    assert eigen["convergence_note"].endswith("; raise max_iter") and eigen["reorthogonalisation"] == "full"
+    power = compute_once(
+        "hessian_top_eigenvalue", checkpoint, data, params=["max_iter=2", "method=power"], device="cpu"
+    )
+    assert "raise max_iter or use method=lanczos" in power["convergence_note"] and "reorthogonalisation" not in power
     assert eigen["stderr"] is None and "stderr_covers" not in eigen

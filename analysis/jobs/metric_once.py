@@ -139,8 +139,8 @@ def estimate_fields(result) -> dict:
 
     For a stderr: what it covers (``stderr_covers`` and a sentence, ``stderr_note``), its
     degrees of freedom and the 95% interval from :func:`analysis.metrics.common.interval`.
-    For an iterative estimate: ``iterations``, ``residual``, ``converged`` and, when it did
-    not converge, what to do (``convergence_note``). Empty for other metrics.
+    For an iterative estimate: ``iterations``, ``residual``, ``converged``, Lanczos' ``reorthogonalisation``
+    ("full" or "none") and, when it did not converge, what to do (``convergence_note``). Empty for other metrics.
     """
     from analysis.metrics.common import STDERR_NOTES, interval
 
@@ -157,9 +157,13 @@ def estimate_fields(result) -> dict:
         out["iterations"] = result.iterations
         out["residual"] = _clean(result.residual)
         out["converged"] = result.converged
+        if "reorthogonalisation" in result.extra:  # Lanczos: which mode its basis budget allowed
+            out["reorthogonalisation"] = result.extra["reorthogonalisation"]
         if not result.converged:
+            # Switching method helps only from power iteration: Lanczos needs about a fifth of its products.
+            fix = "raise max_iter or use method=lanczos" if result.params.get("method") == "power" else "raise max_iter"
             out["convergence_note"] = (
                 f"not converged: residual {result.residual:.3g} > tol {result.params.get('tol')} after "
-                f"{result.iterations} Hessian-vector products; raise max_iter or use method=lanczos"
+                f"{result.iterations} Hessian-vector products; {fix}"
             )
     return out
