@@ -12,8 +12,10 @@ The long metrics would run for hours here, so the full run stops each one after 
 progress ticks (probes, draws, gradients) and extrapolates: the first tick carries the per-batch
 setup (a forward and, for the Hessian, the gradient graph), the later ones one unit each, so
 ``estimate = setups x (first - unit) + n x unit``. The top eigenvalue is not run at all: each of
-its power iterations is one gradient graph and one Hessian-vector product per batch, which is
-what the Hessian trace's first tick measures, so ``estimate = max_iter x batches x first``.
+its products (a Lanczos step, or a power iteration) is one gradient graph and one Hessian-vector
+product per batch, which is what the Hessian trace's first tick measures, so at its cap
+``estimate = max_iter x batches x first`` (it stops earlier once converged: ``python -m
+bench.eigen_convergence`` measures how many products that takes).
 ``--quick`` (a 2-layer, width-32 model, 32 x 16-token probe samples) runs everything to the end
 but the eigenvalue, and prints the extrapolations beside the measured times, which checks the
 cost model. Finally, in one subprocess, held-out loss on the same batches with the model as
@@ -228,7 +230,7 @@ def estimate(row: dict, name: str) -> tuple[float, str]:
 
 
 def eigen_from_trace(trace: dict, max_iter: int) -> float:
-    """Power iteration's cost: max_iter products, each a gradient graph and an HVP on every batch."""
+    """The top eigenvalue's cost at max_iter products, each a gradient graph and an HVP on every batch."""
     return max_iter * trace["batches"] * trace["ticks"][0]
 
 
@@ -297,8 +299,9 @@ def _print_table(rows: dict[str, dict], ratio: dict, quick: bool, n_params: int)
         if name == "hessian_top_eigenvalue" and not quick:
             seconds = eigen_from_trace(trace, max_iter)
             how = f"up to {max_iter} products, from hessian_trace's first tick"
-            # Power iteration holds two more parameter-sized float32 vectors than the trace.
-            peak, dtype = f"~{trace['peak_mb'] + 2 * n_params * 4 / 2**20:.0f}", trace["dtype"]
+            # At this size Lanczos' basis does not fit basis_mb: the three-term recurrence holds three more
+            # parameter-sized float32 vectors than the trace (power iteration: two).
+            peak, dtype = f"~{trace['peak_mb'] + 3 * n_params * 4 / 2**20:.0f}", trace["dtype"]
         else:
             seconds, how = estimate(row, name)
             if name == "hessian_top_eigenvalue":  # its own ticks against the cost model the full run uses

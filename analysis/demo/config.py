@@ -151,8 +151,9 @@ DEMO_RUNS: dict[str, DemoConfig] = {
 
 # What `python -m analysis demo` computes on every demo checkpoint, so each page has data on first
 # open: the bundled tasks, held-out loss, per-sample memorisation rows (the answer token only: the
-# operands are random and unpredictable), and every internal metric. The top eigenvalue uses Lanczos
-# (a few seconds per checkpoint on a CPU instead of most of a minute by power iteration).
+# operands are random and unpredictable), and every internal metric. The top eigenvalue's settings equal
+# its defaults (Lanczos, max_iter 40, tol 1e-3): spelled out so the demo keeps them if the defaults
+# move, and because the shipped results' provenance records them.
 DEMO_EVAL: dict[str, Any] = {
     "tasks": ("modarith_mc", "modarith_em"),
     "metrics": (
