@@ -70,6 +70,9 @@ def _add_demo_command(sub: _Commands, common: argparse.ArgumentParser) -> None:
         "--rebuild", action="store_true", help="retrain from scratch, recompute everything, rewrite the shipped results"
     )
     p.add_argument("--out", help="--rebuild: where the results go (default data/demo_results)")
+    p.add_argument(
+        "--no-finetune", action="store_true", help="--rebuild: leave out the fine-tune probe (the longest part)"
+    )
     p.add_argument("--scale", type=float, default=1.0, help="--train, --rebuild: fraction of the steps (quick tries)")
     p.add_argument("--no-eval", action="store_true", help="--train: train and register only; queue no evaluation")
     p.add_argument("--wait", action="store_true", help="--train: run the demo evaluation here instead of queueing it")

@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,11 +50,14 @@ def code_version() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def provenance(build_seconds: float, threads: int) -> dict:
-    """How the shipped results were made: enough to rebuild them and to know what might differ."""
+def provenance(build_seconds: float, threads: int, *, finetune: bool = True) -> dict:
+    """How the shipped results were made: enough to rebuild them and to know what might differ.
+
+    ``finetune``: whether the fine-tune probe was computed (its settings, else None).
+    """
     import importlib.metadata as md
 
-    from analysis.demo import DEMO_EVAL, DEMO_RUNS, DEMO_VERSION
+    from analysis.demo import DEMO_EVAL, DEMO_FINETUNE, DEMO_RUNS, DEMO_VERSION, FINETUNE_CHECKPOINTS
 
     def version(name: str) -> str:
         try:
@@ -68,6 +72,7 @@ def provenance(build_seconds: float, threads: int) -> dict:
         "demo_version": DEMO_VERSION,
         "runs": {name: asdict(cfg) for name, cfg in DEMO_RUNS.items()},  # seeds included
         "evaluation": dict(DEMO_EVAL),
+        "finetune": {**DEMO_FINETUNE, "checkpoints": FINETUNE_CHECKPOINTS} if finetune else None,
         "libraries": {n: version(n) for n in ("torch", "transformers", "lm-eval", "duckdb", "numpy", "scipy")},
         "python": platform.python_version(),
         "machine": {
@@ -167,21 +172,33 @@ def import_demo(store: Store, root: Path, folder: Path = SHIPPED_DIR):
     return report
 
 
-def rebuild(root: Path, folder: Path, *, scale: float = 1.0, progress=None, unit_progress=None) -> float:
+def rebuild(
+    root: Path,
+    folder: Path,
+    *,
+    scale: float = 1.0,
+    progress: Callable[[int, int], None] | None = None,
+    eval_progress: Callable[[int, int], None] | None = None,
+    finetune: bool = True,
+) -> float:
     """Retrain the demo runs from scratch under ``root``, compute every demo evaluation, write ``folder``.
 
     The results are computed in a cache of their own (a temporary file), never the user's, and
-    ``folder`` is replaced only once everything has succeeded. ``progress(done, total)`` follows the
-    training steps; ``unit_progress()`` makes a progress callback for each evaluation job. Returns the
-    build time in seconds. A failed evaluation stops the rebuild with its first error. ``scale`` < 1
-    trains shorter runs (see :meth:`DemoConfig.scaled`) to try the pipeline; only scale 1 is shipped.
+    ``folder`` is replaced only once everything has succeeded. Each run is evaluated in a child
+    process of its own (side by side, as they train): first ``DEMO_EVAL``, then, with ``finetune``,
+    the fine-tune probe on ``FINETUNE_CHECKPOINTS`` of its checkpoints. ``progress(done, total)``
+    follows the training steps, ``eval_progress(done, total)`` the evaluated checkpoints over all
+    jobs. Returns the build time in seconds. A failed evaluation stops the rebuild with its first
+    error. ``scale`` < 1 trains shorter runs (see :meth:`DemoConfig.scaled`) to try the pipeline;
+    only scale 1 is shipped.
     """
     import shutil
     import tempfile
     import time
 
-    from analysis.demo import DEMO_RUNS, build_demo, demo_eval_spec
-    from analysis.jobs import run_job, submit
+    from analysis.demo import DEMO_RUNS, build_demo, demo_eval_spec, demo_finetune_spec
+    from analysis.demo.processes import side_by_side
+    from analysis.jobs import submit
     from analysis.runs.load import load_run
 
     start = time.monotonic()
@@ -192,18 +209,53 @@ def rebuild(root: Path, folder: Path, *, scale: float = 1.0, progress=None, unit
     folders = build_demo(root, scale=scale, progress=progress, workers=workers)
     threads = max(1, (os.cpu_count() or 1) // workers)
     with tempfile.TemporaryDirectory(prefix="demo-rebuild-") as tmp:
-        store = Store(Path(tmp) / "demo.duckdb")
+        db = Path(tmp) / "demo.duckdb"
+        store = Store(db)
+        jobs: dict[str, list[int]] = {}
         for run_dir in folders:
             store.register_run(load_run(run_dir))
-        for run_dir in folders:
-            # The fine-tune probe is not part of it: 2-3 minutes a checkpoint on 2 shared cores (see README).
-            job = submit(store, demo_eval_spec(run_dir.name))
-            report = run_job(store, job, progress=unit_progress() if unit_progress else None)
-            if report.failed:
-                raise RuntimeError(f"demo rebuild: {run_dir.name}: {report.failed[0]}")
+            specs = [demo_eval_spec(run_dir.name)]
+            if finetune:
+                specs.append(demo_finetune_spec(run_dir.name, scale=scale))
+            jobs[run_dir.name] = [submit(store, spec) for spec in specs]
+        total = sum(len(store.job_units(job)) for ids in jobs.values() for job in ids)
+        children = [(name, _evaluate_in_child, (str(db), ids, threads)) for name, ids in jobs.items()]
+        report = None if eval_progress is None else (lambda done: eval_progress(done, total))
+        side_by_side(children, workers, progress=report, what="demo evaluation of")
+        if eval_progress is not None:
+            eval_progress(total, total)
         seconds = time.monotonic() - start
-        export_demo(store, Path(folder), root, {**provenance(seconds, threads), "scale": scale})
+        export_demo(store, Path(folder), root, {**provenance(seconds, threads, finetune=finetune), "scale": scale})
     return seconds
+
+
+def _evaluate_in_child(db: str, jobs: list[int], threads: int, counter) -> None:
+    """Child-process entry of :func:`rebuild`: run one demo run's jobs in turn, counting checkpoints in ``counter``.
+
+    Both children write the same cache file; the store takes turns on it (analysis.store.connection).
+    A failed unit ends the child with its first error in one line.
+    """
+    import sys
+
+    import torch
+
+    from analysis.jobs import run_job
+
+    torch.set_num_threads(threads)
+    store = Store(db, lock_timeout=600)
+    done = 0
+    for job in jobs:
+        n_units = len(store.job_units(job))
+
+        def unit_started(index: int, *_: object, base: int = done) -> None:
+            counter.value = base + index
+
+        report = run_job(store, job, progress=unit_started)
+        if report.failed:
+            print(f"demo rebuild: job {job}: {report.failed[0]}", file=sys.stderr)
+            raise SystemExit(1)
+        done += n_units
+        counter.value = done
 
 
 __all__ = ["SHIPPED_DIR", "export_demo", "import_demo", "missing_demo_runs", "provenance", "read_provenance", "rebuild"]

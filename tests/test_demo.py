@@ -1,6 +1,6 @@
 """The embedded demo: layout, logs, loadable checkpoints, determinism, resumable builds, task files.
 
-One short scaled build (25 steps per run, 4 checkpoints) is shared by the module; a second build
+One short scaled build (30 steps per run, 4 checkpoints) is shared by the module; a second build
 into another folder checks determinism.
 """
 
@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from analysis import demo
 from analysis.models import load_model
 
-SCALE = 0.05  # 500 steps -> 25, 16 checkpoints -> 4
+SCALE = 0.01  # 3,000 steps -> 30, 12 checkpoints -> 4
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -118,6 +118,12 @@ def test_demo_checkpoints_are_dense_over_the_second_half():
         500, 12
     )
     assert cfg.scaled(0.05).dense_every == 0
+    # From a share of the run: log-spaced before it, every dense_every steps from it to the end.
+    early = demo.DemoConfig(steps=3000, n_checkpoints=12, dense_every=100, dense_from=0.15).checkpoint_steps()
+    assert [s for s in early if s >= 450] == [*range(450, 3000, 100), 3000]
+    assert [s for s in early if s < 450] == [s for s in demo.checkpoint_steps(3000, 12) if s < 450]
+    with pytest.raises(ValueError, match=r"dense_from=1\.5"):
+        demo.DemoConfig(dense_from=1.5)
 
 
 def test_encode_pairs_matches_the_tokenizer():

@@ -51,6 +51,8 @@ def test_shipped_demo_was_made_by_this_code():
     assert prov["demo_version"] == demo.DEMO_VERSION, stale
     assert prov["runs"] == {n: json.loads(json.dumps(dataclasses.asdict(c))) for n, c in demo.DEMO_RUNS.items()}, stale
     assert prov["evaluation"] == json.loads(json.dumps(demo.DEMO_EVAL)), stale
+    finetune = {**demo.DEMO_FINETUNE, "checkpoints": demo.FINETUNE_CHECKPOINTS}
+    assert prov["finetune"] == json.loads(json.dumps(finetune)), stale
     assert prov.get("scale", 1.0) == 1.0
     for key in ("code_version", "libraries", "machine", "build_seconds", "torch_threads_per_run"):
         assert prov[key], key
@@ -69,6 +71,9 @@ def test_import_fills_an_empty_cache_with_every_run_and_page_input(shipped):
         metrics = set(store.results(name)["metric"])
         for wanted in ("modarith_mc/acc,none", "heldout/heldout_loss", "hessian_trace", "pathway_distance"):
             assert wanted in metrics, (name, wanted)
+        tuned = store.results(name)
+        tuned = tuned[tuned["metric"].str.startswith("finetune/")]
+        assert sorted(tuned["step"].unique()) == list(demo.finetune_steps(cfg)), name
     assert len(store.log_series(list(demo.DEMO_RUNS))) == manifest["rows"]["log_series"]
 
 

@@ -13,8 +13,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-def progress_bar(desc: str) -> Callable[[int, int], None]:
-    """A callback(done, total) that drives one tqdm bar on stderr."""
+def progress_bar(desc: str, unit: str = "step") -> Callable[[int, int], None]:
+    """A callback(done, total) that drives one tqdm bar on stderr, counting ``unit``."""
     from tqdm import tqdm
 
     bar: dict = {}
@@ -23,7 +23,7 @@ def progress_bar(desc: str) -> Callable[[int, int], None]:
         if bar.get("closed"):
             return
         if "bar" not in bar:
-            bar["bar"] = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+            bar["bar"] = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
         b = bar["bar"]
         b.total = total
         b.n = done

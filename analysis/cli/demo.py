@@ -13,17 +13,17 @@ from analysis.store import Store
 DEMO_ROOT = Path("data/demo")
 
 
-def write_demo_data_files() -> None:
-    """The demo's task data and probe sets, written from the demo split when missing."""
+def write_demo_data_files(*, force: bool = False) -> None:
+    """The demo's task data and probe sets, written from the demo split when missing (always with ``force``)."""
     from analysis.demo import DEMO_RUNS, write_task_files
     from analysis.evals.probes import write_modarith_probes
     from analysis.evals.tasks import DEFAULT_DATA_DIR
     from analysis.jobs.spec import DEFAULT_PROBES
 
     tasks = DEFAULT_DATA_DIR / "modarith"
-    if not (tasks / "heldout.jsonl").is_file() or not (tasks / "train.jsonl").is_file():
+    if force or not (tasks / "heldout.jsonl").is_file() or not (tasks / "train.jsonl").is_file():
         write_task_files(tasks, DEMO_RUNS["grokking"])
-    if not (DEFAULT_PROBES / "heldout.jsonl").is_file():
+    if force or not (DEFAULT_PROBES / "heldout.jsonl").is_file():
         write_modarith_probes(DEFAULT_PROBES)
 
 
@@ -67,8 +67,11 @@ def _demo_rebuild(store: Store, root: Path, args: argparse.Namespace) -> int:
         f"rebuilding the demo from scratch in {root}, results to {out} (tens of minutes on a laptop CPU)",
         file=sys.stderr,
     )
-    seconds = rebuild(root, out, scale=args.scale, progress=progress_bar("training"), unit_progress=unit_bar)
-    write_demo_data_files()
+    write_demo_data_files(force=True)  # from the current split: the evaluation reads them
+    seconds = rebuild(
+        root, out, scale=args.scale, progress=progress_bar("training"),
+        eval_progress=progress_bar("evaluating", unit="ckpt"), finetune=not args.no_finetune,
+    )  # fmt: skip
     known = set(store.runs().get("name", []))
     from analysis.demo import DEMO_RUNS
 

@@ -8,7 +8,6 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,9 +16,6 @@ from analysis.demo.config import DEMO_RUNS, MARKER, SEQ_LEN, DemoConfig
 from analysis.demo.data import encode_pairs, eval_pairs, split_pairs, vocabulary
 from analysis.demo.model import _token_stats, build_model, evaluate
 from analysis.models import build_word_tokenizer
-
-if TYPE_CHECKING:
-    from multiprocessing.sharedctypes import Synchronized
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -187,8 +183,8 @@ def _save_checkpoint(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def _train_in_child(cfg: DemoConfig, run_dir: str, counter, threads: int) -> str:
-    """Process-pool entry: train one run with ``threads`` torch threads, reporting steps in ``counter``."""
+def _train_in_child(cfg: DemoConfig, run_dir: str, threads: int, counter) -> str:
+    """Child-process entry: train one run with ``threads`` torch threads, reporting steps in ``counter``."""
     torch.set_num_threads(threads)
 
     def report(step: int, _steps: int) -> None:
@@ -263,34 +259,9 @@ def _train_side_by_side(
     total: int,
     progress: Callable[[int, int], None] | None,
 ) -> None:
-    """:func:`build_demo` in ``workers`` child processes of ``threads`` torch threads each.
+    """:func:`build_demo` in ``workers`` child processes of ``threads`` torch threads each; one failing stops all."""
+    from analysis.demo.processes import side_by_side
 
-    Progress is polled from each child's step counter twice a second; a failed child stops the others.
-    """
-    import multiprocessing as mp
-    import time
-
-    ctx = mp.get_context("spawn")  # a clean interpreter: no inherited torch thread pools
-    steps_of = dict(todo)
-    pending = list(todo)
-    running: list[tuple[mp.process.BaseProcess, Synchronized[int], str]] = []
-    finished = 0
-    while pending or running:
-        while pending and len(running) < workers:
-            name, cfg = pending.pop(0)
-            counter = ctx.Value("i", 0)
-            child = ctx.Process(target=_train_in_child, args=(cfg, str(root / name), counter, threads))
-            child.start()
-            running.append((child, counter, name))
-        for proc, counter, name in list(running):
-            if not proc.is_alive():
-                proc.join()
-                if proc.exitcode != 0:
-                    for other, _, _ in running:
-                        other.terminate()
-                    raise RuntimeError(f"demo run {name!r} failed (exit code {proc.exitcode}); see the output above")
-                finished += steps_of[name].steps
-                running.remove((proc, counter, name))
-        if progress is not None:
-            progress(done_before + finished + sum(c.value for _, c, _ in running), total)
-        time.sleep(0.5)
+    children = [(name, _train_in_child, (cfg, str(root / name), threads)) for name, cfg in todo]
+    report = None if progress is None else (lambda steps: progress(done_before + steps, total))
+    side_by_side(children, workers, progress=report)
