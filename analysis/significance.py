@@ -223,7 +223,7 @@ def _span_test_paired(
     return _adjusted(start, end, sign, change, observed, scale, maxima, alpha, "paired")
 
 
-def report_spans(start: np.ndarray, end: np.ndarray, keep: np.ndarray) -> list[int]:
+def report_spans(start: np.ndarray, end: np.ndarray, keep: np.ndarray, strength: np.ndarray | None = None) -> list[int]:
     """Indices of the significant spans (``keep``) to report as windows, one per move.
 
     A significant span is *minimal* when no other significant span lies inside it: it brackets a move
@@ -231,6 +231,11 @@ def report_spans(start: np.ndarray, end: np.ndarray, keep: np.ndarray) -> list[i
     the joined span is itself a significant candidate (so every reported window carries its own test), and a
     long gradual rise comes out as one window instead of many small ones. Each start has at most one minimal
     span (the one with the nearest significant end), so this is linear in the number of points.
+
+    With ``strength`` (each span's test statistic), two reported spans that still share a change (a stretch
+    between two checkpoints: their union was not a candidate, e.g. the loss is not flat across it) are one
+    move seen twice: only the stronger is kept. Spans that share only an end point are different moves.
+    Which significant spans are reported never changes whether a run has a window, so the error rate holds.
     """
     index = {(int(i), int(j)): k for k, (i, j) in enumerate(zip(start, end, strict=True)) if keep[k]}
     if not index:
@@ -254,7 +259,14 @@ def report_spans(start: np.ndarray, end: np.ndarray, keep: np.ndarray) -> list[i
             if j <= b:  # inside the window already reported, which could not absorb it: nothing new
                 continue
         reported.append((i, j))
-    return [index[span] for span in reported]
+    chosen = [index[span] for span in reported]
+    if strength is None:
+        return chosen
+    kept: list[int] = []
+    for k in sorted(chosen, key=lambda k: -float(strength[k])):  # strongest first
+        if all(max(start[k], start[o]) >= min(end[k], end[o]) for o in kept):
+            kept.append(k)
+    return sorted(kept, key=lambda k: int(start[k]))
 
 
 # -- correlation of changes --------------------------------------------------------------------------------

@@ -157,6 +157,27 @@ def test_report_spans_joins_a_gradual_rise_into_one_window():
     assert [(int(i[k]), int(j[k])) for k in sig.report_spans(i, j, keep)] == [(1, 2), (5, 6)]
 
 
+def test_report_spans_keeps_the_stronger_of_two_that_share_a_change_and_both_of_two_that_only_touch():
+    n = 10
+    i, j = np.triu_indices(n, 1)
+    span = {(int(a), int(b)): k for k, (a, b) in enumerate(zip(i, j, strict=True))}
+    strength = np.zeros(len(i))
+    # Two significant spans sharing the stretch 4..5 whose union (1..6) is not a candidate: one move seen twice.
+    keep = np.zeros(len(i), dtype=bool)
+    for (a, b), z in (((1, 5), 9.0), ((4, 6), 4.0)):
+        keep[span[a, b]], strength[span[a, b]] = True, z
+    pairs = [(int(i[k]), int(j[k])) for k in sig.report_spans(i, j, keep)]
+    assert pairs == [(1, 5), (4, 6)]  # without strengths both are reported, as before
+    assert [(int(i[k]), int(j[k])) for k in sig.report_spans(i, j, keep, strength)] == [(1, 5)]
+    strength[span[4, 6]] = 12.0
+    assert [(int(i[k]), int(j[k])) for k in sig.report_spans(i, j, keep, strength)] == [(4, 6)]
+    # Sharing only the checkpoint 5: two moves, both kept, in order.
+    keep[:] = False
+    for (a, b), z in (((2, 5), 3.0), ((5, 8), 7.0)):
+        keep[span[a, b]], strength[span[a, b]] = True, z
+    assert [(int(i[k]), int(j[k])) for k in sig.report_spans(i, j, keep, strength)] == [(2, 5), (5, 8)]
+
+
 # -- correlations of changes ---------------------------------------------------------------------------------
 
 

@@ -87,7 +87,7 @@ def _windows_of_run(
     for kind in ("grokking", "inverse"):
         of_kind = kinds == kind
         keep = of_kind & (test.p_adjusted <= alpha)
-        for k in sig.report_spans(test.start, test.end, keep):
+        for k in sig.report_spans(test.start, test.end, keep, test.stat):
             a, b = int(test.start[k]), int(test.end[k])
             out.append(
                 {
@@ -166,7 +166,8 @@ def divergence_windows(
     (:func:`analysis.significance.paired_covariance`): the same items at both ends, so much less noise
     than two independent stderrs, and more power at the same error rate (stderr_source "paired").
     Each move is reported once: the tightest significant spans around it, joined while the joined span is
-    still significant (:func:`analysis.significance.report_spans`); a window's numbers are its own test's.
+    still significant, and of two that still share a stretch only the stronger is kept
+    (:func:`analysis.significance.report_spans`); a window's numbers are its own test's.
 
     Columns: run, kind, start, end (x units), downstream_change (score_end - score_start, raw units),
     change_lo / change_hi (simultaneous bounds: each holds with probability >= 1 - alpha for every candidate

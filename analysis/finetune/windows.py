@@ -63,7 +63,7 @@ def overtraining_spans(
     if test is None:
         return [], "none"
     out = []
-    for k in sig.report_spans(test.start, test.end, test.p_adjusted <= alpha):
+    for k in sig.report_spans(test.start, test.end, test.p_adjusted <= alpha, test.stat):
         a, b = int(test.start[k]), int(test.end[k])
         out.append(
             {
