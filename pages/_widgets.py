@@ -51,7 +51,8 @@ def metric_picker(where, label: str, options: list[str], preferred: list[str], k
 def accuracy_first(scores: list[str]) -> list[str]:
     """Downstream scores with accuracies first (``task/acc,...``, then logged ``.../accuracy``): the default a
     page opens on, since an accuracy is what a reader of the chart expects to see rise."""
-    return [m for m in scores if "/acc," in m] + [m for m in scores if m.endswith("/accuracy")] + scores
+    own = [m for m in scores if not m.startswith("finetune/")]  # a fine-tuned copy's score is never the default
+    return [m for m in own if "/acc," in m] + [m for m in own if m.endswith("/accuracy")] + scores
 
 
 def optional_metric_picker(where, label: str, options: list[str], preferred: list[str], key: str) -> str | None:

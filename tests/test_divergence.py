@@ -572,6 +572,9 @@ def test_lm_eval_perplexities_serve_as_the_loss_after_logged_and_held_out_losses
     scores = dv.downstream_metrics(only_evals)
     assert scores[0] == "lambada_openai/acc,none" and scores[-1] == "lambada_openai/ppl,none"
     assert dv.downstream_metrics(["wikitext/word_perplexity,none", "zz/acc,none"])[0] == "zz/acc,none"
+    # The fine-tune probe's scores (of a fine-tuned copy) come after the checkpoint's own.
+    tuned = ["finetune/modsub/change:task/acc,none", "finetune/modsub/post", "task/acc,none", "task/f1,none"]
+    assert dv.downstream_metrics(tuned)[:2] == ["task/acc,none", "task/f1,none"]
     assert dv.loss_metrics(["piqa/acc,none", "train/accuracy", "ppl_task/acc,none"]) == []
 
 

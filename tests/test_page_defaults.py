@@ -56,3 +56,5 @@ def test_accuracy_first_keeps_every_score_once_in_front():
     scores = ["t/exact_match,none", "t/acc_norm,none", "t/acc,none", "eval/accuracy"]
     order = accuracy_first(scores)
     assert order[:2] == ["t/acc,none", "eval/accuracy"] and set(order) == set(scores)
+    tuned = accuracy_first(["finetune/m/change:t/acc,none", "t/acc,none"])
+    assert tuned[0] == "t/acc,none" and set(tuned) == {"finetune/m/change:t/acc,none", "t/acc,none"}

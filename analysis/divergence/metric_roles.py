@@ -65,8 +65,9 @@ def downstream_metrics(names: Sequence[str]) -> list[str]:
     """Metrics that are a downstream score: lm-eval results (``task/metric,filter``) and logged accuracies.
 
     lm-eval's loss-like metrics (perplexities, bits per byte) come last: they are offered as a loss
-    (``loss_metrics``), so the default score is a real one whenever the runs have any.
+    (``loss_metrics``), so the default score is a real one whenever the runs have any. So do the fine-tune
+    probe's (``finetune/<task>/...``): they score a fine-tuned copy, not the checkpoint itself.
     """
     names = list(dict.fromkeys(names))
     scores = [n for n in names if ("," in n and "/" in n and "stderr" not in n) or n.endswith("/accuracy")]
-    return sorted(scores, key=lambda n: (_eval_loss_rank(n) is not None, "," not in n, n))
+    return sorted(scores, key=lambda n: (_eval_loss_rank(n) is not None, n.startswith("finetune/"), "," not in n, n))
