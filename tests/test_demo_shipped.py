@@ -169,3 +169,42 @@ def test_retrained_checkpoints_reproduce_the_shipped_values(shipped, tmp_path, n
             assert abs(row.value - row.value_shipped) <= 2 / demo.DEMO_EVAL["limit"] + 1e-9, row
         else:
             assert abs(row.value - row.value_shipped) <= 1e-3 * abs(row.value_shipped), row
+
+
+def test_the_divergence_page_defaults_find_the_grokking_window_and_only_it(shipped):
+    """The story the demo exists for, read as the Divergence page reads it with its defaults."""
+    from analysis import divergence as dv
+    from analysis.samples import score_items
+    from pages._state import accuracy_first
+
+    store, _ = shipped
+    runs = list(demo.DEMO_RUNS)
+    frame = store.long_table(runs)
+    names = sorted(frame["metric"].unique())
+    loss, score = dv.loss_metrics(names)[0], accuracy_first(dv.downstream_metrics(names))[0]
+    assert (loss, score) == ("train/loss", "modarith_mc/acc,none")
+    items = score_items(store, runs, score, frame)
+    windows = dv.divergence_windows(frame, loss, score, loss_tol=0.02, tol_of="range", samples=items)
+    assert windows["run"].tolist() == ["grokking"] and windows["kind"].tolist() == ["grokking"], windows
+    window = windows.iloc[0]
+    log = store.log_series(["grokking"])
+    train = log[log["metric"] == "train/loss"].set_index("step")["value"]
+    fitted = int(train[train < 0.1].index.min())  # the first step the training loss is near zero
+    assert window["start"] >= fitted and window["end"] - window["start"] >= 2 * fitted, (window, fitted)
+    assert window["downstream_change"] > 0.3 and window["change_lo"] > 0 and window["p_adjusted"] <= 0.05
+
+
+def test_pathways_opens_on_a_routing_signal_that_beats_the_loss_and_geometry_says_none_of_its_does(shipped):
+    """What the signal pages open on for the shipped demo, from the predictor ranking's tested verdict."""
+    from analysis import divergence as dv
+    from analysis.divergence.defaults import separating_signal
+
+    store, _ = shipped
+    frame = store.long_table(list(demo.DEMO_RUNS))
+    ranking = dv.predictor_ranking(frame, "modarith_mc/acc,none", loss_metric="train/loss")
+    routing = ("pathway_distance", "pathway_consistency", "routing_entropy", "expert_load")
+    best, sentence = separating_signal(ranking, routing, "acc", "routing metrics")
+    assert best == "pathway_consistency", sentence
+    flatness = ("hessian_trace", "hessian_top_eigenvalue", "fisher_trace", "sam_sharpness", "gradient_alignment")
+    best, sentence = separating_signal(ranking, flatness, "acc", "flatness metrics")
+    assert best is None and sentence.startswith("None of the flatness metrics"), sentence
