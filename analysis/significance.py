@@ -28,6 +28,38 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+# -- the stderr of a share of items right (acc, exact_match) -------------------------------------------------
+
+# lm-eval scores that are the mean of a 0/1 outcome over the task's items.
+_BINARY_MEANS = frozenset({"acc", "acc_norm", "exact_match"})
+
+
+def is_binary_mean(metric: str) -> bool:
+    """Whether a stored metric (``task/acc,none``) is a share of items right. The fine-tune probe's
+    ``finetune/...`` scores are changes between two shares, not a share, so they are not."""
+    if metric.startswith("finetune/"):
+        return False
+    return metric.rsplit("/", 1)[-1].split(",", 1)[0] in _BINARY_MEANS
+
+
+def binary_mean_stderr(share: np.ndarray, n: np.ndarray, stderr: np.ndarray) -> np.ndarray:
+    """The stderr of a share of ``n`` items right, kept away from zero at 0 and 1.
+
+    lm-eval reports sqrt(p (1 - p) / (n - 1)), which is 0 for a task scored all right or all wrong: an
+    interval of width zero, and a gap of "1.000 +- 0.000" between two such runs. The plus-four estimate
+    (Agresti & Coull 1998: two more items right and two more wrong) is sqrt(p~ (1 - p~) / (n + 4)) with
+    p~ = (n p + 2) / (n + 4); it is about lm-eval's away from the ends (0.049 against 0.050 at p = 0.5,
+    n = 100) and 0.013 at p = 1, n = 100. The larger of the two is returned, so interior values keep
+    lm-eval's stderr; rows without a usable n or with a share outside [0, 1] keep theirs unchanged.
+    """
+    share, n, stderr = (np.asarray(v, dtype=float) for v in (share, n, stderr))
+    ok = np.isfinite(share) & (share >= 0) & (share <= 1) & np.isfinite(n) & (n >= 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tilde = (share * n + 2) / (n + 4)
+        plus_four = np.sqrt(tilde * (1 - tilde) / (n + 4))
+    return np.where(ok, np.fmax(stderr, plus_four), stderr)
+
+
 # -- noise of a series without stderrs -------------------------------------------------------------------
 
 

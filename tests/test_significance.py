@@ -344,3 +344,58 @@ def test_items_missing_at_a_checkpoint_fall_back_to_the_reported_stderrs():
     assert len(found) and (found["stderr_source"] == "reported").all()
     wrong = samples.assign(value=1 - samples["value"])  # items that do not average to the score
     assert (divergence_windows(frame, LOSS, ACC, samples=wrong)["stderr_source"] == "reported").all()
+
+
+# -- the stderr of a share of items right --------------------------------------------------------------------
+
+
+def _wald(k: np.ndarray, n: int) -> np.ndarray:
+    p = k / n
+    return np.sqrt(p * (1 - p) / max(n - 1, 1))  # what lm-eval reports for acc
+
+
+def _coverage(n: int, p: float, se: np.ndarray) -> float:
+    """Exact coverage of share +- 1.96 se over every outcome k of Binomial(n, p): no simulation noise."""
+    from scipy import stats
+
+    k = np.arange(n + 1)
+    return float(stats.binom.pmf(k, n, p)[np.abs(k / n - p) <= 1.96 * se].sum())
+
+
+@pytest.mark.parametrize("n", [3, 10, 20, 100, 500])
+def test_a_share_right_has_an_interval_that_covers_near_0_and_1_where_lm_evals_does_not(n):
+    k, grid = np.arange(n + 1), np.linspace(0.001, 0.999, 999)
+    floored = sig.binary_mean_stderr(k / n, np.full(n + 1, n), _wald(k, n))
+    ours = np.array([_coverage(n, p, floored) for p in grid])
+    theirs = np.array([_coverage(n, p, _wald(k, n)) for p in grid])
+    # lm-eval's stderr is 0 at a score of 0 or 1, so a true share of 0.1% is missed almost every time.
+    assert theirs.min() < 0.4, theirs.min()
+    assert abs(ours.mean() - 0.95) <= (0.06 if n < 10 else 0.01), ours.mean()
+    assert ours.min() >= {3: 0.65, 10: 0.85, 20: 0.88}.get(n, 0.92), (n, ours.min(), grid[ours.argmin()])
+    # Away from the ends it is lm-eval's own stderr: nothing changes where that one was fine.
+    middle = (k >= 0.2 * n) & (k <= 0.8 * n)
+    np.testing.assert_array_equal(floored[middle], _wald(k, n)[middle])
+
+
+def test_a_gap_between_two_shares_keeps_its_coverage_and_its_power_at_the_ends():
+    """The Compare page's gap: covered at the nominal rate, and a real gap next to a perfect score is found."""
+    from scipy import stats
+
+    n = 100
+    k = np.arange(n + 1)
+    se = sig.binary_mean_stderr(k / n, np.full(n + 1, n), _wald(k, n))
+    pmf = {p: stats.binom.pmf(k, n, p) for p in (0.0, 0.01, 0.5, 0.85, 0.9, 0.99, 1.0)}
+    gap = (k[:, None] - k[None, :]) / n
+    half = 1.96 * np.hypot(se[:, None], se[None, :])
+    for p1, p2 in ((1.0, 0.99), (0.99, 0.99), (0.01, 0.0), (0.5, 0.5), (0.9, 0.85)):
+        joint = np.outer(pmf[p1], pmf[p2])
+        covered = float(joint[np.abs(gap - (p1 - p2)) <= half].sum())
+        assert covered >= 0.92, (p1, p2, covered)
+    # Power: a perfect run against one at 85% (n = 100 each) is told apart nearly always.
+    joint = np.outer(pmf[1.0], pmf[0.85])
+    assert float(joint[np.abs(gap) > half].sum()) >= 0.9
+    # Rows it must leave alone: shares outside [0, 1] (a change), no usable n.
+    kept = sig.binary_mean_stderr(np.array([-0.4, 1.0, 1.0]), np.array([100, np.nan, 0]), np.array([0.03, 0.0, 0.0]))
+    np.testing.assert_array_equal(kept, [0.03, 0.0, 0.0])
+    assert sig.is_binary_mean("task/acc,none") and sig.is_binary_mean("t/exact_match,first_word")
+    assert not sig.is_binary_mean("finetune/modsub/change:task/acc,none") and not sig.is_binary_mean("t/f1,none")

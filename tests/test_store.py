@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -139,6 +140,25 @@ def test_long_table_has_logs_and_results_with_tokens(populated_db: Path) -> None
     row = table[table["metric"] == "heldout_loss"].iloc[0]
     assert (row["step"], row["tokens"], row["value"], row["stderr"]) == (60, 60 * 512, 2.0, 0.05)
     assert (table["metric"] == "train/loss").sum() == 120
+
+
+def test_long_table_reads_a_perfect_or_zero_share_right_with_a_stderr_above_zero(populated_db: Path) -> None:
+    store = Store(populated_db)
+    store.write_results(
+        [
+            ResultRow("alpha", 60, "t/acc,none", 1.0, "fp-alpha-60", 0.0, 100),  # lm-eval's stderr at 100/100
+            ResultRow("alpha", 60, "t/exact_match,none", 0.5, "fp-alpha-60", 0.0503, 100),
+            ResultRow("alpha", 60, "finetune/m/change:t/acc,none", 0.0, "fp-alpha-60", 0.0, 200),
+            ResultRow("alpha", 60, "u/acc,none", 1.0, "fp-alpha-60", 0.0),  # no n: nothing to go on
+        ]
+    )
+    table = store.long_table(["alpha"]).set_index("metric")
+    assert table.loc["t/acc,none", "stderr"] == pytest.approx(math.sqrt((102 / 104) * (2 / 104) / 104))
+    assert table.loc["t/exact_match,none", "stderr"] == 0.0503  # lm-eval's own away from the ends
+    assert table.loc["finetune/m/change:t/acc,none", "stderr"] == 0.0  # a change, not a share
+    assert table.loc["u/acc,none", "stderr"] == 0.0
+    assert store.results("alpha").set_index("metric").loc["t/acc,none", "stderr"] == 0.0  # the cache keeps it
+    assert "n" not in table.columns
 
 
 def test_long_table_keeps_settings_convergence_and_declared_direction_apart(populated_db: Path) -> None:

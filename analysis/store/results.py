@@ -268,16 +268,21 @@ class ResultsMixin(StoreConnection):
         ``params`` (the setting a result was computed under; '' and '{}' for logged series),
         ``converged`` (False for an iterative estimate that did not converge, else NULL/True),
         ``higher_is_better`` (the direction the producer declared, NULL if none) and ``source``.
+
+        The stderr of a share of items right (``acc``, ``exact_match``) never reads 0 at a score of 0 or 1
+        (:func:`analysis.significance.binary_mean_stderr`); the cache keeps lm-eval's own.
         """
+        from analysis.significance import binary_mean_stderr, is_binary_mean
+
         runs = [runs] if isinstance(runs, str) else list(runs)
         frame = self._read(
             """SELECT run, step, tokens, metric, value, NULL::DOUBLE AS stderr, '' AS params_hash,
                       '{}' AS params, NULL::BOOLEAN AS converged, NULL::BOOLEAN AS higher_is_better,
-                      'log' AS source
+                      'log' AS source, NULL::BIGINT AS n
                FROM log_series WHERE run IN (SELECT unnest($1))
                UNION ALL
                SELECT x.run, x.step, c.tokens, x.metric, x.value, x.stderr, x.params_hash, x.params,
-                      x.converged, x.higher_is_better, 'result' AS source
+                      x.converged, x.higher_is_better, 'result' AS source, x.n
                FROM results x LEFT JOIN checkpoints c ON c.run = x.run AND c.step = x.step
                WHERE x.run IN (SELECT unnest($1))
                ORDER BY run, metric, params_hash, step""",
@@ -285,7 +290,11 @@ class ResultsMixin(StoreConnection):
         )
         if not len(frame):
             return pd.DataFrame(columns=[*LONG_COLUMNS, "source"])
-        return frame
+        shares = frame["metric"].map(is_binary_mean).to_numpy(dtype=bool) & frame["stderr"].notna().to_numpy()
+        if shares.any():
+            rows = frame.loc[shares]
+            frame.loc[shares, "stderr"] = binary_mean_stderr(rows["value"], rows["n"], rows["stderr"])
+        return frame.drop(columns="n")
 
     def cached_keys(self, run: str, step: int, fingerprint: str) -> set[tuple[str, str]]:
         """Every (metric, params_hash) cached for one checkpoint's current weights."""
