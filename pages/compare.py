@@ -24,7 +24,7 @@ if not losses or not scores:
 
 c1, c2, c3, c4 = st.columns([3, 3, 2, 2])
 loss = _state.metric_picker(c1, "Loss", losses, losses, "loss")
-score = _state.metric_picker(c2, "Downstream", scores, scores, "score")
+score = _state.metric_picker(c2, "Downstream", scores, _state.accuracy_first(scores), "score")
 reference = c3.selectbox("Reference run", list(sel.runs), key="ref", bind="query-params")
 levels = c4.slider("Loss levels", 3, 20, 8, key="levels", bind="query-params")
 runs = [reference, *[r for r in sel.runs if r != reference]]
