@@ -33,7 +33,12 @@ alpha = c2.number_input(
     help="The chance that a run whose score after fine-tuning does not move gets any window",
 )  # fmt: skip
 log_x = c3.toggle("Log x", value=True, key="logx", bind="query-params")
-log_y = c3.toggle("Log y", value=False, key="logy", bind="query-params", help="for perplexity-like scores")
+scored = frame.loc[frame["metric"].isin([f"{FINETUNE}/{task}/pre", f"{FINETUNE}/{task}/post"]), "value"].dropna()
+wide = bool(len(scored)) and scored.min() > 0 and scored.max() > 100 * scored.min()  # a perplexity over decades
+log_y = c3.toggle(
+    "Log y", value=wide, key="logy", bind="query-params",
+    help="For perplexity-like scores; on by default when the scores span more than two decades.",
+)  # fmt: skip
 post_m = f"{FINETUNE}/{task}/post"
 chosen = _state.setting_picker(sel.runs, [post_m])
 scope = [m for m in _state.metric_names(frame) if m.startswith(f"{FINETUNE}/{task}/")]
