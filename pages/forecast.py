@@ -24,7 +24,7 @@ if not scores:
 
 c1, c2, c3, c4 = st.columns([2, 3, 2, 3])
 run = c1.selectbox("Run", list(sel.runs), key="fc_run", bind="query-params")
-score = _state.metric_picker(c2, "Score", scores, scores, "score")
+score = _state.metric_picker(c2, "Score", scores, _state.accuracy_first(scores), "score")
 method = c3.selectbox("Form", list(fc.METHODS), key="method", bind="query-params")
 through = losses + [m for m in dv.signal_metrics(names, score) if m not in losses]  # a loss, or a proxy
 via = _state.optional_metric_picker(c4, "Through (two-step)", through, losses, "via") if method == "two-step" else None
