@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from analysis.charts.series import ema
+from analysis.charts.series import _raw, ema
 from analysis.charts.style import PALETTE, X_LABELS, ChartStyle, _layout, empty_figure, run_colors
 from analysis.settings import unconverged
 
@@ -87,19 +87,7 @@ def _run_traces(
             )
         )
     if smoothing > 0:
-        fig.add_trace(
-            go.Scatter(
-                x=xs,
-                y=ys,
-                mode=mode,
-                line={"color": color, "width": 1},
-                opacity=0.3,
-                showlegend=False,
-                legendgroup=str(run),
-                name=f"{run} (raw)",
-                hovertemplate="%{y:.4g}<extra>" + f"{run} raw</extra>",
-            )
-        )
+        fig.add_trace(_raw(xs, ys, mode, color, str(run), hover=True))
         ys = ema(ys, smoothing)
     fig.add_trace(
         go.Scatter(

@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from analysis.charts.pairs import _aligned_label, _pairs_figure
-from analysis.charts.series import _band, _metric_rows, ema
+from analysis.charts.series import _band, _metric_rows, _raw, ema
 from analysis.charts.style import PALETTE, X_LABELS, ChartStyle, _layout, _rgba, axis_label, empty_figure, run_colors
 
 # Window shading by kind: bluish green for grokking (downstream rising), vermillion for inverse (falling).
@@ -138,21 +138,7 @@ def _row_traces(
         if group["stderr"].notna().any():
             fig.add_trace(_band(xs, ys, group["stderr"].fillna(0.0).to_numpy(dtype=float), color, run), row, 1)
         if smoothing > 0:
-            fig.add_trace(
-                go.Scatter(
-                    x=xs,
-                    y=ys,
-                    mode=mode,
-                    line={"color": color, "width": 1},
-                    opacity=0.3,
-                    showlegend=False,
-                    legendgroup=run,
-                    name=f"{run} (raw)",
-                    hoverinfo="skip",
-                ),
-                row,
-                1,
-            )
+            fig.add_trace(_raw(xs, ys, mode, color, run, hover=False), row, 1)
             ys = ema(ys, smoothing)
         fig.add_trace(
             go.Scatter(

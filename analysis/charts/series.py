@@ -1,5 +1,5 @@
 """Pieces shared by the line figures of long-form series: EMA smoothing, one metric's rows with numeric x,
-value and stderr, and the ±1 stderr band drawn behind a run's line."""
+value and stderr, the ±1 stderr band drawn behind a run's line, and the faint raw curve behind a smoothed one."""
 
 from __future__ import annotations
 
@@ -56,4 +56,19 @@ def _band(xs: np.ndarray, ys: np.ndarray, err: np.ndarray, color: str, run: str)
         showlegend=False,
         legendgroup=run,
         name=f"{run} ±1 stderr",
+    )
+
+
+def _raw(xs: np.ndarray, ys: np.ndarray, mode: str, color: str, run: str, *, hover: bool) -> go.Scatter:
+    """``run``'s unsmoothed curve, faint, behind its smoothed line; out of the legend. ``hover``: show its values."""
+    return go.Scatter(
+        x=xs,
+        y=ys,
+        mode=mode,
+        line={"color": color, "width": 1},
+        opacity=0.3,
+        showlegend=False,
+        legendgroup=run,
+        name=f"{run} (raw)",
+        **({"hovertemplate": "%{y:.4g}<extra>" + f"{run} raw</extra>"} if hover else {"hoverinfo": "skip"}),
     )
