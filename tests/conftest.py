@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,9 @@ from hypothesis import settings
 
 from analysis.runs.base import Checkpoint, Run
 from analysis.store import Store
+
+if TYPE_CHECKING:
+    import torch  # imported lazily at run time: many suites never need it
 
 ROOT = Path(__file__).resolve().parent.parent
 # Artefacts worth looking at after a run (screenshots, reports) land here.
@@ -31,12 +35,82 @@ settings.register_profile("explore", derandomize=False, max_examples=500)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-@pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="torch device of the device-aware tests (those taking the `device` fixture, marked `device`): "
+        "cpu (default), cuda or cuda:N. `pytest -m device --device cuda` runs only those, on a GPU.",
+    )
+
+
+def device_problem(name: str) -> str | None:
+    """Why ``--device name`` cannot run here, in one line, or None when it can."""
+    if name == "cpu":
+        return None  # the default: no torch import for the suites that never touch it
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device {name}: not a torch device; use cpu, cuda or cuda:N"
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        return f"--device {name}: only cpu and cuda are supported by the device-aware tests"
+    if torch.version.cuda is None:
+        return (
+            f"--device {name}: torch {torch.__version__} is a CPU build, so no GPU can be used; "
+            "install a CUDA build of torch, or leave out --device to test on the CPU"
+        )
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        return f"--device {name}: torch.cuda.is_available() is False (no GPU visible; check nvidia-smi and the driver)"
+    if device.index is not None and device.index >= count:
+        return f"--device {name}: only {count} GPU(s) visible (cuda:0 to cuda:{count - 1})"
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "device: takes the `device` fixture, so runs on the torch device of --device")
+    # A missing GPU stops the run with one line: skipping every device test instead would pass silently.
+    problem = device_problem(config.getoption("--device"))
+    if problem is not None:
+        raise pytest.UsageError(problem)
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    name = config.getoption("--device")
+    if name == "cpu":
+        return None
+    import torch
+
+    gpu = torch.cuda.get_device_name(torch.device(name))
+    return f"device-aware tests on {name}: {gpu}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m "not slow" (or -m device) selects
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A browser test is always slow: `make test-fast` leaves it out even where its module has no slow mark."""
+    """A browser test is always slow: `make test-fast` leaves it out even where its module has no slow mark.
+
+    A test that takes the `device` fixture is marked `device`, so `-m device` selects exactly the
+    tests that compute on --device (a test parametrised over its own `device` argument is not one).
+    """
     for item in items:
         if item.get_closest_marker("browser") is not None and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.slow)
+        callspec = getattr(item, "callspec", None)
+        own = callspec is not None and "device" in callspec.params
+        if "device" in getattr(item, "fixturenames", ()) and not own:
+            item.add_marker(pytest.mark.device)
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig: pytest.Config) -> torch.device:
+    """The torch device the device-aware tests compute on: ``--device`` (default cpu), checked at start-up."""
+    import torch
+
+    return torch.device(pytestconfig.getoption("--device"))
 
 
 @pytest.fixture(scope="module")

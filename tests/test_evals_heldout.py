@@ -25,12 +25,13 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer):
+def model(tokenizer, device):
+    """A tiny OLMoE on the device under test: heldout_loss computes where the model is."""
     from transformers import OlmoeForCausalLM
 
     torch.manual_seed(0)
     config = tiny_moe_config(len(tokenizer), hidden_size=32, num_heads=2, num_experts=4, top_k=2)
-    return OlmoeForCausalLM(config).eval()
+    return OlmoeForCausalLM(config).eval().to(device)
 
 
 TEXTS = [
@@ -52,7 +53,7 @@ def _manual(model, seqs):
     total, tokens, means = 0.0, 0, []
     with torch.no_grad():
         for seq in seqs:
-            ids = torch.tensor([seq])
+            ids = torch.tensor([seq], device=model.device)
             logits = model(input_ids=ids).logits[0].float()
             nll = F.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum").item()
             total += nll

@@ -82,19 +82,21 @@ def rows_of(batches: list[dict], domain: int) -> list[tuple[torch.Tensor, torch.
     ]
 
 
-def test_matrix_matches_gradients_taken_by_hand():
+def test_matrix_matches_gradients_taken_by_hand(device):
     model = tiny_olmoe()
     batches = mixed_batches()
+    # The hand gradients on the CPU; the metric on the device under test.
     expected = {d: hand_gradient(model, rows_of(batches, d)) for d in (0, 1, 2)}
+    model.to(device)
     params = [p for _, p in select_params(model, "all")]
-    grads = domain_gradients(model, batches, params, "cpu")
+    grads = domain_gradients(model, batches, params, device)
     assert sorted(grads) == [0, 1, 2]
     for d in (0, 1, 2):
-        got = torch.cat([g.reshape(-1) for g in grads[d]])
+        got = torch.cat([g.reshape(-1) for g in grads[d]]).cpu()
         # OLMoE's RMSNorm computes in float32 even in a float64 model, and the hand computation
         # batches the rows differently: agreement is to float32 rounding, not float64.
         torch.testing.assert_close(got, expected[d], rtol=1e-5, atol=1e-6 * float(expected[d].abs().max()))
-    result = gradient_alignment(model, batches, GradientAlignmentConfig(n_splits=3), seed=2)
+    result = gradient_alignment(model, batches, GradientAlignmentConfig(n_splits=3), seed=2, device=device)
     assert result.extra["domains"] == [0, 1, 2]
     assert result.extra["n_samples"] == [3, 3, 3]
     pairs = []
@@ -119,15 +121,15 @@ def test_matrix_matches_gradients_taken_by_hand():
     )
 
 
-def test_identical_data_in_two_domains_has_cosine_one():
-    model = tiny_olmoe(torch.float32)
+def test_identical_data_in_two_domains_has_cosine_one(device):
+    model = tiny_olmoe(torch.float32).to(device)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(3, VOCAB, (4, 8), generator=gen)
     batches = [
         {"input_ids": ids, "attention_mask": torch.ones_like(ids), "domain_id": torch.zeros(4, dtype=torch.long)},
         {"input_ids": ids, "attention_mask": torch.ones_like(ids), "domain_id": torch.ones(4, dtype=torch.long)},
     ]
-    result = compute("gradient_alignment", model, batches, {"n_splits": 2})
+    result = compute("gradient_alignment", model, batches, {"n_splits": 2}, device=device)
     assert result.value == pytest.approx(1.0, abs=1e-6)
     assert result.extra["matrix"][0][1] == pytest.approx(1.0, abs=1e-6)
     # The same permutation is not drawn twice, but each domain's ceiling is a cosine: at most 1.
@@ -243,13 +245,13 @@ def test_batches_without_domain_id_are_domain_zero_and_a_lone_sample_has_no_ceil
     assert result.value == pytest.approx(result.extra["matrix"][0][1])
 
 
-def test_model_is_left_untouched():
-    model = tiny_olmoe(torch.float32)
+def test_model_is_left_untouched(device):
+    model = tiny_olmoe(torch.float32).to(device)  # float32 on its own device: used in place, not copied
     model.train()
     model.model.embed_tokens.weight.requires_grad_(False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    gradient_alignment(model, mixed_batches(), GradientAlignmentConfig(n_splits=2, subset="layer:0"))
+    gradient_alignment(model, mixed_batches(), GradientAlignmentConfig(n_splits=2, subset="layer:0"), device=device)
     assert model.training is True
     for n, p in model.named_parameters():
         assert p.grad is None, n
@@ -257,10 +259,10 @@ def test_model_is_left_untouched():
         assert torch.equal(p.detach(), before[n]), n
 
 
-def test_low_precision_model_runs_on_a_float32_copy():
-    model = tiny_olmoe(torch.bfloat16)
+def test_low_precision_model_runs_on_a_float32_copy(device):
+    model = tiny_olmoe(torch.bfloat16).to(device)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = gradient_alignment(model, mixed_batches(), GradientAlignmentConfig(n_splits=1))
+    result = gradient_alignment(model, mixed_batches(), GradientAlignmentConfig(n_splits=1), device=device)
     assert math.isfinite(result.value) and -1.0 <= result.value <= 1.0
     for n, p in model.named_parameters():
         assert p.dtype == torch.bfloat16 and p.grad is None and torch.equal(p.detach(), before[n]), n

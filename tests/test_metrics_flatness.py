@@ -20,6 +20,7 @@ from analysis.metrics.common import (
     mean_stderr,
     quantile,
     select_params,
+    to_device,
 )
 from analysis.metrics.flatness import (
     AdaptiveSharpnessConfig,
@@ -68,12 +69,13 @@ def symmetric(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return q @ torch.diag(eigenvalues) @ q.T
 
 
-def test_hutchinson_on_quadratic_is_within_three_stderr_and_stderr_is_right():
+def test_hutchinson_on_quadratic_is_within_three_stderr_and_stderr_is_right(device):
     a = symmetric(torch.linspace(-1.0, 5.0, 20, dtype=torch.float64))
     model = Quadratic(a)
     # 64 identical batches x 4 probes = 256 Rademacher probes: no batch-to-batch variation, so
     # the stderr over the 64 batch means estimates the probe noise alone (63 dof).
-    result = hessian_trace(model, [{}] * 64, HessianTraceConfig(n_probes=4), seed=1, loss_fn=quadratic_loss)
+    config = HessianTraceConfig(n_probes=4)
+    result = hessian_trace(model, [{}] * 64, config, seed=1, loss_fn=quadratic_loss, device=device)
     exact = float(torch.trace(a))
     assert result.n == 256 and len(result.per_probe) == 256
     assert result.stderr_covers == "batches" and result.dof == 63 and result.extra["n_batches"] == 64
@@ -218,11 +220,11 @@ def test_hutchinson_is_exact_for_a_diagonal_hessian():
 
 @pytest.mark.parametrize("method", ["power", "lanczos"])
 @pytest.mark.parametrize("low,high", [(-1.0, 5.0), (-5.0, 1.0)])
-def test_top_eigenvalue_on_quadratic(method, low, high):
+def test_top_eigenvalue_on_quadratic(method, low, high, device):
     # (-5, 1): the dominant eigenvalue is negative; the value must still be the largest, +1.
     a = symmetric(torch.linspace(low, high, 20, dtype=torch.float64))
     config = HessianEigenConfig(method=method, tol=1e-8, max_iter=2000)
-    result = hessian_top_eigenvalue(Quadratic(a), [{}], config, seed=3, loss_fn=quadratic_loss)
+    result = hessian_top_eigenvalue(Quadratic(a), [{}], config, seed=3, loss_fn=quadratic_loss, device=device)
     assert result.value == pytest.approx(high, rel=1e-6)
     assert result.converged is True and result.residual <= 1e-8
     assert 1 < result.iterations < (4000 if method == "power" else 21)
@@ -278,7 +280,7 @@ def test_power_iteration_on_plus_minus_a_is_not_fooled():
     assert top.converged and top.eigenvalue == pytest.approx(1.0, rel=1e-9)
 
 
-def test_sam_and_asam_on_quadratic_match_closed_form():
+def test_sam_and_asam_on_quadratic_match_closed_form(device):
     a = symmetric(torch.linspace(0.5, 3.0, 6, dtype=torch.float64), seed=2)
     model = Quadratic(a, seed=4)
     w = model.w.detach().clone()
@@ -291,25 +293,26 @@ def test_sam_and_asam_on_quadratic_match_closed_form():
         else:
             eps = rho * g / torch.linalg.vector_norm(g)
         expected = float(g @ eps + 0.5 * eps @ a @ eps)  # exact for a quadratic
-        result = sam_sharpness(model, [{}], SamConfig(rho=rho, adaptive=adaptive), loss_fn=quadratic_loss)
+        config = SamConfig(rho=rho, adaptive=adaptive)
+        result = sam_sharpness(model, [{}], config, loss_fn=quadratic_loss, device=device)
         assert result.value == pytest.approx(expected, rel=1e-10)
     assert torch.equal(model.w.detach(), w)
 
 
-def test_noise_sharpness_on_quadratic_matches_expectation():
+def test_noise_sharpness_on_quadratic_matches_expectation(device):
     # E[L(w + d)] - L(w) = 0.5 * sum_i A_ii Var(d_i) for zero-mean d.
     a = symmetric(torch.linspace(0.5, 3.0, 8, dtype=torch.float64), seed=5)
     model = Quadratic(a, seed=6)
     w = model.w.detach()
     rho, sigma = 0.1, 0.1
     adaptive = adaptive_sharpness(
-        model, [{}], AdaptiveSharpnessConfig(rho=rho, n_samples=2000), seed=7, loss_fn=quadratic_loss
+        model, [{}], AdaptiveSharpnessConfig(rho=rho, n_samples=2000), seed=7, loss_fn=quadratic_loss, device=device
     )
     expected = 0.5 * float((torch.diag(a) * (rho * w) ** 2).sum())
     assert abs(adaptive.value - expected) < 3 * adaptive.stderr
     rms2 = float((w**2).mean())
     noise = perturbation_sensitivity(
-        model, [{}], PerturbationConfig(sigma=sigma, n_samples=2000), seed=8, loss_fn=quadratic_loss
+        model, [{}], PerturbationConfig(sigma=sigma, n_samples=2000), seed=8, loss_fn=quadratic_loss, device=device
     )
     expected = 0.5 * sigma**2 * rms2 * float(torch.trace(a))
     assert abs(noise.value - expected) < 3 * noise.stderr
@@ -380,29 +383,32 @@ def exact_hessian(model: nn.Module, batches: list[dict], names: list[str]) -> to
 
 
 @pytest.fixture(scope="module")
-def olmoe_exact():
+def olmoe_exact(device):
+    """The tiny float64 OLMoE on ``device``, its probe batches (on the CPU, as jobs hand them over) and its
+    exact Hessian, formed on the CPU: the oracle never shares a device, or a kernel, with the metric."""
     model = tiny_olmoe()
     batches = probe_batches()
     names = [n for n, _ in model.named_parameters()]
-    return model, batches, exact_hessian(model, batches, names)
+    hess = exact_hessian(model, batches, names)
+    return model.to(device), batches, hess
 
 
-def test_lm_loss_matches_reference(olmoe_exact):
+def test_lm_loss_matches_reference(olmoe_exact, device):
     model, batches, _ = olmoe_exact
-    for b in batches:
+    for b in (to_device(b, device) for b in batches):
         loss, count = lm_loss(model, b)
         with torch.no_grad():
             s, c = reference_loss(model(**b).logits, b["input_ids"], b["attention_mask"])
         assert count == c
         assert float(loss.detach()) == pytest.approx(float(s) / c, rel=1e-12)
-    assert probe_batches()[1]["attention_mask"].sum() == 8 and lm_loss(model, batches[1])[1] == 6
+    assert probe_batches()[1]["attention_mask"].sum() == 8 and lm_loss(model, to_device(batches[1], device))[1] == 6
 
 
-def test_hutchinson_on_tiny_olmoe_matches_exact_trace(olmoe_exact):
+def test_hutchinson_on_tiny_olmoe_matches_exact_trace(olmoe_exact, device):
     model, batches, hess = olmoe_exact
     exact = float(torch.trace(hess))
     # 2 batches x 150 probes; the model has 1,272 parameters.
-    result = hessian_trace(model, batches, HessianTraceConfig(n_probes=150), seed=0)
+    result = hessian_trace(model, batches, HessianTraceConfig(n_probes=150), seed=0, device=device)
     assert result.extra["n_params"] == hess.shape[0] == 1272
     # The exact Hessian is that of these two batches: the probe-only error is the one to compare
     # with, and it is narrow enough to mean something.
@@ -416,18 +422,19 @@ def test_hutchinson_on_tiny_olmoe_matches_exact_trace(olmoe_exact):
 
 
 @pytest.mark.parametrize("method,max_iter", [("power", 1000), ("lanczos", 300)])
-def test_top_eigenvalue_on_tiny_olmoe_matches_exact(olmoe_exact, method, max_iter):
+def test_top_eigenvalue_on_tiny_olmoe_matches_exact(olmoe_exact, method, max_iter, device):
     model, batches, hess = olmoe_exact
     top = float(torch.linalg.eigvalsh(hess)[-1])
     config = HessianEigenConfig(method=method, tol=1e-4, max_iter=max_iter)
-    result = hessian_top_eigenvalue(model, batches, config, seed=0)
+    result = hessian_top_eigenvalue(model, batches, config, seed=0, device=device)
     assert result.converged is True and result.residual <= 1e-4 and result.iterations <= max_iter
     assert result.value == pytest.approx(top, rel=1e-4)
-    capped = hessian_top_eigenvalue(model, batches, HessianEigenConfig(method=method, tol=1e-4, max_iter=2), seed=0)
+    config = HessianEigenConfig(method=method, tol=1e-4, max_iter=2)
+    capped = hessian_top_eigenvalue(model, batches, config, seed=0, device=device)
     assert capped.converged is False and capped.residual > 1e-4 and capped.iterations == 2
 
 
-def test_hessian_on_a_parameter_subset(olmoe_exact):
+def test_hessian_on_a_parameter_subset(olmoe_exact, device):
     model, batches, hess = olmoe_exact
     names = [n for n, _ in model.named_parameters()]
     chosen = {n for n, _ in select_params(model, "module:self_attn")}
@@ -438,27 +445,28 @@ def test_hessian_on_a_parameter_subset(olmoe_exact):
         start += p.numel()
     sub = hess[index][:, index]
     assert len(chosen) == 6 and len(names) == 14
-    result = hessian_top_eigenvalue(
-        model, batches, HessianEigenConfig(method="lanczos", tol=1e-8, max_iter=300, subset="module:self_attn")
-    )
+    config = HessianEigenConfig(method="lanczos", tol=1e-8, max_iter=300, subset="module:self_attn")
+    result = hessian_top_eigenvalue(model, batches, config, device=device)
     assert result.value == pytest.approx(float(torch.linalg.eigvalsh(sub)[-1]), rel=1e-3)
 
 
 # --- Lanczos' memory rule and its certificate ---------------------------------------------------------
 
 
-def test_the_basis_budget_picks_full_reorthogonalisation_or_the_three_term_recurrence(olmoe_exact):
+def test_the_basis_budget_picks_full_reorthogonalisation_or_the_three_term_recurrence(olmoe_exact, device):
     model, batches, hess = olmoe_exact
     top = float(torch.linalg.eigvalsh(hess)[-1])
     # 300 float64 vectors of 1,272 parameters: 2.91 MiB of basis.
     needed = 300 * 1272 * 8 / 2**20
     for budget, mode in ((3.0, "full"), (2.9, "none"), (0.0, "none")):
         config = HessianEigenConfig(method="lanczos", max_iter=300, tol=1e-8, basis_mb=budget)
-        result = hessian_top_eigenvalue(model, batches, config, seed=0)
+        result = hessian_top_eigenvalue(model, batches, config, seed=0, device=device)
         assert result.extra["reorthogonalisation"] == mode, budget
         assert result.extra["basis_mb_needed"] == pytest.approx(needed)
         assert result.converged is True and result.value == pytest.approx(top, rel=1e-7), budget
-    power = hessian_top_eigenvalue(model, batches, HessianEigenConfig(method="power", max_iter=5), seed=0)
+    power = hessian_top_eigenvalue(
+        model, batches, HessianEigenConfig(method="power", max_iter=5), seed=0, device=device
+    )
     assert "reorthogonalisation" not in power.extra  # power iteration keeps two vectors whatever the budget
     assert HessianEigenConfig().method == "lanczos"
 
@@ -477,7 +485,7 @@ def test_three_term_lanczos_far_past_the_dimension_still_finds_the_top_eigenvalu
 
 
 @pytest.mark.parametrize("basis_mb", [1e9, 0.0], ids=["full", "three-term"])
-def test_the_residual_certificate_covers_the_true_error_across_seeds(olmoe_exact, basis_mb):
+def test_the_residual_certificate_covers_the_true_error_across_seeds(olmoe_exact, basis_mb, device):
     # |nearest eigenvalue of H - estimate| <= residual * |estimate| for a symmetric H, converged or not:
     # checked against the exact spectrum for many start vectors and iteration caps (tol 1e-3 stops
     # early; caps of 3 and 6 leave residuals of 1e-2 to 1: the bound must hold there too).
@@ -487,7 +495,7 @@ def test_the_residual_certificate_covers_the_true_error_across_seeds(olmoe_exact
     for seed in range(20):
         for max_iter in (3, 6, 300):
             config = HessianEigenConfig(method="lanczos", max_iter=max_iter, tol=1e-3, basis_mb=basis_mb)
-            result = hessian_top_eigenvalue(model, batches, config, seed=seed)
+            result = hessian_top_eigenvalue(model, batches, config, seed=seed, device=device)
             error = float((spectrum - result.value).abs().min())
             ok = error <= result.residual * abs(result.value) * (1 + 1e-9)
             covered, total, converged = covered + ok, total + 1, converged + bool(result.converged)
@@ -516,7 +524,7 @@ def test_bad_eigen_settings_fail_in_one_line(kwargs, message):
     assert str(err.value).startswith("hessian_top_eigenvalue: ")
 
 
-def test_fisher_trace_matches_enumeration_over_labels():
+def test_fisher_trace_matches_enumeration_over_labels(device):
     model = tiny_olmoe(seed=1)
     batch = probe_batches()[1]  # 5 predicted tokens, one sample left-padded
     params = [p for _, p in model.named_parameters()]
@@ -529,13 +537,14 @@ def test_fisher_trace_matches_enumeration_over_labels():
             grads = torch.autograd.grad(logp[y], params, retain_graph=True, allow_unused=True, materialize_grads=True)
             exact += float(logp[y].detach().exp()) * float(sum((g**2).sum() for g in grads))
     exact /= len(positions)
-    result = fisher_trace(model, [batch], FisherTraceConfig(n_samples=300), seed=0)
+    # The exact value comes from the CPU; the estimate from the model moved to the device under test.
+    result = fisher_trace(model.to(device), [batch], FisherTraceConfig(n_samples=300), seed=0, device=device)
     assert result.n == 300 and result.stderr_covers == "probes" and result.dof == 299
     assert abs(result.value - exact) < 3 * result.stderr
     assert result.stderr < 0.1 * exact
 
 
-def test_fisher_single_prediction_is_unbiased():
+def test_fisher_single_prediction_is_unbiased(device):
     model = tiny_olmoe(seed=2)
     batch = {"input_ids": torch.tensor([[4, 7]]), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
     params = list(model.parameters())
@@ -546,32 +555,33 @@ def test_fisher_single_prediction_is_unbiased():
         exact += float(logp[y].detach().exp()) * float(sum((g**2).sum() for g in grads))
     # Two copies of one batch: no batch-to-batch variation, so the probe-only error is the one
     # to compare with (the stderr over 2 batch means has 1 dof).
-    result = fisher_trace(model, [batch, batch], FisherTraceConfig(n_samples=200), seed=5)
+    result = fisher_trace(model.to(device), [batch, batch], FisherTraceConfig(n_samples=200), seed=5, device=device)
     assert result.dof == 1 and len(result.extra["per_batch"]) == 2
     assert abs(result.value - exact) < 3 * result.extra["stderr_probes_only"]
 
 
-def test_adaptive_sharpness_vanishes_as_rho_goes_to_zero():
-    model = tiny_olmoe()
+def test_adaptive_sharpness_vanishes_as_rho_goes_to_zero(device):
+    model = tiny_olmoe().to(device)
     batches = probe_batches()
-    zero = adaptive_sharpness(model, batches, AdaptiveSharpnessConfig(rho=0.0, n_samples=2))
+    zero = adaptive_sharpness(model, batches, AdaptiveSharpnessConfig(rho=0.0, n_samples=2), device=device)
     assert zero.value == 0.0
-    small = adaptive_sharpness(model, batches, AdaptiveSharpnessConfig(rho=1e-7, n_samples=4))
-    large = adaptive_sharpness(model, batches, AdaptiveSharpnessConfig(rho=0.3, n_samples=4))
+    small = adaptive_sharpness(model, batches, AdaptiveSharpnessConfig(rho=1e-7, n_samples=4), device=device)
+    large = adaptive_sharpness(model, batches, AdaptiveSharpnessConfig(rho=0.3, n_samples=4), device=device)
     assert abs(small.value) < 1e-5 * abs(large.value)
 
 
-def test_perturbation_restores_weights_bitwise_even_when_the_loss_raises():
-    model = tiny_olmoe(dtype=torch.float32, experts="grouped_mm")
+def test_perturbation_restores_weights_bitwise_even_when_the_loss_raises(device):
+    # On the device under test, so the metrics perturb this very model in place (no working copy).
+    model = tiny_olmoe(dtype=torch.float32, experts="grouped_mm").to(device)
     model.train()  # the caller's mode must come back too
     for p in model.parameters():
         p.requires_grad_(False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     batches = probe_batches()
 
-    perturbation_sensitivity(model, batches, PerturbationConfig(sigma=0.1, n_samples=2))
-    adaptive_sharpness(model, batches, AdaptiveSharpnessConfig(rho=0.1, n_samples=2))
-    sam_sharpness(model, batches, SamConfig(rho=0.1, adaptive=True))
+    perturbation_sensitivity(model, batches, PerturbationConfig(sigma=0.1, n_samples=2), device=device)
+    adaptive_sharpness(model, batches, AdaptiveSharpnessConfig(rho=0.1, n_samples=2), device=device)
+    sam_sharpness(model, batches, SamConfig(rho=0.1, adaptive=True), device=device)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
 
@@ -584,36 +594,37 @@ def test_perturbation_restores_weights_bitwise_even_when_the_loss_raises():
         return lm_loss(m, batch)
 
     with pytest.raises(RuntimeError, match="simulated"):
-        perturbation_sensitivity(model, batches, PerturbationConfig(sigma=0.5, n_samples=3), loss_fn=failing_loss)
+        config = PerturbationConfig(sigma=0.5, n_samples=3)
+        perturbation_sensitivity(model, batches, config, loss_fn=failing_loss, device=device)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
         assert p.requires_grad is False
     assert model.training is True
 
 
-def test_eager_and_sdpa_attention_give_the_same_hutchinson_estimate(tmp_path):
+def test_eager_and_sdpa_attention_give_the_same_hutchinson_estimate(tmp_path, device):
     from analysis.models import build_word_tokenizer, load_model
 
     model = tiny_olmoe(dtype=torch.float32, experts="grouped_mm")
     model.save_pretrained(tmp_path)
     build_word_tokenizer([f"w{i}" for i in range(VOCAB - 4)]).save_pretrained(tmp_path)
-    eager, _ = load_model(tmp_path, device="cpu", attn_implementation="eager")
-    sdpa, _ = load_model(tmp_path, device="cpu", attn_implementation="sdpa")
+    eager, _ = load_model(tmp_path, device=device, attn_implementation="eager")
+    sdpa, _ = load_model(tmp_path, device=device, attn_implementation="sdpa")
     assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
     batches = probe_batches()
     config = HessianTraceConfig(n_probes=3)
-    a = hessian_trace(eager, batches, config, seed=4)
-    b = hessian_trace(sdpa, batches, config, seed=4)
+    a = hessian_trace(eager, batches, config, seed=4, device=device)
+    b = hessian_trace(sdpa, batches, config, seed=4, device=device)
     assert a.value == pytest.approx(b.value, rel=1e-4)
 
 
-def test_bf16_model_is_measured_on_an_fp32_copy_and_left_alone():
-    model = tiny_olmoe(dtype=torch.float32, experts="grouped_mm").to(torch.bfloat16)
+def test_bf16_model_is_measured_on_an_fp32_copy_and_left_alone(device):
+    model = tiny_olmoe(dtype=torch.float32, experts="grouped_mm").to(device, torch.bfloat16)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     batches = probe_batches()
     config = HessianTraceConfig(n_probes=2)
-    low = hessian_trace(model, batches, config, seed=9)
-    high = hessian_trace(model.float(), batches, config, seed=9)  # .float() returns the same module
+    low = hessian_trace(model, batches, config, seed=9, device=device)
+    high = hessian_trace(model.float(), batches, config, seed=9, device=device)  # .float() returns the same module
     assert low.value == pytest.approx(high.value, rel=1e-5)
     model.to(torch.bfloat16)
     for n, p in model.named_parameters():

@@ -289,8 +289,8 @@ def mixtral():
 
 
 @pytest.mark.parametrize("build", [olmoe, mixtral])
-def test_real_moe_routing_matches_the_router_modules(build):
-    model = build()
+def test_real_moe_routing_matches_the_router_modules(build, device):
+    model = build().to(device)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.mlp.gate.weight.normal_(0.0, 1.0)  # spread routing beyond the tiny init
@@ -304,14 +304,14 @@ def test_real_moe_routing_matches_the_router_modules(build):
             h.remove()
     assert len(layers) == 2
     for probs, logits in zip(layers, seen, strict=True):
-        expected = torch.softmax(logits.float(), -1).view(3, 5, 4) * batch["attention_mask"][..., None]
-        assert torch.allclose(probs, expected, atol=1e-6)
-    assert torch.allclose(layers[0].sum(-1), batch["attention_mask"].float(), atol=1e-5)
-    profile = routing_profile(model, [batch])
+        expected = torch.softmax(logits.float().cpu(), -1).view(3, 5, 4) * batch["attention_mask"][..., None]
+        assert torch.allclose(probs.cpu(), expected, atol=1e-6)
+    assert torch.allclose(layers[0].sum(-1).cpu(), batch["attention_mask"].float(), atol=1e-5)
+    profile = routing_profile(model, [batch], device=device)
     assert profile.routers is not None and len(profile.routers) == 2
-    assert np.allclose(profile.routers[1], model.model.layers[1].mlp.gate.weight.detach().numpy())
+    assert np.allclose(profile.routers[1], model.model.layers[1].mlp.gate.weight.detach().cpu().numpy())
     assert np.allclose(profile.topk_counts.sum(axis=(0, 2)), 2 * 13)  # 13 real tokens, top-2
-    result = pathway_consistency(model, [batch])
+    result = pathway_consistency(model, [batch], device=device)
     assert -1 <= result.value <= 1 and result.n == 3
 
 
