@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import streamlit as st
 
+from analysis.divergence.metric_roles import accuracy_first
 from pages._cache import long_table, predictor_ranking
 from pages._markdown import md_text
 from pages._sidebar import selection
-from pages._widgets import accuracy_first, metric_names, metric_picker, optional_metric_picker, setting_picker
+from pages._widgets import metric_names, metric_picker, optional_metric_picker, setting_picker
 
 
 def signal_view(title: str, family: tuple[str, ...], what: str) -> None:

@@ -17,6 +17,7 @@ file open (DuckDB lets no other process open it meanwhile).
 
 from __future__ import annotations
 
+from analysis.divergence.metric_roles import accuracy_first
 from pages._cache import (
     Chosen,
     checkpoints,
@@ -52,7 +53,7 @@ from pages._sidebar import (
 )
 from pages._signals import signal_view
 from pages._status import REFRESH_SECONDS, work_under_way
-from pages._widgets import accuracy_first, metric_names, metric_picker, optional_metric_picker, setting_picker
+from pages._widgets import metric_names, metric_picker, optional_metric_picker, setting_picker
 
 __all__ = [
     "PAGES",

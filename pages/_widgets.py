@@ -48,13 +48,6 @@ def metric_picker(where, label: str, options: list[str], preferred: list[str], k
     return where.selectbox(label, options, index=options.index(default), key=key, bind="query-params")
 
 
-def accuracy_first(scores: list[str]) -> list[str]:
-    """Downstream scores with accuracies first (``task/acc,...``, then logged ``.../accuracy``): the default a
-    page opens on, since an accuracy is what a reader of the chart expects to see rise."""
-    own = [m for m in scores if not m.startswith("finetune/")]  # a fine-tuned copy's score is never the default
-    return [m for m in own if "/acc," in m] + [m for m in own if m.endswith("/accuracy")] + scores
-
-
 def optional_metric_picker(where, label: str, options: list[str], preferred: list[str], key: str) -> str | None:
     """``metric_picker``, or None (and no widget) when there is nothing to pick."""
     return metric_picker(where, label, options, preferred, key) if options else None

@@ -174,8 +174,8 @@ def test_retrained_checkpoints_reproduce_the_shipped_values(shipped, tmp_path, n
 def test_the_divergence_page_defaults_find_the_grokking_window_and_only_it(shipped):
     """The story the demo exists for, read as the Divergence page reads it with its defaults."""
     from analysis import divergence as dv
+    from analysis.divergence import accuracy_first
     from analysis.samples import score_items
-    from pages._state import accuracy_first
 
     store, _ = shipped
     runs = list(demo.DEMO_RUNS)
@@ -208,3 +208,23 @@ def test_pathways_opens_on_a_routing_signal_that_beats_the_loss_and_geometry_say
     flatness = ("hessian_trace", "hessian_top_eigenvalue", "fisher_trace", "sam_sharpness", "gradient_alignment")
     best, sentence = separating_signal(ranking, flatness, "acc", "flatness metrics")
     assert best is None and sentence.startswith("None of the flatness metrics"), sentence
+
+
+def test_a_report_with_its_defaults_finds_what_the_divergence_page_finds(shipped):
+    """A report goes to people who never open the page: it must not say "no window" where the page finds one."""
+    from analysis import divergence as dv
+    from analysis.report import ReportOptions, build_report
+    from analysis.samples import score_items
+
+    store, _ = shipped
+    runs = list(demo.DEMO_RUNS)
+    report = build_report(store, runs, ReportOptions())
+    loss, score = report.options.loss_metric, report.options.downstream_metric
+    assert (loss, score) == ("train/loss", "modarith_mc/acc,none")  # the page's defaults
+    frame = store.long_table(runs)
+    items = score_items(store, runs, score, frame)
+    page = dv.divergence_windows(frame, loss, score, loss_tol=0.02, tol_of="range", samples=items)
+    found = report.tables["windows"]
+    assert len(found) == 1 and found[["run", "start", "end"]].equals(page[["run", "start", "end"]]), (found, page)
+    with pytest.raises(ValueError, match="tol_of='relative'"):
+        ReportOptions(tol_of="relative")

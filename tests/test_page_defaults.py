@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.divergence import POOLED, predictor_ranking
+from analysis.divergence import POOLED, accuracy_first, predictor_ranking
 from analysis.divergence.defaults import separating_signal
-from pages._state import accuracy_first
 
 FAMILY = ("hessian_trace", "fisher_trace", "sam_sharpness")
 

@@ -43,12 +43,13 @@ from analysis.divergence.frames import (
 )
 from analysis.divergence.isotonic import isotonic_fit, pava
 from analysis.divergence.matched import better_sign, last_residuals, matched_loss, residuals
-from analysis.divergence.metric_roles import downstream_metrics, loss_metrics, signal_metrics
+from analysis.divergence.metric_roles import accuracy_first, downstream_metrics, loss_metrics, signal_metrics
 from analysis.divergence.ranking import predictor_ranking, ranking_verdict
 from analysis.divergence.windows import (
     TOL_OF,
     divergence_windows,
     flat_tolerance,
+    flat_words,
     scatter_stderr,
     window_sentences,
     windows_caption,
@@ -65,6 +66,7 @@ __all__ = [
     "TOL_OF",
     "WINDOW_COLUMNS",
     "X_AXES",
+    "accuracy_first",
     "add_flops",
     "align",
     "better_sign",
@@ -72,6 +74,7 @@ __all__ = [
     "divergence_windows",
     "downstream_metrics",
     "flat_tolerance",
+    "flat_words",
     "isotonic_fit",
     "last_residuals",
     "loss_metrics",

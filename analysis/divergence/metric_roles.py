@@ -71,3 +71,12 @@ def downstream_metrics(names: Sequence[str]) -> list[str]:
     names = list(dict.fromkeys(names))
     scores = [n for n in names if ("," in n and "/" in n and "stderr" not in n) or n.endswith("/accuracy")]
     return sorted(scores, key=lambda n: (_eval_loss_rank(n) is not None, n.startswith("finetune/"), "," not in n, n))
+
+
+def accuracy_first(scores: Sequence[str]) -> list[str]:
+    """Downstream scores with accuracies first (``task/acc,...``, then logged ``.../accuracy``), each once: the
+    score a page or report opens on, since an accuracy is what a reader of the chart expects to see rise. The
+    fine-tune probe's scores never come first: they score a fine-tuned copy, not the checkpoint."""
+    own = [m for m in scores if not m.startswith("finetune/")]
+    order = [m for m in own if "/acc," in m] + [m for m in own if m.endswith("/accuracy")] + list(scores)
+    return list(dict.fromkeys(order))

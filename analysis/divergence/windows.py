@@ -238,9 +238,14 @@ def window_sentences(windows: pd.DataFrame, score: str, x_label: str = "step") -
 _TOL_OF_WORDS = {"value": "of its value", "range": "of its range over the run", "absolute": "(absolute)"}
 
 
+def flat_words(tol: float, tol_of: str = "value") -> str:
+    """What "flat" means, in words: "2% of its range over the run", "0.05 (absolute)"."""
+    return f"{tol:g} {_TOL_OF_WORDS[tol_of]}" if tol_of == "absolute" else f"{tol:.0%} {_TOL_OF_WORDS[tol_of]}"
+
+
 def windows_caption(windows: pd.DataFrame, score: str, tol: float, alpha: float, tol_of: str = "value") -> str:
     """One sentence that says what the windows table claims and at which error rate."""
-    within = f"{tol:g} {_TOL_OF_WORDS[tol_of]}" if tol_of == "absolute" else f"{tol:.0%} {_TOL_OF_WORDS[tol_of]}"
+    within = flat_words(tol, tol_of)
     rule = (
         f"Grokking: the loss stays flat within {within} while {score} improves; inverse: the loss improves while "
         f"{score} gets worse. Every span of checkpoints is tested, and a run with no real move gets any window "

@@ -72,7 +72,7 @@ def read_context(
     if options.x == "flops":  # 6 * N * tokens, N read off each run's last checkpoint (analysis.flops)
         frame = add_flops_column(frame, {r: n for r, (n, _, _) in store_parameter_counts(store, runs).items()})
     names = sorted(frame["metric"].unique()) if len(frame) else []
-    losses, scores = dv.loss_metrics(names), dv.downstream_metrics(names)
+    losses, scores = dv.loss_metrics(names), dv.accuracy_first(dv.downstream_metrics(names))
     loss = pick_metric("loss", options.loss_metric, losses, names)
     score = pick_metric("downstream", options.downstream_metric, scores, names)
     options = replace(options, loss_metric=loss, downstream_metric=score)

@@ -20,9 +20,10 @@ class ReportOptions:
     """What the report analyses; the defaults are the Divergence and Compare pages' defaults."""
 
     loss_metric: str | None = None  # None: the page's default (eval/loss, then train/loss, ...)
-    downstream_metric: str | None = None  # None: the first lm-eval score
+    downstream_metric: str | None = None  # None: the page's default (an accuracy first, dv.accuracy_first)
     x: str = "step"  # step, tokens or flops
-    loss_tol: float = 0.02  # loss counts as flat within this fraction of its value
+    loss_tol: float = 0.02  # loss counts as flat within this fraction of ...
+    tol_of: str = "range"  # ... its range over the run (as the Divergence page), its value, or "absolute"
     alpha: float = 0.05  # chance that a run with no real move gets any window (family-wise)
     levels: int = 8  # matched-loss levels
     log_x: bool = True
@@ -37,6 +38,8 @@ class ReportOptions:
             raise ValueError(f"x-axis {self.x!r}: choose one of {', '.join(dv.X_AXES)}")
         if self.loss_tol < 0:
             raise ValueError("loss_tol must be >= 0")
+        if self.tol_of not in dv.TOL_OF:
+            raise ValueError(f"tol_of={self.tol_of!r}: use one of {', '.join(dv.TOL_OF)}")
         if not 0 < self.alpha < 1:
             raise ValueError(f"alpha={self.alpha} must be between 0 and 1")
         if self.levels < 1:

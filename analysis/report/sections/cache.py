@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import pandas as pd
 
+from analysis import divergence as dv
 from analysis.report.context import MAX_ROWS, ReportContext, eval_command, where_data
 from analysis.report.formatting import fmt_number
 from analysis.report.model import Missing, ReportTable, Section
@@ -39,7 +40,7 @@ def runs_section(ctx: ReportContext, info: pd.DataFrame) -> Section:
             ("loss metric", ctx.named(o.loss_metric) or "(none cached)"),
             ("downstream metric", ctx.named(o.downstream_metric) or "(none cached)"),
             ("x-axis", o.x),
-            ("flat loss within (relative)", f"{o.loss_tol:.0%}"),
+            ("flat loss within", dv.flat_words(o.loss_tol, o.tol_of)),
             ("window false-alarm rate per run (alpha)", fmt_number(o.alpha)),
             ("matched-loss levels", str(o.levels)),
         ],

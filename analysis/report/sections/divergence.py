@@ -62,7 +62,9 @@ def divergence_sections(ctx: ReportContext) -> list[Section]:
         windows_section.missing.append(Missing("needs a loss and a downstream score (see the section above)"))
         return [curves, windows_section]
     items = score_items(ctx.store, list(ctx.runs), score, ctx.frame)  # the paired test where items exist
-    windows = dv.divergence_windows(ctx.frame, loss, score, loss_tol=o.loss_tol, alpha=o.alpha, x=o.x, samples=items)
+    windows = dv.divergence_windows(
+        ctx.frame, loss, score, loss_tol=o.loss_tol, tol_of=o.tol_of, alpha=o.alpha, x=o.x, samples=items
+    )
     aligned = dv.align(ctx.frame, loss, score, x=o.x)
     corr = dv.correlations(aligned, loss, [score])
     ctx.tables |= {"windows": windows, "aligned": aligned, "correlations": corr}
@@ -91,7 +93,7 @@ def divergence_sections(ctx: ReportContext) -> list[Section]:
     ctx.put(curves, "checkpoint_scores", "Loss and downstream at each checkpoint", points, whole=True)
 
     windows_section.text.append(
-        dv.windows_caption(windows, ns, o.loss_tol, o.alpha) + f" start and end are in {o.x} units."
+        dv.windows_caption(windows, ns, o.loss_tol, o.alpha, o.tol_of) + f" start and end are in {o.x} units."
     )
     if len(windows):
         windows_section.text.extend(f"{t}." for t in dv.window_sentences(windows, ns, o.x))

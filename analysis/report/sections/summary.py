@@ -46,8 +46,8 @@ def _windows_finding(ctx: ReportContext) -> list[Finding]:
         return [
             Finding(
                 f"No divergence window in {', '.join(ctx.runs)} at α = {o.alpha:g}: no span of checkpoints where "
-                f"{nl} stays flat within {o.loss_tol:.0%} while {ns} improves, or where the loss improves while "
-                f"{ns} gets worse, is significant (every span tested, family-wise per run).",
+                f"{nl} stays flat within {dv.flat_words(o.loss_tol, o.tol_of)} while {ns} improves, or where the "
+                f"loss improves while {ns} gets worse, is significant (every span tested, family-wise per run).",
                 "windows",
             )
         ]
