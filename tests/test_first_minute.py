@@ -22,7 +22,7 @@ pytestmark = pytest.mark.browser
 
 BUDGET_S = 60.0
 # The pages a user lands on for each demo story; each must draw its chart from the demo's data alone.
-DEMO_PAGES = ["divergence", "overview", "compare", "forecast", "geometry", "pathways", "samples", "runs"]
+DEMO_PAGES = ["divergence", "overview", "compare", "forecast", "finetune", "geometry", "pathways", "samples", "runs"]
 # What a page says when its data is missing: none of it may show on the demo.
 EMPTY_SIGNS = ("no runs", "yet:", "evaluate some checkpoints", "Traceback", "has no ")
 
