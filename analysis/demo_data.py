@@ -158,6 +158,18 @@ def missing_demo_runs(store: Store) -> list[str]:
     return [name for name in DEMO_RUNS if name not in known]
 
 
+def outdated_demo_runs(store: Store) -> list[str]:
+    """The demo runs the cache holds from another version of the demo: checkpoint steps unlike today's config's."""
+    from analysis.demo import DEMO_RUNS
+
+    known = set(store.runs().get("name", []))
+    return [
+        name
+        for name, cfg in DEMO_RUNS.items()
+        if name in known and store.checkpoints(name)["step"].tolist() != cfg.checkpoint_steps()
+    ]
+
+
 def import_demo(store: Store, root: Path, folder: Path = SHIPPED_DIR):
     """Import the shipped demo results into ``store``, pointing checkpoint paths at ``root``; the ImportReport.
 
@@ -258,4 +270,13 @@ def _evaluate_in_child(db: str, jobs: list[int], threads: int, counter) -> None:
         counter.value = done
 
 
-__all__ = ["SHIPPED_DIR", "export_demo", "import_demo", "missing_demo_runs", "provenance", "read_provenance", "rebuild"]
+__all__ = [
+    "SHIPPED_DIR",
+    "export_demo",
+    "import_demo",
+    "missing_demo_runs",
+    "outdated_demo_runs",
+    "provenance",
+    "read_provenance",
+    "rebuild",
+]

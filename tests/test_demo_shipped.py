@@ -88,6 +88,24 @@ def test_cli_imports_once_and_says_so_the_second_time(tmp_path):
     assert not (tmp_path / "demo").exists(), "importing trains nothing"
 
 
+def test_cli_replaces_demo_runs_cached_from_an_earlier_demo_and_nothing_else(tmp_path):
+    from tests.conftest import synthetic_run
+
+    db = tmp_path / "c.duckdb"
+    store = Store(db)
+    store.register_run(synthetic_run("grokking", n_steps=60))  # an older demo: other checkpoints
+    store.register_run(synthetic_run("alpha", n_steps=60))
+    cmd = [sys.executable, "-m", "analysis", "demo", "--db", str(db), "--root", str(tmp_path / "demo")]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "replacing grokking" in done.stderr and "imported the shipped demo results" in done.stderr
+    store = Store(db)
+    assert store.checkpoints("grokking")["step"].tolist() == demo.DEMO_RUNS["grokking"].checkpoint_steps()
+    assert len(store.checkpoints("alpha")) > 0, "a run of the user's own is left alone"
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "replacing" not in again.stderr and "are in" in again.stderr
+
+
 def test_export_then_import_round_trips(shipped, tmp_path):
     store, root = shipped
     copy = Store(tmp_path / "copy.duckdb")

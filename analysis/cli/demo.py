@@ -35,8 +35,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return _demo_rebuild(store, root, args)
     if args.train:
         return _demo_train(store, root, args)
-    from analysis.demo_data import SHIPPED_DIR, import_demo, missing_demo_runs
+    from analysis.demo_data import SHIPPED_DIR, import_demo, missing_demo_runs, outdated_demo_runs
 
+    outdated = outdated_demo_runs(store) if (SHIPPED_DIR / "manifest.json").is_file() else []
+    if outdated:
+        print(
+            f"replacing {', '.join(outdated)} in {args.db}: cached from an earlier version of the demo (other "
+            "checkpoints than today's); your other runs are untouched",
+            file=sys.stderr,
+        )
+        for name in outdated:
+            store.delete_run(name)
     missing = missing_demo_runs(store)
     if not missing:
         print(
