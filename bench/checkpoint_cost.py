@@ -21,7 +21,12 @@ but the eigenvalue, and prints the extrapolations beside the measured times, whi
 cost model. Finally, in one subprocess, held-out loss on the same batches with the model as
 stored (bf16) against the model upcast to float32, medians of 3 interleaved repeats.
 
-    python -m bench.checkpoint_cost [--quick] [--json FILE]
+``--device cuda`` runs every evaluation on a GPU (each subprocess loads the checkpoint there; the
+rule then computes forward passes in the stored bf16 and gradients in float32) and adds each
+subprocess's peak GPU memory (``torch.cuda.max_memory_allocated``); ``--dtype`` overrides the rule
+for every evaluation, as a job's --dtype does.
+
+    python -m bench.checkpoint_cost [--quick] [--device cpu] [--dtype NAME] [--json FILE]
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from bench.common import DTYPES, describe_device, sync
 
 # Pythia-160m's shape (EleutherAI/pythia-160m config.json), and the --quick stand-in.
 FULL = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
@@ -112,20 +119,28 @@ def child(task: dict) -> dict:
     from analysis.jobs.kinds import probe_batches
     from analysis.jobs.precision import metric_purpose
     from analysis.jobs.spec import JobSpec
+    from analysis.metrics.common import to_device
     from analysis.models import compute_dtype_for, dtype_name, load_model, pad_token_id, stored_dtype
 
     torch.set_num_threads(task["threads"])
     name, folder, data = task["name"], task["checkpoint"], task["data"]
-    device = "cpu"
-    dtype = compute_dtype_for(device, stored_dtype(folder), metric_purpose(name))
+    device = torch.device(task["device"])
+    dtype = compute_dtype_for(device, stored_dtype(folder), metric_purpose(name), requested=task["dtype"])
     started = time.perf_counter()
     model, tokenizer = load_model(folder, device=device, dtype=dtype, lazy_tokenizer=True)
+    sync(device)
     out: dict = {"name": name, "dtype": dtype_name(dtype), "load_s": time.perf_counter() - started}
     out["loaded_mb"] = _peak_mb()
     if name == "heldout_loss":
         probe = load_probe_set(data, tokenizer, task["tokens"], max_samples=task["heldout_samples"])
+        if device.type != "cpu":
+            # The first CUDA calls set up cuBLAS and the allocator: the full run scales the measured
+            # time 16x, which would multiply that one-off cost too.
+            heldout_loss(model, probe, batch_size=16)
+            sync(device)
         begin = time.perf_counter()
         heldout_loss(model, probe, batch_size=16)
+        sync(device)
         out["seconds"] = time.perf_counter() - begin
         out["scale"] = task["samples"] / task["heldout_samples"]  # time is linear in the number of batches
     elif name == TASK:
@@ -133,6 +148,7 @@ def child(task: dict) -> dict:
 
         begin = time.perf_counter()
         run_lm_eval(model, tokenizer.get(f"the prompts of {TASK}"), [TASK], batch_size=16)
+        sync(device)
         out["seconds"] = time.perf_counter() - begin
         out["scale"] = 1.0
     else:
@@ -142,11 +158,12 @@ def child(task: dict) -> dict:
         spec = JobSpec(run="bench", metrics=(name,), data=data, max_length=task["tokens"])
         batches = probe_batches(probe, spec, pad_token_id(model))
         if metric_purpose(name) == "gradient":
-            _warm_up(model, batches[0])
+            _warm_up(model, to_device(batches[0], device))
         ticks: list[float] = []
         total = {"n": 0}
 
         def progress(i: int, n: int) -> None:
+            sync(device)  # a tick is the unit's work done, not merely queued on a GPU
             ticks.append(time.perf_counter())
             total["n"] = n
             if task["stop_after"] and len(ticks) >= task["stop_after"]:
@@ -163,6 +180,8 @@ def child(task: dict) -> dict:
         out["n_ticks"] = total["n"]
         out["batches"] = len(batches)
     out["peak_mb"] = _peak_mb()
+    if device.type == "cuda":
+        out["gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
 
 
@@ -182,23 +201,30 @@ def ratio_child(task: dict) -> dict:
     from analysis.models import FORWARD, compute_dtype_for, cpu_native_dtypes, dtype_name, load_model
 
     torch.set_num_threads(task["threads"])
-    stored, _ = load_model(task["checkpoint"], device="cpu", lazy_tokenizer=True)  # dtype None: as stored
-    upcast, _ = load_model(task["checkpoint"], device="cpu", dtype=torch.float32, lazy_tokenizer=True)
+    device = torch.device(task["device"])
+    stored, _ = load_model(task["checkpoint"], device=device, lazy_tokenizer=True)  # dtype None: as stored
+    upcast, _ = load_model(task["checkpoint"], device=device, dtype=torch.float32, lazy_tokenizer=True)
     probe = load_probe_set(task["data"], None, task["tokens"], max_samples=task["heldout_samples"])
-    heldout_loss(upcast, probe, batch_size=16)  # warm-up: first-call allocations
+    # Warm-up: first-call allocations; on a GPU each dtype sets up its own kernels (an untimed bf16 pass on
+    # this CPU would cost half a minute for nothing).
+    for model in (upcast,) if device.type == "cpu" else (stored, upcast):
+        heldout_loss(model, probe, batch_size=16)
     times: dict[str, list[float]] = {"bf16": [], "fp32": []}
     for _ in range(task["repeats"]):  # interleaved, so load from other processes hits both alike
         for label, model in (("bf16", stored), ("fp32", upcast)):
+            sync(device)
             begin = time.perf_counter()
             heldout_loss(model, probe, batch_size=16)
+            sync(device)
             times[label].append(time.perf_counter() - begin)
-    chosen = compute_dtype_for("cpu", torch.bfloat16, FORWARD)
+    chosen = compute_dtype_for(device, torch.bfloat16, FORWARD)
     return {
         "bf16_s": statistics.median(times["bf16"]),
         "fp32_s": statistics.median(times["fp32"]),
         "times": times,
         "chosen": dtype_name(chosen),
         "native": sorted(dtype_name(d) for d in cpu_native_dtypes()),
+        "device": str(device),
     }
 
 
@@ -238,6 +264,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a 2-layer width-32 model: a smoke test of the bench")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per process")
+    parser.add_argument("--device", default="cpu", help="where every evaluation runs: cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="compute every evaluation in this dtype (default: the rule)"
+    )
     parser.add_argument("--json", help="also write the rows as JSON here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -249,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     shape = QUICK if args.quick else FULL
     samples, tokens = (QUICK_SAMPLES, QUICK_TOKENS) if args.quick else (SAMPLES, TOKENS)
     # Held-out loss runs 2 of its 32 batches in the full run (scaled), all of them with --quick.
-    common = {"samples": samples, "tokens": tokens, "heldout_samples": samples if args.quick else 16}
+    common = {"samples": samples, "tokens": tokens, "heldout_samples": samples if args.quick else 16,
+              "device": args.device, "dtype": args.dtype}  # fmt: skip
     wall = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="checkpoint-cost-") as tmp:
         folder = Path(tmp) / "step143000"
@@ -259,7 +290,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"checkpoint: GPT-NeoX {n_params / 1e6:.1f}M parameters ({shape['num_hidden_layers']} layers, "
             f"width {shape['hidden_size']}), bf16 safetensors {size_mb:.0f} MB; probe 2 domains x {samples} x "
-            f"{tokens} tokens; {args.threads} torch threads; {os.cpu_count()} CPUs",
+            f"{tokens} tokens; {args.threads} torch threads; {os.cpu_count()} CPUs; on {describe_device(args.device)}"
+            f"{f', every evaluation in {args.dtype}' if args.dtype else ''}",
             flush=True,
         )
         rows: dict[str, dict] = {}
@@ -279,29 +311,33 @@ def main(argv: list[str] | None = None) -> None:
                             **common, "heldout_samples": 8 if not args.quick else samples, "repeats": 3})  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "ratio": ratio, "quick": args.quick}, indent=1))
-    _print_table(rows, ratio, args.quick, n_params)
+    _print_table(rows, ratio, args.quick, n_params, gpu=torch.device(args.device).type == "cuda")
     print(f"bench wall time {time.perf_counter() - wall:.0f} s")
 
 
-def _print_table(rows: dict[str, dict], ratio: dict, quick: bool, n_params: int) -> None:
+def _print_table(rows: dict[str, dict], ratio: dict, quick: bool, n_params: int, gpu: bool = False) -> None:
     from analysis.metrics.registry import get_metric
 
     max_iter = get_metric("hessian_top_eigenvalue").config_cls().max_iter
     print()
-    print("| evaluation | dtype | seconds at defaults | how | peak MB | dominant cost |")
-    print("| --- | --- | ---: | --- | ---: | --- |")
+    print(
+        f"| evaluation | dtype | seconds at defaults | how | peak MB |{' GPU peak MB |' if gpu else ''} dominant cost |"
+    )
+    print(f"| --- | --- | ---: | --- | ---: |{' ---: |' if gpu else ''} --- |")
     total = 0.0
     for name, (dominant, _, _) in PLAN.items():
         row, trace = rows.get(name, {}), rows["hessian_trace"]
         if "error" in row or (name == "hessian_top_eigenvalue" and "error" in trace):
-            print(f"| {name} | | failed | {row.get('error') or trace['error']} | | {dominant} |")
+            print(f"| {name} | | failed | {row.get('error') or trace['error']} | |{' |' if gpu else ''} {dominant} |")
             continue
         if name == "hessian_top_eigenvalue" and not quick:
             seconds = eigen_from_trace(trace, max_iter)
             how = f"up to {max_iter} products, from hessian_trace's first tick"
             # At this size Lanczos' basis does not fit basis_mb: the three-term recurrence holds three more
             # parameter-sized float32 vectors than the trace (power iteration: two).
-            peak, dtype = f"~{trace['peak_mb'] + 3 * n_params * 4 / 2**20:.0f}", trace["dtype"]
+            extra_mb = 3 * n_params * 4 / 2**20
+            peak, dtype = f"~{trace['peak_mb'] + (0 if gpu else extra_mb):.0f}", trace["dtype"]
+            gpu_peak = f"~{trace.get('gpu_peak_mb', 0.0) + extra_mb:.0f}"
         else:
             seconds, how = estimate(row, name)
             if name == "hessian_top_eigenvalue":  # its own ticks against the cost model the full run uses
@@ -309,18 +345,24 @@ def _print_table(rows: dict[str, dict], ratio: dict, quick: bool, n_params: int)
             elif quick and "ticks" in row and len(row["ticks"]) >= 3:  # the linear cost model against the clock
                 how += f" (cost model: {estimate({**row, 'finished': False}, name)[0]:.1f} s)"
             peak, dtype = f"{row['peak_mb']:.0f}", row["dtype"]
+            gpu_peak = f"{row.get('gpu_peak_mb', 0.0):.0f}"
         total += seconds
-        print(f"| {name} | {dtype} | {_duration(seconds)} | {how} | {peak} | {dominant} |")
-    print(f"| all of the above | | {_duration(total)} | | | |")
+        gpu_cell = f" {gpu_peak} |" if gpu else ""
+        print(f"| {name} | {dtype} | {_duration(seconds)} | {how} | {peak} |{gpu_cell} {dominant} |")
+    print(f"| all of the above | | {_duration(total)} | | |{' |' if gpu else ''} |")
     print()
     if "error" in ratio:
         print(f"bf16 against fp32: failed ({ratio['error']})")
         return
     bf16, fp32 = ratio["bf16_s"], ratio["fp32_s"]
+    if gpu:
+        why = f"on {ratio['device']} the rule computes forward passes in the stored dtype, {ratio['chosen']}"
+    else:
+        native = ", ".join(ratio["native"]) or "none"
+        why = f"this CPU's native low precision: {native}, so the rule computes forward passes in {ratio['chosen']}"
     print(
         f"held-out loss, same batches, medians of {len(ratio['times']['bf16'])}: bf16 as stored {bf16:.2f} s, "
-        f"fp32 upcast at load {fp32:.2f} s, ratio bf16/fp32 = {bf16 / fp32:.2f}x; this CPU's native low precision: "
-        f"{', '.join(ratio['native']) or 'none'}, so the rule computes forward passes in {ratio['chosen']}"
+        f"fp32 upcast at load {fp32:.2f} s, ratio bf16/fp32 = {bf16 / fp32:.2f}x; {why}"
     )
 
 

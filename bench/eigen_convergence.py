@@ -20,7 +20,10 @@ large) and the three-term recurrence (``basis_mb=0``). Then the project default
 the same models in this process, with the median ratio of their products. Medians are over all
 rows of a group (demo checkpoints, tiny models with their start seeds) and over both.
 
-    python -m bench.eigen_convergence [--steps 8] [--tiny 4] [--seeds 3] [--threads 1] [--json FILE]
+With ``--device cuda`` every metric call runs on a GPU (the models are moved there after their
+references are computed on the CPU): the products it takes should not depend on the device.
+
+    python -m bench.eigen_convergence [--steps 8] [--tiny 4] [--seeds 3] [--threads 1] [--device cpu] [--json FILE]
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from torch import nn
 
 from analysis.metrics.common import Batch, lm_loss
 from analysis.metrics.flatness import HessianEigenConfig, hessian_top_eigenvalue
+from bench.common import describe_device
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "data" / "demo"
@@ -66,8 +70,11 @@ class Model:
     loss_fn: Callable = lm_loss
 
 
-def demo_model(folder: Path) -> Model:
-    """A demo checkpoint as a job computes a flatness metric on it, with its reference eigenvalue."""
+def demo_model(folder: Path, device: torch.device) -> Model:
+    """A demo checkpoint as a job computes a flatness metric on it, with its reference eigenvalue.
+
+    The checkpoint is loaded on ``device`` and the reference computed there too (forming its Hessian
+    is out of reach; the reference is a tight Lanczos run)."""
     from analysis.evals.heldout import load_probe_set
     from analysis.jobs.kinds import probe_batches
     from analysis.jobs.precision import metric_purpose
@@ -75,18 +82,21 @@ def demo_model(folder: Path) -> Model:
     from analysis.models import compute_dtype_for, load_model, pad_token_id, stored_dtype
 
     name = "hessian_top_eigenvalue"
-    dtype = compute_dtype_for("cpu", stored_dtype(folder), metric_purpose(name))
-    model, tokenizer = load_model(folder, device="cpu", dtype=dtype, lazy_tokenizer=True)
+    dtype = compute_dtype_for(device, stored_dtype(folder), metric_purpose(name))
+    model, tokenizer = load_model(folder, device=device, dtype=dtype, lazy_tokenizer=True)
     probe = load_probe_set(PROBES, tokenizer, 64, max_samples=256)
     spec = JobSpec(run="-", metrics=(name,), batch_size=16, metric_batches=2, data=str(PROBES))
     batches = probe_batches(probe, spec, pad_token_id(model))
-    ref = hessian_top_eigenvalue(model, batches, HessianEigenConfig(max_iter=CAPS["lanczos"], tol=1e-6, basis_mb=BIG))
+    config = HessianEigenConfig(max_iter=CAPS["lanczos"], tol=1e-6, basis_mb=BIG)
+    ref = hessian_top_eigenvalue(model, batches, config, device=device)
     bound = ref.residual * abs(ref.value)
     return Model(f"{folder.parent.name}/{folder.name}", "demo", model, batches, ref.value, bound)
 
 
-def tiny_model(seed: int) -> Model:
-    """A float64 OLMoE of 1,272 parameters on two small batches, and the exact top eigenvalue of its Hessian."""
+def tiny_model(seed: int, device: torch.device) -> Model:
+    """A float64 OLMoE of 1,272 parameters on two small batches, and the exact top eigenvalue of its Hessian.
+
+    The Hessian is formed on the CPU; the model is then moved to ``device``, where the metric runs."""
     from transformers import OlmoeForCausalLM
 
     from analysis.models import tiny_moe_config
@@ -105,7 +115,7 @@ def tiny_model(seed: int) -> Model:
         ids = torch.randint(3, vocab, (rows, cols), generator=gen)
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     top = float(torch.linalg.eigvalsh(formed_hessian(model, batches))[-1])
-    return Model(f"tiny OLMoE init {seed}", "tiny (exact)", model, batches, top, 0.0)
+    return Model(f"tiny OLMoE init {seed}", "tiny (exact)", model.to(device), batches, top, 0.0)
 
 
 def formed_hessian(model: nn.Module, batches: Sequence[Batch]) -> torch.Tensor:
@@ -148,10 +158,10 @@ class _Bound(nn.Module):
         return functional_call(self.inner[0], self.pieces, args=(), kwargs=kwargs)
 
 
-def run(m: Model, config: HessianEigenConfig, seed: int) -> dict:
+def run(m: Model, config: HessianEigenConfig, seed: int, device: torch.device | str = "cpu") -> dict:
     """One metric call on model ``m``: products, convergence, error against the reference, certificate."""
     start = time.perf_counter()
-    res = hessian_top_eigenvalue(m.model, m.batches, config, seed=seed, loss_fn=m.loss_fn)
+    res = hessian_top_eigenvalue(m.model, m.batches, config, seed=seed, loss_fn=m.loss_fn, device=device)
     error = abs(res.value - m.reference)
     bound = (res.residual or 0.0) * abs(res.value) + m.reference_bound
     return {
@@ -176,9 +186,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", type=int, default=4, help="tiny exact-Hessian models (initialisations)")
     parser.add_argument("--seeds", type=int, default=3, help="start vectors per tiny model")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="where the metric runs: cpu, cuda, cuda:N")
     parser.add_argument("--json", help="also write every row here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"on {describe_device(device)}", flush=True)
 
     models: list[tuple[Model, list[int]]] = []
     for run_name in [r for r in args.runs.split(",") if r] if args.steps else []:
@@ -187,10 +200,10 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{DEMO / run_name}: no step_* checkpoints; train them with `make demo-train` first")
         pick = sorted({round(i * (len(folders) - 1) / max(args.steps - 1, 1)) for i in range(args.steps)})
         for i in pick:
-            models.append((demo_model(folders[i]), [0]))
+            models.append((demo_model(folders[i], device), [0]))
             print(f"loaded {models[-1][0].name}: reference {models[-1][0].reference:.6g}", flush=True)
     for seed in range(args.tiny):
-        models.append((tiny_model(seed), list(range(args.seeds))))
+        models.append((tiny_model(seed, device), list(range(args.seeds))))
 
     rows: list[dict] = []
     header = "| model | seed | method | tol | products | converged | rel. error | residual | covers top | mode |"
@@ -200,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
             configs = [(label, replace(cfg, tol=tol)) for label, cfg in METHODS.items() for tol in TOLS]
             configs += [("default", HessianEigenConfig()), ("former default", BASELINE)]
             for label, cfg in configs:
-                row = {"method": label, "tol": cfg.tol, **run(m, cfg, seed)}
+                row = {"method": label, "tol": cfg.tol, **run(m, cfg, seed, device)}
                 rows.append(row)
                 print(
                     f"| {m.name} | {seed} | {label} | {cfg.tol:g} | {row['products']} | {row['converged']} | "

@@ -9,11 +9,14 @@ with contexts and choices of several lengths (four choices each), and from ``ant
 (one-word choices).
 
     python -m bench.mc_scoring [--docs 16] [--repeats 3] [--batch-size 8] [--vocab 50304,0] [--threads 1]
+                               [--device cpu] [--dtype float32]
 
 Prints, per shape and vocabulary, the medians and ratios HFLM / OnePassLM (always one pass) and
 HFLM / OnePassLM "auto" (which path it chose), :func:`work_saving` (the estimate "auto" decides by)
 and the largest relative difference in a log-likelihood between the two paths. One torch thread by
-default: this machine's two cores are shared, and threads made the timings swing.
+default: this machine's two cores are shared, and threads made the timings swing. ``--device cuda``
+runs both backends on a GPU (``--dtype bfloat16``: as a job computes forward passes there, in the
+stored dtype of a bf16 checkpoint).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import time
 
 import torch
 
-from bench.common import report
+from bench.common import DTYPES, describe_device, report, sync
 
 # (name, context words low-high, words per choice, documents as a multiple of --docs)
 SHAPES = (
@@ -37,7 +40,7 @@ SHAPES = (
 )
 
 
-def _model(vocab: int, width: int, layers: int):
+def _model(vocab: int, width: int, layers: int, device: torch.device, dtype: torch.dtype):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(0)
@@ -52,7 +55,8 @@ def _model(vocab: int, width: int, layers: int):
         bos_token_id=1,
         eos_token_id=2,
     )
-    return GPTNeoXForCausalLM(config).eval()
+    # Initialised on the CPU in float32, then moved: the same weights on every device and dtype.
+    return GPTNeoXForCausalLM(config).eval().to(device=device, dtype=dtype)
 
 
 def _requests(records: list[dict], task: str) -> list:
@@ -70,11 +74,13 @@ def _bench_model(vocab: int, args: argparse.Namespace, tokenizer, shapes: list[t
 
     from analysis.evals.onepass import MIN_SAVING, OnePassLM, head_weight, work_saving
 
-    model = _model(max(vocab, len(tokenizer)), args.width, args.layers)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    model = _model(max(vocab, len(tokenizer)), args.width, args.layers, device, dtype)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(
         f"GPT-NeoX width {args.width}, {args.layers} layers, vocab {model.config.vocab_size}, {params:.1f}M parameters"
     )
+    # Both backends take the model object and compute where it is (lm-eval reads the model's device).
     arms = {
         "hf": HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size),
         "onepass": OnePassLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, onepass="always"),
@@ -86,6 +92,7 @@ def _bench_model(vocab: int, args: argparse.Namespace, tokenizer, shapes: list[t
         saving = work_saving(encoded, head_weight(model))
         # The first call of each arm checks the answers and warms up; it is not timed.
         answers = {arm: lm.loglikelihood(requests, disable_tqdm=True) for arm, lm in arms.items()}
+        sync(device)
         pairs = list(zip(answers["onepass"], answers["hf"], strict=True))
         diff = max(abs(a[0] - b[0]) / max(1.0, abs(b[0])) for a, b in pairs)
         greedy = "equal" if all(a[1] == b[1] for a, b in pairs) else "DIFFER"
@@ -93,8 +100,10 @@ def _bench_model(vocab: int, args: argparse.Namespace, tokenizer, shapes: list[t
         times: dict[str, list[float]] = {arm: [] for arm in arms}
         for _ in range(args.repeats):
             for arm, lm in arms.items():
+                sync(device)
                 start = time.perf_counter()
                 lm.loglikelihood(requests, disable_tqdm=True)
+                sync(device)  # kernels still queued on a GPU belong to this arm's time
                 times[arm].append(time.perf_counter() - start)
         med = {arm: statistics.median(t) for arm, t in times.items()}
         what = (
@@ -117,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         "--vocab", default="50304,0", help="vocabulary sizes, comma-separated; 0: the word tokenizer's own (~150)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="torch device of both backends: cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the model's dtype")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -131,7 +142,10 @@ def main(argv: list[str] | None = None) -> None:
         for name, words, answer, mult in SHAPES
     ]
     shapes.append(("antonyms_mc, one-word choices", read_jsonl(DEFAULT_DATA_DIR / "antonyms" / "test.jsonl")))
-    print(f"fp32, batch size {args.batch_size}, {torch.get_num_threads()} threads, medians of {args.repeats}")
+    print(
+        f"{args.dtype} on {describe_device(torch.device(args.device))}, batch size {args.batch_size}, "
+        f"{torch.get_num_threads()} threads, medians of {args.repeats}"
+    )
     for vocab in (int(v) for v in args.vocab.split(",")):
         _bench_model(vocab, args, tokenizer, shapes)
 
