@@ -9,7 +9,7 @@ DB     ?= data/cache.duckdb
 PORT   ?= 8501
 HOST   ?= 127.0.0.1
 
-.PHONY: run test test-fast setup demo demo-train demo-rebuild system-deps lint typecheck bench clean
+.PHONY: run test test-fast setup demo demo-train demo-rebuild system-deps lint typecheck bench gpu-check clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,13 @@ test-fast: setup lint typecheck
 
 bench: setup
 	$(BIN)/python -m bench
+
+# On a machine with a GPU: the device-aware tests and the benches on cuda, each step under its own timeout
+# (about 8 minutes on an H200), report in $$OUT or out/gpu (bench/gpu_check.sh says more). Without a GPU
+# it stops with one line; GPU_CHECK="--device cpu --quick" is the dry run on the CPU.
+GPU_CHECK ?=
+gpu-check: setup
+	PYTHON=$(BIN)/python bash bench/gpu_check.sh $(GPU_CHECK)
 
 clean:
 	rm -rf $(VENV) data/demo data/cache.duckdb data/cache.duckdb.wal out
