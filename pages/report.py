@@ -22,7 +22,7 @@ names = _state.metric_names(frame)
 losses, scores = dv.loss_metrics(names), dv.downstream_metrics(names)
 c1, c2 = st.columns(2)
 loss = _state.optional_metric_picker(c1, "Loss", losses, losses, "loss")
-score = _state.optional_metric_picker(c2, "Downstream", scores, scores, "score")
+score = _state.optional_metric_picker(c2, "Downstream", scores, dv.accuracy_first(scores), "score")
 chosen = _state.setting_picker(sel.runs, [loss, score])
 full = st.toggle(
     "Every table in full (--full)", key="full", bind="query-params",
