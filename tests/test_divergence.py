@@ -551,7 +551,11 @@ def test_each_window_reads_as_one_sentence_with_its_interval_and_p_value():
     (sentence,) = dv.window_sentences(windows, ACC)
     w = windows.iloc[0]
     assert sentence.startswith("a, step 1000 to 3000 (flat loss): arc_easy/acc,none +0.8 (90% simultaneous")
-    assert f"{w['change_lo']:+.3g} to {w['change_hi']:+.3g}" in sentence and "adjusted p = " in sentence
+    assert f"{w['change_lo']:+.3g} to {w['change_hi']:+.3g}" in sentence
+    # A planted move no simulated run comes near: the p-value is the simulation's floor, printed as a bound.
+    assert w["p_adjusted"] == pytest.approx(1 / 2001) and "adjusted p <= 0.0005" in sentence
+    weaker = windows.assign(p_adjusted=0.01)
+    assert "adjusted p = 0.01" in dv.window_sentences(weaker, ACC)[0]
 
 
 def test_the_training_loss_is_offered_first_then_the_logged_evaluation_loss():
@@ -576,6 +580,10 @@ def test_lm_eval_perplexities_serve_as_the_loss_after_logged_and_held_out_losses
     tuned = ["finetune/modsub/change:task/acc,none", "finetune/modsub/post", "task/acc,none", "task/f1,none"]
     assert dv.downstream_metrics(tuned)[:2] == ["task/acc,none", "task/f1,none"]
     assert dv.loss_metrics(["piqa/acc,none", "train/accuracy", "ppl_task/acc,none"]) == []
+    assert dv.downstream_metrics(["train/accuracy", "eval/accuracy", "piqa/acc,none"]) == [
+        "piqa/acc,none",
+        "eval/accuracy",
+    ]
 
 
 def test_a_tasks_continuous_counterparts_are_ranked_as_signals_and_its_other_scores_are_not():

@@ -62,14 +62,19 @@ def loss_metrics(names: Sequence[str]) -> list[str]:
 
 
 def downstream_metrics(names: Sequence[str]) -> list[str]:
-    """Metrics that are a downstream score: lm-eval results (``task/metric,filter``) and logged accuracies.
+    """Metrics that are a downstream score: lm-eval results (``task/metric,filter``) and logged held-out accuracies
+    (``eval/accuracy``; not ``train/accuracy``).
 
     lm-eval's loss-like metrics (perplexities, bits per byte) come last: they are offered as a loss
     (``loss_metrics``), so the default score is a real one whenever the runs have any. So do the fine-tune
     probe's (``finetune/<task>/...``): they score a fine-tuned copy, not the checkpoint itself.
     """
     names = list(dict.fromkeys(names))
-    scores = [n for n in names if ("," in n and "/" in n and "stderr" not in n) or n.endswith("/accuracy")]
+    scores = [
+        n
+        for n in names
+        if ("," in n and "/" in n and "stderr" not in n) or (n.endswith("/accuracy") and not n.startswith("train/"))
+    ]  # a logged training accuracy measures fitting, not downstream ability
     return sorted(scores, key=lambda n: (_eval_loss_rank(n) is not None, n.startswith("finetune/"), "," not in n, n))
 
 

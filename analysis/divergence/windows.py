@@ -213,6 +213,7 @@ def divergence_windows(
     out = pd.DataFrame(rows).sort_values(["run", "start", "kind"], ignore_index=True) if rows else None
     out = out[WINDOW_COLUMNS] if out is not None else empty_frame(WINDOW_COLUMNS)
     out.attrs["alpha"] = alpha
+    out.attrs["n_sim"] = n_sim  # the smallest p a window can show is 1 / (n_sim + 1)
     return out
 
 
@@ -224,13 +225,16 @@ def scatter_stderr(values: np.ndarray) -> float:
 def window_sentences(windows: pd.DataFrame, score: str, x_label: str = "step") -> list[str]:
     """One plain sentence per window: where, how much with its interval, and how sure."""
     level = 1 - 2 * windows.attrs.get("alpha", 0.05)
+    # At the simulation's floor the p-value is a bound: no simulated run came close.
+    floor = 1.0 / (1 + windows.attrs["n_sim"]) if "n_sim" in windows.attrs else 0.0
     out = []
     for w in windows.itertuples():
         what = "flat loss" if w.kind == "grokking" else "improving loss"
+        p = f"<= {w.p_adjusted:.2g}" if w.p_adjusted <= floor * (1 + 1e-9) else f"= {w.p_adjusted:.2g}"
         out.append(
             f"{w.run}, {x_label} {w.start:g} to {w.end:g} ({what}): {score} {w.downstream_change:+.3g} "
             f"({level:.0%} simultaneous interval {w.change_lo:+.3g} to {w.change_hi:+.3g}), "
-            f"adjusted p = {w.p_adjusted:.2g}, {w.stderr_source} stderrs"
+            f"adjusted p {p}, {w.stderr_source} stderrs"
         )
     return out
 
