@@ -433,6 +433,22 @@ def ranking_frame() -> pd.DataFrame:
     return pd.concat(pieces, ignore_index=True)
 
 
+def test_a_signal_computed_at_a_few_checkpoints_counts_only_where_it_was_measured():
+    """Interpolating a sparse signal between its checkpoints would invent points and overstate the evidence."""
+    frame = ranking_frame()
+    sparse = frame[(frame["metric"] == "proxy_rank") & frame["step"].isin([100, 500, 900, 1200])]
+    dense_log = frame[frame["metric"] == LOSS].copy()
+    dense_log = pd.concat([dense_log, dense_log.assign(step=dense_log["step"] + 50, metric="train/loss_log")])
+    dense_log.loc[dense_log["metric"] == LOSS, "metric"] = "train/loss_log"
+    frame = pd.concat([frame[frame["metric"] != "proxy_rank"], sparse.assign(metric="proxy_sparse"), dense_log])
+    out = predictor_ranking(frame, ACC, loss_metric=LOSS).set_index("predictor")
+    assert out.loc["proxy_sparse", "n"] == 3 * 4  # measured at 4 checkpoints of each run, not 12
+    assert out.loc["train/loss_log", "n"] == 36  # logged more densely than the score: interpolated as before
+    aligned = dv.align(frame, "proxy_sparse", ACC)
+    assert len(aligned) == 36, "align itself still interpolates unless asked"
+    assert len(dv.align(frame, "proxy_sparse", ACC, measured_only=True)) == 12
+
+
 def test_predictor_ranking_puts_planted_predictor_first_and_noise_last():
     out = predictor_ranking(ranking_frame(), ACC, loss_metric=LOSS)
     assert list(out.columns) == RANKING_COLUMNS

@@ -108,6 +108,7 @@ def align(
     n_params: int | float | Mapping[str, float] | None = None,
     log_interp: bool = True,
     include_unconverged: bool = False,
+    measured_only: bool = False,
 ) -> pd.DataFrame:
     """Two series of each run side by side at the right series' x positions.
 
@@ -116,6 +117,10 @@ def align(
     of the run is positive (checkpoints are usually log-spaced), on linear x otherwise. Right points outside
     the left series' x range are left out (no extrapolation). The left stderr is interpolated the same way.
     ``x`` is ``step``, ``tokens`` or ``flops`` (6 * n_params * tokens; ``n_params`` one count or per run).
+    ``measured_only``: in a run where the left series is sparser than the right one over their common range (a
+    metric computed at a few checkpoints, not a log), only the right points where the left one was measured
+    at the same x are kept: interpolating it would invent points, and a test counting them would claim more
+    evidence than there is.
 
     Columns: run, x, step, tokens, left_metric, right_metric, left, left_stderr, right, right_stderr.
     """
@@ -133,6 +138,11 @@ def align(
             continue
         right = right[inside]
         rx = rx[inside]
+        if measured_only and np.count_nonzero((lx >= rx[0]) & (lx <= rx[-1])) < len(rx):
+            exact = np.isin(rx, lx)
+            right, rx = right[exact], rx[exact]
+            if not len(rx):
+                continue
         lv = _interp(rx, lx, left["value"].to_numpy(), log_interp)
         ls = _interp(rx, lx, left["stderr"].to_numpy(), log_interp)
         pieces.append(

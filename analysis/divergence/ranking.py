@@ -162,7 +162,8 @@ def predictor_ranking(
     the loss.
 
     Each candidate is aligned to the downstream checkpoints (``align``: interpolated at the checkpoints'
-    x, never extrapolated) and checkpoints of all runs are pooled (``run`` = ``"(pooled)"``); with
+    x, never extrapolated; a candidate sparser than the score is used only where it was measured) and
+    checkpoints of all runs are pooled (``run`` = ``"(pooled)"``); with
     ``per_run`` each run is also scored alone, in rows after the pooled ones. Per candidate: ``spearman``
     (signed, descriptive) and ``abs_spearman``, ``sign`` (+1: higher signal, higher score), and the
     leave-one-out error of a monotone (isotonic) fit whose direction is chosen inside each fold, without the
@@ -190,7 +191,10 @@ def predictor_ranking(
     for name in names:
         if name == downstream_metric:
             continue
-        points = finite_pairs(align(frame, name, downstream_metric, x=x, n_params=n_params, log_interp=log_interp))
+        aligned_points = align(
+            frame, name, downstream_metric, x=x, n_params=n_params, log_interp=log_interp, measured_only=True
+        )  # a signal computed at a few checkpoints counts there only, not at interpolated ones
+        points = finite_pairs(aligned_points)
         if len(points) >= min_points:
             aligned[name] = points
             rows.append(_rank_one(POOLED, name, downstream_metric, points, name == loss_metric))
