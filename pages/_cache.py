@@ -237,6 +237,21 @@ def predictor_ranking(
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
+def _within_runs(db: str, gen: int, runs: tuple[str, ...], signal: str, downstream: str, loss: str, x: str, c: Chosen):
+    from analysis.divergence import within_runs as within
+
+    return within(_selected(db, gen, runs, c), signal, downstream, loss, x=x)
+
+
+def within_runs(
+    runs: tuple[str, ...], signal: str, downstream: str, loss: str, x: str, chosen: Mapping[str, str] | None = None
+) -> dict[str, float]:
+    """Per run, whether ``signal`` beats the loss at predicting ``downstream`` (``divergence.within_runs``)."""
+    db, c = str(db_path()), _chosen(chosen)
+    return guarded(lambda: _within_runs(db, generation(), tuple(sorted(runs)), signal, downstream, loss, x, c)) or {}
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
 def _aligned(db: str, gen: int, runs: tuple[str, ...], loss: str, score: str, x: str, c: Chosen) -> pd.DataFrame:
     from analysis import divergence as dv
 

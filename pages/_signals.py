@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis.divergence.metric_roles import accuracy_first
-from pages._cache import long_table, predictor_ranking
+from pages._cache import long_table, predictor_ranking, within_runs
 from pages._markdown import md_text
 from pages._sidebar import selection
 from pages._widgets import metric_names, metric_picker, optional_metric_picker, setting_picker
@@ -36,8 +36,10 @@ def signal_view(title: str, family: tuple[str, ...], what: str) -> None:
     best, verdict = None, ""
     if score:  # open on the signal that separates the runs the way the score does, if one does
         losses = dv.loss_metrics(names)
-        ranking = predictor_ranking(sel.runs, score, losses[0] if losses else None, sel.x)
-        best, verdict = separating_signal(ranking, signals, md_text(score), what)
+        loss = losses[0] if losses else None
+        ranking = predictor_ranking(sel.runs, score, loss, sel.x)
+        within = (lambda s: within_runs(sel.runs, s, score, loss, sel.x)) if loss else None
+        best, verdict = separating_signal(ranking, signals, md_text(score), what, within)
     signal = metric_picker(c1, "Signal", signals, [best, *signals] if best else signals, "signal")
     if verdict:
         (st.caption if best else st.info)(verdict)

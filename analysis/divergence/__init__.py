@@ -44,7 +44,7 @@ from analysis.divergence.frames import (
 from analysis.divergence.isotonic import isotonic_fit, pava
 from analysis.divergence.matched import better_sign, last_residuals, matched_loss, residuals
 from analysis.divergence.metric_roles import accuracy_first, downstream_metrics, loss_metrics, signal_metrics
-from analysis.divergence.ranking import predictor_ranking, ranking_verdict
+from analysis.divergence.ranking import predictor_ranking, ranking_verdict, within_runs
 from analysis.divergence.windows import (
     TOL_OF,
     divergence_windows,
@@ -90,4 +90,5 @@ __all__ = [
     "spearman",
     "window_sentences",
     "windows_caption",
+    "within_runs",
 ]

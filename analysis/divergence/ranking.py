@@ -211,6 +211,41 @@ def predictor_ranking(
     return out
 
 
+def within_runs(
+    frame: pd.DataFrame,
+    signal: str,
+    downstream_metric: str,
+    loss_metric: str,
+    *,
+    x: str = "step",
+    min_points: int = 4,
+    n_sim: int = 4000,
+) -> dict[str, float]:
+    """For each run alone, the p-value that ``signal`` predicts the score out of sample better than the loss.
+
+    The pooled ranking asks whether a signal predicts the score across the runs' checkpoints together. When
+    the runs reach the same loss with different scores, any signal that tells the runs apart and trends with
+    training wins that test, whether or not it follows the score within a run. This asks the within-run
+    question: the same leave-one-out errors and block sign-flip test as the ranking
+    (:func:`analysis.significance.beats_baseline`), on one run's checkpoints. Runs with fewer than
+    ``min_points`` shared checkpoints are left out. Returns {run: p} (one test per run, unadjusted).
+    """
+    sig_points = finite_pairs(align(frame, signal, downstream_metric, x=x, measured_only=True))
+    loss_points = finite_pairs(align(frame, loss_metric, downstream_metric, x=x, measured_only=True))
+    key = ["run", "x"]
+    shared = loss_points[[*key, "left", "right"]].rename(columns={"left": "loss"})
+    shared = shared.merge(sig_points[[*key, "left"]], on=key).sort_values(key, ignore_index=True)
+    out: dict[str, float] = {}
+    for run, group in shared.groupby("run", sort=True):
+        if len(group) < min_points:
+            continue
+        y = group["right"].to_numpy(dtype=float)
+        base = _loo_errors(group["loss"].to_numpy(dtype=float), y) ** 2
+        errors = _loo_errors(group["left"].to_numpy(dtype=float), y) ** 2
+        out[str(run)] = float(sig.beats_baseline(errors[None, :], base, n_sim=n_sim)[0])
+    return out
+
+
 def ranking_verdict(ranking: pd.DataFrame, loss_metric: str | None) -> str:
     """One plain sentence: which signals beat the loss out of sample, or that none does."""
     pooled = ranking[ranking["run"] == POOLED] if len(ranking) else ranking
@@ -220,7 +255,11 @@ def ranking_verdict(ranking: pd.DataFrame, loss_metric: str | None) -> str:
     winners = pooled[pooled["beats_loss"].astype(bool)]
     if len(winners):
         named = ", ".join(f"{r.predictor} (p = {r.beats_loss_p:.3g})" for r in winners.itertuples())
-        return f"Predicts {pooled.iloc[0]['downstream']} better than {loss_metric} out of sample: {named}."
+        return (
+            f"Pooled over the selected runs' checkpoints, predicts {pooled.iloc[0]['downstream']} better than "
+            f"{loss_metric} out of sample: {named}. With runs at the same loss, this credits a signal that tells "
+            "the runs apart; the Geometry and Pathways pages also test the best one within each run."
+        )
     tested = pooled["beats_loss_p"].notna().sum()
     if tested == 0:
         return f"No signal shares enough checkpoints with {loss_metric} to be compared with it."
