@@ -344,7 +344,9 @@ def change_correlation(x: np.ndarray, y: np.ndarray, *, level: float = 0.95) -> 
     Differences remove the shared trend that makes any two monotone series correlate. The interval is
     tanh(atanh(rho) +- z * sqrt(1.06 / (n_eff - 3))) (Fieller, Hartley & Pearson's variance for Spearman's
     rho), with n_eff from :func:`effective_n`; NaN when n_eff <= 3 (fewer than about 5 checkpoints) or a
-    series does not change.
+    series does not change. n_eff is at most the number of non-zero changes of either series: a score that
+    stays put between most checkpoints (a task at 0) has tied ranks there, which carry no information, and
+    counting them made the interval exclude 0 in about 18% of null runs instead of 5%.
     """
     dx = np.diff(np.asarray(x, dtype=float))
     dy = np.diff(np.asarray(y, dtype=float))
@@ -354,7 +356,7 @@ def change_correlation(x: np.ndarray, y: np.ndarray, *, level: float = 0.95) -> 
         return nan
     rx, ry = stats.rankdata(dx), stats.rankdata(dy)
     rho = float(np.corrcoef(rx, ry)[0, 1])
-    n_eff = effective_n(rx, ry)
+    n_eff = min(effective_n(rx, ry), float(np.count_nonzero(dx)), float(np.count_nonzero(dy)))
     if n_eff <= 3:
         return ChangeCorrelation(rho, float("nan"), float("nan"), float("nan"), n, n_eff)
     se = math.sqrt(1.06 / (n_eff - 3))

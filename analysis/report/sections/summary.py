@@ -63,15 +63,21 @@ def _correlation_finding(ctx: ReportContext) -> list[Finding]:
     corr = ctx.tables.get("correlations")
     if corr is None or not len(corr):
         return []
-    parts = [
-        f"{r.run} {r.change_spearman:+.2f} (95% interval {r.change_lo:+.2f} to {r.change_hi:+.2f})"
-        for r in corr.itertuples()
-        if pd.notna(r.change_spearman)
-    ]
+    parts = []
+    for r in corr.itertuples():
+        if pd.isna(r.change_spearman):
+            continue
+        if pd.isna(r.change_lo):
+            parts.append(f"{r.run} {r.change_spearman:+.2f} (too few checkpoints where both change for an interval)")
+            continue
+        verdict = "includes 0: no evidence of a correlation" if r.change_lo <= 0 <= r.change_hi else "excludes 0"
+        parts.append(
+            f"{r.run} {r.change_spearman:+.2f} (95% interval {r.change_lo:+.2f} to {r.change_hi:+.2f}, {verdict})"
+        )
     if not parts:
         return []
     nl, ns = ctx.named(ctx.options.loss_metric), ctx.named(ctx.options.downstream_metric)
-    text = f"Checkpoint-to-checkpoint changes of {nl} and {ns} correlate (Spearman): {'; '.join(parts)}."
+    text = f"Spearman correlation of the checkpoint-to-checkpoint changes of {nl} and {ns}: {'; '.join(parts)}."
     return [Finding(text, "curves")]
 
 
