@@ -93,9 +93,12 @@ def _ranking_finding(ctx: ReportContext) -> list[Finding]:
     if not len(pooled):
         return [Finding(f"No signal besides {nl} to rank as a predictor of {ns}. {verdict}", "ranking")]
     best = pooled.iloc[0]
+    # A continuous score of the same task (p_correct, margin, ...) reads the same items: say so, it is no discovery.
+    task = str(o.downstream_metric).split("/", 1)[0] + "/"
+    same = " (a continuous score of the same task's items)" if str(best["predictor"]).startswith(task) else ""
     text = (
-        f"Best predictor of {ns} across the checkpoints of {', '.join(ctx.runs)}: {best['predictor']} (leave-one-out "
-        f"R² {best['loo_r2']:.2f}, Spearman {best['spearman']:+.2f}, n = {int(best['n'])}); "
+        f"Best predictor of {ns} across the checkpoints of {', '.join(ctx.runs)}: {best['predictor']}{same} "
+        f"(leave-one-out R² {best['loo_r2']:.2f}, Spearman {best['spearman']:+.2f}, n = {int(best['n'])}); "
     )
     if pd.notna(best["beats_loss_p"]):
         beats = "beats" if best["beats_loss"] else "does not significantly beat"
