@@ -119,3 +119,26 @@ def test_backtest_on_pythia_matches_what_the_readme_reports():
     # Honest about the baseline: after step 33,000 these small models' scores barely move, so carrying the last
     # fitted checkpoint forward is as good as any form here (a forecast earns its keep on runs that still move).
     assert by_form["baseline_median_abs_error"].iloc[0] < 0.04
+
+
+def test_a_fit_that_ends_on_a_parameter_bound_is_not_identifiable():
+    """A flat score (b at 0) or a late jump (the exponent at its floor) puts the optimum on a bound, where the
+    covariance, hence the interval, means nothing; a clean power law is identifiable."""
+    rng = np.random.default_rng(0)
+    clean = fit_power(X, power_law(X, 0.8, 0.7, 0.4) + 0.005 * rng.standard_normal(len(X)))
+    assert clean.identifiable
+    flat = fit_power(X, 0.3 + 0.005 * rng.standard_normal(len(X)))
+    jump = fit_power(X, np.where(X[len(X) // 2] > X, 0.2, 0.9) + 0.005 * rng.standard_normal(len(X)))
+    for fit in (flat, jump):
+        assert not fit.identifiable, fit.params
+
+
+@pytest.mark.parametrize("n_fit", [8, 14, 20])
+def test_clean_fits_are_not_flagged_unidentifiable(n_fit):
+    rng = np.random.default_rng(n_fit)
+    flagged = 0
+    for _ in range(50):
+        noise = 0.01 * rng.standard_normal(len(X))
+        flagged += not fit_power(X[:n_fit], (power_law(X, 0.8, 0.7, 0.4) + noise)[:n_fit]).identifiable
+        flagged += not fit_log(X[:n_fit], (log_law(X, 0.1, 0.05) + noise)[:n_fit]).identifiable
+    assert flagged <= 2, flagged
