@@ -71,7 +71,7 @@ def _windows_of_run(
     min_points: int,
     n_sim: int,
     seed: int,
-    cov: np.ndarray | None = None,
+    paired: tuple[np.ndarray, int] | None = None,
 ) -> tuple[list[dict], str]:
     tol = flat_tolerance(loss, loss_tol, tol_of)
     spans = _candidate_spans(loss, loss_sign, tol, min_points)
@@ -80,7 +80,8 @@ def _windows_of_run(
     ends = np.concatenate([spans["grokking"][1], spans["inverse"][1]])
     kinds = np.array(["grokking"] * len(spans["grokking"][0]) + ["inverse"] * len(spans["inverse"][0]))
     signs = np.where(kinds == "grokking", score_sign, -score_sign)
-    test = sig.span_test(score, se, starts, ends, signs, alpha=alpha, n_sim=n_sim, seed=seed, cov=cov)
+    cov, items = paired if paired is not None else (None, None)
+    test = sig.span_test(score, se, starts, ends, signs, alpha=alpha, n_sim=n_sim, seed=seed, cov=cov, items=items)
     if test is None:
         return [], "none"
     out = []
@@ -108,8 +109,9 @@ def _windows_of_run(
     return out, test.stderr_source
 
 
-def _paired_cov(samples: pd.DataFrame | None, run: str, group: pd.DataFrame) -> np.ndarray | None:
-    """Covariance of a run's scores from its per-item results, or None when they cannot stand for them.
+def _paired_cov(samples: pd.DataFrame | None, run: str, group: pd.DataFrame) -> tuple[np.ndarray, int] | None:
+    """Covariance of a run's scores from its per-item results and the number of items, or None when they cannot
+    stand for them.
 
     Needs the same items (at least 10) at every checkpoint of ``group`` and their mean equal to the score
     (the per-item values are what the score averages); anything else keeps the unpaired test.
@@ -125,7 +127,7 @@ def _paired_cov(samples: pd.DataFrame | None, run: str, group: pd.DataFrame) -> 
     score = group["right"].to_numpy(dtype=float)
     if len(items) < 10 or not np.allclose(items.mean(axis=0), score, rtol=1e-6, atol=1e-9):
         return None
-    return sig.paired_covariance(items)
+    return sig.paired_covariance(items), len(items)
 
 
 def divergence_windows(
@@ -195,7 +197,7 @@ def divergence_windows(
         if len(group) < min_points:
             continue
         found, source = _windows_of_run(
-            cov=_paired_cov(samples, run, group),
+            paired=_paired_cov(samples, run, group),
             xs=group["x"].to_numpy(dtype=float),
             loss=group["left"].to_numpy(dtype=float),
             score=group["right"].to_numpy(dtype=float),
