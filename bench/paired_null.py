@@ -17,10 +17,12 @@ import numpy as np
 from analysis import significance as sig
 
 
-def null_runs(n_items: int, n_ck: int, reps: int, rng: np.random.Generator) -> dict[str, float]:
-    """Share of null runs with any window: covariance as exact ("normal") and multivariate t ("t")."""
+def null_runs(
+    n_items: int, n_ck: int, reps: int, rng: np.random.Generator, arms: tuple[str, ...] = ("normal", "t")
+) -> dict[str, float]:
+    """Share of null runs with any window, per arm: covariance as exact ("normal"), multivariate t ("t")."""
     i, j = np.triu_indices(n_ck, k=1)
-    hits = {"normal": 0, "t": 0}
+    hits = dict.fromkeys(arms, 0)
     for r in range(reps):
         p = rng.beta(0.6, 0.6, n_items)
         x = np.empty((n_items, n_ck))
@@ -28,7 +30,8 @@ def null_runs(n_items: int, n_ck: int, reps: int, rng: np.random.Generator) -> d
         for t in range(1, n_ck):
             x[:, t] = np.where(rng.random(n_items) >= 0.5, rng.random(n_items) < p, x[:, t - 1])
         cov = sig.paired_covariance(x)
-        for arm, items in (("normal", None), ("t", n_items)):
+        for arm in arms:
+            items = n_items if arm == "t" else None
             test = sig.span_test(x.mean(0), np.full(n_ck, np.nan), i, j, np.ones(len(i)), cov=cov, items=items,
                                  n_sim=1000, seed=r)  # fmt: skip
             hits[arm] += bool(test is not None and (test.p_adjusted <= 0.05).any())
