@@ -212,37 +212,26 @@ def predictor_ranking(
 
 
 def within_runs(
-    frame: pd.DataFrame,
-    signal: str,
-    downstream_metric: str,
-    loss_metric: str,
-    *,
-    x: str = "step",
-    min_points: int = 4,
-    n_sim: int = 4000,
+    frame: pd.DataFrame, signal: str, downstream_metric: str, loss_metric: str, *, x: str = "step", n_sim: int = 4000
 ) -> dict[str, float]:
     """For each run alone, the p-value that ``signal`` predicts the score out of sample better than the loss.
 
     The pooled ranking asks whether a signal predicts the score across the runs' checkpoints together. When
     the runs reach the same loss with different scores, any signal that tells the runs apart and trends with
     training wins that test, whether or not it follows the score within a run. This asks the within-run
-    question: the same leave-one-out errors and block sign-flip test as the ranking
-    (:func:`analysis.significance.beats_baseline`), on one run's checkpoints. Runs with fewer than
-    ``min_points`` shared checkpoints are left out. Returns {run: p} (one test per run, unadjusted).
+    question: the ranking's own comparison (:func:`_versus_loss`) on one run's checkpoints at a time. Runs
+    with fewer than 4 shared checkpoints are left out. Returns {run: p} (one test per run, unadjusted).
     """
-    sig_points = finite_pairs(align(frame, signal, downstream_metric, x=x, measured_only=True))
-    loss_points = finite_pairs(align(frame, loss_metric, downstream_metric, x=x, measured_only=True))
-    key = ["run", "x"]
-    shared = loss_points[[*key, "left", "right"]].rename(columns={"left": "loss"})
-    shared = shared.merge(sig_points[[*key, "left"]], on=key).sort_values(key, ignore_index=True)
+    aligned = {
+        name: finite_pairs(align(frame, name, downstream_metric, x=x, measured_only=True))
+        for name in (signal, loss_metric)
+    }
     out: dict[str, float] = {}
-    for run, group in shared.groupby("run", sort=True):
-        if len(group) < min_points:
-            continue
-        y = group["right"].to_numpy(dtype=float)
-        base = _loo_errors(group["loss"].to_numpy(dtype=float), y) ** 2
-        errors = _loo_errors(group["left"].to_numpy(dtype=float), y) ** 2
-        out[str(run)] = float(sig.beats_baseline(errors[None, :], base, n_sim=n_sim)[0])
+    for run in sorted(set(aligned[signal]["run"]) & set(aligned[loss_metric]["run"])):
+        one_run = {name: points[points["run"] == run] for name, points in aligned.items()}
+        tested = _versus_loss(one_run, loss_metric, [signal], n_sim)  # one candidate: Holm leaves p as is
+        if signal in tested:
+            out[str(run)] = float(tested[signal])
     return out
 
 
